@@ -1,0 +1,234 @@
+"""A block device: a regular (usually sparse) file or a raw block device.
+
+All I/O is positional (``os.pread``/``os.pwrite``/``os.preadv``) so that many threads
+may share one descriptor without seeking. ``direct=True`` opens with ``O_DIRECT`` for
+disks shared between hosts, so that no host serves a stale page from its own page
+cache; buffers are then page-aligned ``mmap`` buffers and I/O is block-aligned.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+from pathlib import Path
+
+from sdbackup.errors import CorruptError, NoSpaceError, UsageError
+
+_ALIGN = 4096
+
+
+def device_size(path: str | os.PathLike[str]) -> int:
+    """Size in bytes of a regular file or a block device."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def is_block_device(path: str | os.PathLike[str]) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def holds_data(path: str | os.PathLike[str], probe: int = 1 << 20) -> bool:
+    """True when the file or device visibly holds data.
+
+    For a regular file: any allocated extent (``SEEK_DATA``) that is not all zeros in
+    its first ``probe`` bytes. For a block device: any non-zero byte in the first and
+    last ``probe`` bytes (where partition tables and file system labels live).
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size == 0:
+            return False
+        offsets: list[int] = []
+        if is_block_device(path):
+            offsets = [0, max(0, size - probe)]
+        else:
+            try:
+                first = os.lseek(fd, 0, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data at all
+                return False
+            offsets = [first]
+        for off in offsets:
+            chunk = os.pread(fd, probe, off)
+            if chunk.count(0) != len(chunk):
+                return True
+        return False
+    finally:
+        os.close(fd)
+
+
+class BlockDevice:
+    """One disk of the cluster, addressed in blocks of ``block_size`` bytes.
+
+    Thread-safe: positional I/O only. Short reads past the end of a sparse file read
+    as zeros; a short read inside the device's size is a :class:`CorruptError`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        block_size: int,
+        *,
+        writable: bool = True,
+        direct: bool = False,
+        sync: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.block_size = block_size
+        self.direct = direct
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        if direct:
+            flags |= os.O_DIRECT
+        if sync:
+            flags |= os.O_DSYNC
+        try:
+            self.fd = os.open(self.path, flags | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise UsageError(f"disk {self.path} does not exist: check the path in the "
+                             "cluster config or re-create the disk") from None
+        except PermissionError:
+            raise UsageError(f"no permission to open disk {self.path}: run as a user "
+                             "that can read and write it") from None
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        self.nblocks = self.size // block_size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> BlockDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check(self, block: int, count: int) -> None:
+        if block < 0 or count < 0 or block + count > self.nblocks:
+            raise UsageError(
+                f"block range {block}+{count} is outside disk {self.path} "
+                f"({self.nblocks} blocks)"
+            )
+
+    def read(self, block: int, count: int) -> bytes:
+        """Read ``count`` blocks starting at ``block``."""
+        self._check(block, count)
+        n = count * self.block_size
+        off = block * self.block_size
+        if self.direct:
+            buf = mmap.mmap(-1, max(n, _ALIGN))
+            try:
+                got = os.preadv(self.fd, [memoryview(buf)[:n]], off)
+                self._short(got, n, off)
+                return bytes(memoryview(buf)[:n])
+            finally:
+                buf.close()
+        data = os.pread(self.fd, n, off)
+        if len(data) != n:
+            self._short(len(data), n, off)
+        return data
+
+    def readinto(self, block: int, buf: memoryview | bytearray) -> None:
+        """Fill ``buf`` (a whole number of blocks) from ``block`` on."""
+        n = len(buf)
+        if n % self.block_size:
+            raise ValueError("buffer is not a whole number of blocks")
+        self._check(block, n // self.block_size)
+        got = os.preadv(self.fd, [buf], block * self.block_size)
+        if got != n:
+            self._short(got, n, block * self.block_size)
+
+    def _short(self, got: int, want: int, off: int) -> None:
+        if got < want:
+            raise CorruptError(
+                f"short read from disk {self.path} at byte {off + got}: "
+                f"expected {want} bytes, got {got} (truncated device?)"
+            )
+
+    def write(self, block: int, data: bytes | bytearray | memoryview) -> None:
+        """Write whole blocks at ``block``; raises NoSpaceError if the host disk is full."""
+        mv = memoryview(data)
+        if mv.nbytes % self.block_size:
+            raise ValueError("write is not a whole number of blocks")
+        self._check(block, mv.nbytes // self.block_size)
+        off = block * self.block_size
+        if self.direct and not _aligned(mv):
+            buf = mmap.mmap(-1, max(mv.nbytes, _ALIGN))
+            try:
+                buf[: mv.nbytes] = mv
+                mv = memoryview(buf)[: mv.nbytes]
+                self._pwrite_all(mv, off)
+            finally:
+                mv.release()
+                buf.close()
+            return
+        self._pwrite_all(mv, off)
+
+    def _pwrite_all(self, mv: memoryview, off: int) -> None:
+        done = 0
+        try:
+            while done < mv.nbytes:
+                done += os.pwrite(self.fd, mv[done:], off + done)
+        except OSError as e:
+            if e.errno == 28:  # ENOSPC on the host file system behind a sparse disk
+                raise NoSpaceError(
+                    f"the host file system holding disk {self.path} is full: free space "
+                    "there (the cluster's own allocation was fine)"
+                ) from None
+            raise
+
+    def fsync(self) -> None:
+        os.fsync(self.fd)
+
+    def punch(self, block: int, count: int) -> None:
+        """Give the blocks' space back to the host (sparse files); contents become zeros."""
+        try:
+            _punch_hole(self.fd, block * self.block_size, count * self.block_size)
+        except OSError:  # not supported (block device, old fs): zero instead
+            self.write(block, bytes(count * self.block_size))
+
+
+def _aligned(mv: memoryview) -> bool:
+    import ctypes
+
+    if mv.nbytes % _ALIGN:
+        return False
+    try:
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(mv))
+    except TypeError:  # read-only buffer
+        return False
+    return addr % _ALIGN == 0
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    falloc_fl_keep_size, falloc_fl_punch_hole = 0x01, 0x02
+    r = libc.fallocate(
+        ctypes.c_int(fd),
+        ctypes.c_int(falloc_fl_keep_size | falloc_fl_punch_hole),
+        ctypes.c_longlong(offset),
+        ctypes.c_longlong(length),
+    )
+    if r != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def create_sparse(path: str | os.PathLike[str], size: int) -> None:
+    """Create a sparse file of ``size`` bytes (refuses to overwrite)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

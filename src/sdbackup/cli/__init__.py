@@ -1,0 +1,1 @@
+"""sdbackup cli layer."""

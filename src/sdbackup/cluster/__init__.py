@@ -1,0 +1,1 @@
+"""sdbackup cluster layer."""

@@ -1,0 +1,1 @@
+"""sdbackup fs layer."""

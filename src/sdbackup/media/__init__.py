@@ -1,0 +1,1 @@
+"""sdbackup media layer."""
