@@ -1,0 +1,73 @@
+"""The ``sdbackup`` command: one entry point, one error handler.
+
+A :class:`~sdbackup.errors.SdbError` becomes one line on stderr and its exit code; a
+POSIX error from the file system becomes one line naming the path; anything else is a
+bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from sdbackup import __version__
+from sdbackup.errors import EXIT_NOT_FOUND, EXIT_USAGE, FsError, SdbError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="sdbackup")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """sdbackup: a shared-disk cluster file system with online block-level image backup.
+
+    A cluster is a directory (config, metadata store, secret) plus one or more shared
+    disks. Start with 'sdbackup init', copy files in with 'sdbackup fs put', inspect
+    with 'sdbackup info' and 'sdbackup blocks --used', check with 'sdbackup fsck'.
+    'sdbackup demo' shows the whole product working on a throw-away cluster.
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _register() -> None:
+    from sdbackup.cli import cluster_cmds, demo, fs_cmds
+
+    cluster_cmds.register(cli)
+    fs_cmds.register(cli)
+    demo.register(cli)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    try:
+        cli.main(args=argv, prog_name="sdbackup", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("sdbackup: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except SdbError as e:
+        click.echo(f"sdbackup: error: {e.message}", err=True)
+        sys.exit(e.exit_code)
+    except FsError as e:
+        what = e.what or os.strerror(e.errno or 0)
+        click.echo(f"sdbackup: error: {what} ({os.strerror(e.errno or 0)})", err=True)
+        sys.exit(EXIT_NOT_FOUND if e.errno == 2 else EXIT_USAGE)
+    except KeyboardInterrupt:
+        click.echo("sdbackup: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

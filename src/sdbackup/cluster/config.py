@@ -1,0 +1,156 @@
+"""The cluster directory: its readable config file, secret, lock and disk labels.
+
+Layout of CLUSTER_DIR::
+
+    cluster.toml   readable config: cluster id, block size, the disks and their paths
+    meta.db        the metadata store (SQLite, WAL) -- coordinator only
+    secret         32 random bytes (hex), mode 0600: authenticates nodes
+    lock           flock'ed by whoever runs the coordinator (embedded or not)
+    logs/          coordinator and node logs
+
+Every disk carries a label in its block 0 (reserved, never given to a file) naming
+the cluster and the disk, so that a disk cannot silently be used by two clusters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdbackup.errors import CorruptError, NotFoundError, UsageError
+
+CONFIG_NAME = "cluster.toml"
+DISK_MAGIC = b"SDBDISK1"
+LABEL_BLOCKS = 1  # blocks reserved at the start of every disk for its label
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)?\s*$", re.IGNORECASE)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def parse_size(text: str) -> int:
+    """Parse '4GiB', '512M', '1048576' into bytes (binary units: K=1024)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise UsageError(f"cannot parse size {text!r}: use a number with an optional unit, "
+                         "e.g. 4GiB, 512MiB, 65536")
+    num, unit = float(m.group(1)), m.group(2).lower()
+    mult = 1024 ** " kmgtp".index(unit) if unit else 1
+    return int(num * mult)
+
+
+def check_disk_name(name: str) -> None:
+    if not _NAME_RE.match(name):
+        raise UsageError(f"invalid disk name {name!r}: use letters, digits, '_', '.', '-' "
+                         "(up to 64 characters, starting with a letter or digit)")
+
+
+def check_block_size(bs: int) -> None:
+    if bs < 512 or bs & (bs - 1) or bs > 1 << 20:
+        raise UsageError(f"block size {bs} is not a power of two between 512 and 1 MiB")
+
+
+@dataclass
+class DiskConfig:
+    name: str
+    path: str
+    id: int
+
+
+@dataclass
+class ClusterConfig:
+    cluster_id: str
+    block_size: int
+    disks: list[DiskConfig] = field(default_factory=list)
+
+    def disk(self, name: str) -> DiskConfig:
+        for d in self.disks:
+            if d.name == name:
+                return d
+        known = ", ".join(d.name for d in self.disks) or "none"
+        raise UsageError(f"unknown disk {name!r}: this cluster has {known}")
+
+    def to_toml(self) -> str:
+        lines = [
+            "# sdbackup cluster configuration. Disk paths may be edited if a disk moves;",
+            "# ids and the block size must not change.",
+            f'cluster_id = "{self.cluster_id}"',
+            f"block_size = {self.block_size}",
+            "",
+        ]
+        for d in self.disks:
+            lines += ["[[disk]]", f'name = "{d.name}"', f"id = {d.id}",
+                      f"path = {json.dumps(d.path)}", ""]
+        return "\n".join(lines)
+
+
+def cluster_path(cluster_dir: str | os.PathLike[str], name: str) -> Path:
+    return Path(cluster_dir) / name
+
+
+def load_config(cluster_dir: str | os.PathLike[str]) -> ClusterConfig:
+    path = Path(cluster_dir) / CONFIG_NAME
+    if not Path(cluster_dir).is_dir():
+        raise NotFoundError(f"cluster directory {cluster_dir} does not exist: create it with "
+                            "'sdbackup init'")
+    if not path.exists():
+        raise NotFoundError(f"{cluster_dir} is not an sdbackup cluster (no {CONFIG_NAME}): "
+                            "create one with 'sdbackup init'")
+    try:
+        raw = tomllib.loads(path.read_text())
+        disks = [DiskConfig(str(d["name"]), str(d["path"]), int(d["id"]))
+                 for d in raw.get("disk", [])]
+        cfg = ClusterConfig(str(raw["cluster_id"]), int(raw["block_size"]), disks)
+    except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"malformed {path}: {e}; fix the file or re-create the cluster") from None
+    check_block_size(cfg.block_size)
+    return cfg
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Crash-safe write: temp file, fsync, rename, fsync the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    sync_dir(path.parent)
+
+
+def sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_label(cluster_id: str, disk_name: str, disk_id: int, block_size: int,
+               nblocks: int) -> bytes:
+    body = json.dumps({"cluster_id": cluster_id, "disk": disk_name, "disk_id": disk_id,
+                       "block_size": block_size, "nblocks": nblocks}).encode()
+    label = DISK_MAGIC + len(body).to_bytes(4, "little") + body
+    return label + bytes(block_size - len(label))
+
+
+def read_label(path: str | os.PathLike[str]) -> dict[str, object] | None:
+    """The label of a disk, or None when it carries none."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except FileNotFoundError:
+        return None
+    if not head.startswith(DISK_MAGIC):
+        return None
+    n = int.from_bytes(head[8:12], "little")
+    try:
+        label: dict[str, object] = json.loads(head[12 : 12 + n])
+    except ValueError:
+        raise CorruptError(f"disk {path} has a damaged sdbackup label") from None
+    return label

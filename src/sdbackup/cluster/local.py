@@ -1,0 +1,258 @@
+"""Create a cluster, and open one with the coordinator embedded in this process.
+
+The embedded default: with no coordinator process running, a command opens the
+metadata store itself after taking the cluster lock (``CLUSTER_DIR/lock``, an
+``flock``), so two such commands never change the cluster at once. The second one
+waits up to ``wait`` seconds, then fails with a message naming the holder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import shutil
+import stat
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdbackup.blocks.device import BlockDevice, create_sparse, device_size, holds_data
+from sdbackup.blocks.diskset import DiskSet
+from sdbackup.cluster.config import (
+    CONFIG_NAME,
+    LABEL_BLOCKS,
+    ClusterConfig,
+    DiskConfig,
+    check_block_size,
+    check_disk_name,
+    load_config,
+    make_label,
+    parse_size,
+    read_label,
+    write_atomic,
+)
+from sdbackup.errors import BusyError, SdbError, UsageError
+from sdbackup.fs.filesystem import FileSystem
+from sdbackup.meta.alloc import DiskBitmap
+from sdbackup.meta.service import MetadataService
+from sdbackup.meta.store import SCHEMA_VERSION, MetaStore
+from sdbackup.types import ROOT_INODE
+
+MIN_BLOCKS = 16
+
+
+@dataclass
+class DiskSpec:
+    """A disk as given on the command line: NAME=PATH[:SIZE]."""
+
+    name: str
+    path: Path
+    size: int | None
+
+    @classmethod
+    def parse(cls, text: str) -> DiskSpec:
+        name, eq, rest = text.partition("=")
+        if not eq or not rest:
+            raise UsageError(f"bad --disk {text!r}: use NAME=PATH or NAME=PATH:SIZE, "
+                             "e.g. d0=/srv/disk0.img:4GiB")
+        check_disk_name(name)
+        path, size = rest, None
+        head, colon, tail = rest.rpartition(":")
+        if colon and tail and tail[0].isdigit():
+            path, size = head, parse_size(tail)
+        return cls(name, Path(path).absolute(), size)
+
+
+def init_cluster(cluster_dir: str | os.PathLike[str], disks: list[DiskSpec], *,
+                 block_size: int = 4096, force: bool = False) -> ClusterConfig:
+    """Create a cluster directory and its disks. Checks everything before changing anything."""
+    cdir = Path(cluster_dir).absolute()
+    check_block_size(block_size)
+    if not disks:
+        raise UsageError("a cluster needs at least one disk: add --disk NAME=PATH:SIZE")
+    names = [d.name for d in disks]
+    if len(set(names)) != len(names):
+        raise UsageError(f"disk names must be unique, got {', '.join(names)}")
+    paths = [d.path.resolve() for d in disks]
+    if len(set(paths)) != len(paths):
+        raise UsageError("two disks name the same path")
+    if (cdir / CONFIG_NAME).exists():
+        raise UsageError(f"{cdir} is already an sdbackup cluster; choose another directory")
+    if cdir.exists() and (not cdir.is_dir() or any(cdir.iterdir())):
+        raise UsageError(f"{cdir} exists and is not an empty directory; choose a new one")
+    sizes: list[int] = []
+    for d in disks:
+        if d.path.exists():
+            if d.path.is_dir():
+                raise UsageError(f"disk path {d.path} is a directory; give a file or device")
+            label = read_label(d.path)
+            if label is not None and not force:
+                raise UsageError(
+                    f"disk {d.path} belongs to sdbackup cluster {label.get('cluster_id')} "
+                    f"(disk {label.get('disk')}); use another path, or --force to overwrite it"
+                )
+            if label is None and not force and holds_data(d.path):
+                raise UsageError(f"disk {d.path} holds data; use --force to overwrite it")
+            size = device_size(d.path)
+            if d.size is not None and d.size > size and stat.S_ISREG(d.path.stat().st_mode):
+                size = d.size  # grow a regular file to the requested size
+        else:
+            if d.size is None:
+                raise UsageError(f"disk {d.path} does not exist: give its size, "
+                                 f"e.g. --disk {d.name}={d.path}:4GiB")
+            if not d.path.parent.is_dir():
+                raise UsageError(f"directory {d.path.parent} for disk {d.name} does not exist")
+            size = d.size
+        if size // block_size < MIN_BLOCKS:
+            raise UsageError(f"disk {d.name} is too small: {size} bytes is under "
+                             f"{MIN_BLOCKS} blocks of {block_size}")
+        sizes.append(size)
+
+    created: list[Path] = []
+    made_dir = not cdir.exists()
+    try:
+        cdir.mkdir(parents=True, exist_ok=True)
+        (cdir / "logs").mkdir(exist_ok=True)
+        cfg = ClusterConfig(str(uuid.uuid4()), block_size)
+        for i, (d, size) in enumerate(zip(disks, sizes, strict=True)):
+            if not d.path.exists():
+                create_sparse(d.path, size)
+                created.append(d.path)
+            elif device_size(d.path) < size:
+                os.truncate(d.path, size)
+            cfg.disks.append(DiskConfig(d.name, str(d.path), i + 1))
+        write_atomic(cdir / "secret", secrets.token_hex(32).encode() + b"\n", mode=0o600)
+        os.chmod(cdir / "secret", 0o600)
+        store = MetaStore(cdir / "meta.db", create=True)
+        try:
+            with store.transaction():
+                store.set_meta("schema_version", str(SCHEMA_VERSION))
+                store.set_meta("cluster_id", cfg.cluster_id)
+                store.set_meta("block_size", str(block_size))
+                now = time.time_ns()
+                store.execute(
+                    "INSERT INTO inodes(id, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns,"
+                    " nlink) VALUES (?,?,?,?,?,?,?,?,2)",
+                    (ROOT_INODE, stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), 0, now, now,
+                     now),
+                )
+                for dc, size in zip(cfg.disks, sizes, strict=True):
+                    nblocks = size // block_size
+                    store.execute("INSERT INTO disks(id, name, nblocks, reserved) VALUES (?,?,?,?)",
+                                  (dc.id, dc.name, nblocks, LABEL_BLOCKS))
+                    bm = DiskBitmap(dc.id, nblocks)
+                    bm.commit(0, LABEL_BLOCKS)
+                    bm.save_dirty(store)
+                    with BlockDevice(dc.path, block_size) as dev:
+                        dev.write(0, make_label(cfg.cluster_id, dc.name, dc.id, block_size,
+                                                nblocks))
+                        dev.fsync()
+            store.sync()
+        finally:
+            store.close()
+        write_atomic(cdir / CONFIG_NAME, cfg.to_toml().encode())
+        return cfg
+    except BaseException:
+        for p in created:
+            p.unlink(missing_ok=True)
+        if made_dir:
+            shutil.rmtree(cdir, ignore_errors=True)
+        else:
+            for child in cdir.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        raise
+
+
+class ClusterLock:
+    """The exclusive right to run the coordinator of one cluster (an flock)."""
+
+    def __init__(self, cluster_dir: Path, wait: float = 10.0) -> None:
+        self.path = cluster_dir / "lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip()
+                    os.close(self.fd)
+                    raise BusyError(
+                        f"cluster {cluster_dir} is in use by another sdbackup process "
+                        f"({holder or 'unknown'}); wait for it to finish, or stop it"
+                    ) from None
+                time.sleep(0.05)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = -1
+
+
+def open_disks(cfg: ClusterConfig, *, direct: bool = False) -> DiskSet:
+    devs = []
+    try:
+        for d in cfg.disks:
+            devs.append((d.id, d.name, BlockDevice(d.path, cfg.block_size, direct=direct)))
+            label = read_label(d.path)
+            if label is None or label.get("cluster_id") != cfg.cluster_id:
+                raise UsageError(f"disk {d.name} at {d.path} does not carry this cluster's "
+                                 "label: the path in cluster.toml points at another disk")
+    except BaseException:
+        for _, _, dev in devs:
+            dev.close()
+        raise
+    return DiskSet(cfg.block_size, devs)
+
+
+class LocalCluster:
+    """A cluster opened with its coordinator embedded in this process."""
+
+    def __init__(self, cluster_dir: str | os.PathLike[str], *, wait: float = 10.0) -> None:
+        self.dir = Path(cluster_dir).absolute()
+        self.config = load_config(self.dir)
+        self.lock = ClusterLock(self.dir, wait)
+        try:
+            self.store = MetaStore(self.dir / "meta.db")
+            if self.store.get_meta("cluster_id") != self.config.cluster_id:
+                raise UsageError(f"{self.dir}/meta.db belongs to another cluster than "
+                                 f"{CONFIG_NAME} says")
+            self.meta = MetadataService(self.store)
+            self.disks = open_disks(self.config)
+            self.fs = FileSystem(self.meta, self.disks)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def close(self) -> None:
+        try:
+            self.disks.fsync()
+            self.store.sync()
+            self.disks.close()
+            self.store.close()
+        finally:
+            self.lock.release()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_cluster(cluster_dir: str | os.PathLike[str], *, wait: float = 10.0) -> LocalCluster:
+    """Open a cluster for this process (embedded coordinator)."""
+    try:
+        return LocalCluster(cluster_dir, wait=wait)
+    except SdbError:
+        raise

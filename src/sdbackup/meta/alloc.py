@@ -1,0 +1,236 @@
+"""Allocation bitmaps: which blocks of each disk are in use (the seed's Fig. 18).
+
+Each disk has two packed bitmaps in memory (numpy ``uint8``, little-endian bit order,
+bit set = used):
+
+- ``committed``: exactly what the metadata store says (persisted in chunks, in the
+  same transaction as the extents that reference the blocks);
+- ``inuse``: ``committed`` plus blocks *reserved* for writes in flight (allocated and
+  being written by a node, but not yet committed to an extent).
+
+Reservations are never persisted: a crash between the data write and the commit
+leaves the blocks free, as they should be (ordered-mode semantics: an extent is
+committed only after its data reached the disk). Finding free blocks looks at
+``inuse``; persisting writes ``committed``. All searches work on whole bytes and
+numpy windows, never one Python step per block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import numpy.typing as npt
+
+from sdbackup.meta.store import MetaStore
+
+CHUNK_BYTES = 4096
+CHUNK_BITS = CHUNK_BYTES * 8
+_WINDOW = 1 << 16  # bytes of bitmap looked at per search step (512 Ki blocks)
+
+U8 = npt.NDArray[np.uint8]
+
+
+def _set_bits(bits: U8, start: int, count: int, value: bool) -> None:
+    """Set or clear bits [start, start+count) of a packed little-endian bitmap."""
+    if count <= 0:
+        return
+    end = start + count
+    sb, eb = start >> 3, (end - 1) >> 3
+    if sb == eb:
+        mask = ((1 << count) - 1) << (start & 7)
+        if value:
+            bits[sb] |= mask
+        else:
+            bits[sb] &= ~mask & 0xFF
+        return
+    head = (0xFF << (start & 7)) & 0xFF
+    tail = (1 << (((end - 1) & 7) + 1)) - 1
+    if value:
+        bits[sb] |= head
+        bits[eb] |= tail
+        bits[sb + 1 : eb] = 0xFF
+    else:
+        bits[sb] &= ~head & 0xFF
+        bits[eb] &= ~tail & 0xFF
+        bits[sb + 1 : eb] = 0
+
+
+def count_set(bits: U8, start: int, count: int) -> int:
+    """Number of set bits in [start, start+count)."""
+    if count <= 0:
+        return 0
+    sb, eb = start >> 3, (start + count + 7) >> 3
+    sub = np.unpackbits(bits[sb:eb], bitorder="little")
+    off = start - (sb << 3)
+    return int(sub[off : off + count].sum())
+
+
+class DiskBitmap:
+    """The allocation state of one disk."""
+
+    def __init__(self, disk_id: int, nblocks: int) -> None:
+        self.disk_id = disk_id
+        self.nblocks = nblocks
+        nbytes = (nblocks + 7) >> 3
+        self.committed: U8 = np.zeros(nbytes, dtype=np.uint8)
+        # Bits past the end of the disk are permanently "used".
+        if nblocks & 7:
+            self.committed[-1] |= (0xFF << (nblocks & 7)) & 0xFF
+        self.inuse: U8 = self.committed.copy()
+        self.dirty_chunks: set[int] = set()
+        self.cursor = 0  # next-fit position for new files
+
+    # -- persistence ---------------------------------------------------------------
+    def load(self, store: MetaStore) -> None:
+        for chunk, blob in store.query(
+            "SELECT chunk, bits FROM alloc WHERE disk=?", (self.disk_id,)
+        ):
+            start = chunk * CHUNK_BYTES
+            arr = np.frombuffer(blob, dtype=np.uint8)
+            n = min(len(arr), len(self.committed) - start)
+            self.committed[start : start + n] |= arr[:n]
+        self.inuse = self.committed.copy()
+
+    def save_dirty(self, store: MetaStore) -> None:
+        """Write the changed chunks of ``committed`` (inside the caller's transaction)."""
+        rows = []
+        for chunk in sorted(self.dirty_chunks):
+            blob = self.committed[chunk * CHUNK_BYTES : (chunk + 1) * CHUNK_BYTES].tobytes()
+            rows.append((self.disk_id, chunk, blob))
+        store.executemany("INSERT OR REPLACE INTO alloc(disk, chunk, bits) VALUES (?,?,?)", rows)
+        self.dirty_chunks.clear()
+
+    def _touch(self, start: int, count: int) -> None:
+        first = start // CHUNK_BITS
+        last = (start + count - 1) // CHUNK_BITS
+        self.dirty_chunks.update(range(first, last + 1))
+
+    # -- state changes ----------------------------------------------------------------
+    def reserve(self, start: int, count: int) -> None:
+        _set_bits(self.inuse, start, count, True)
+
+    def unreserve(self, start: int, count: int) -> None:
+        """Give back reserved blocks that were never committed."""
+        _set_bits(self.inuse, start, count, False)
+        # A block committed meanwhile stays in use.
+        sb, eb = start >> 3, (start + count + 7) >> 3
+        self.inuse[sb:eb] |= self.committed[sb:eb]
+
+    def commit(self, start: int, count: int) -> None:
+        _set_bits(self.committed, start, count, True)
+        _set_bits(self.inuse, start, count, True)
+        self._touch(start, count)
+
+    def free(self, start: int, count: int) -> None:
+        _set_bits(self.committed, start, count, False)
+        _set_bits(self.inuse, start, count, False)
+        self._touch(start, count)
+
+    def reload(self, store: MetaStore) -> None:
+        """Re-read ``committed`` from the store (after a failed transaction).
+
+        Reservations of writes in flight are kept.
+        """
+        reserved = self.inuse & ~self.committed
+        self.committed[:] = 0
+        if self.nblocks & 7:
+            self.committed[-1] |= (0xFF << (self.nblocks & 7)) & 0xFF
+        self.dirty_chunks.clear()
+        self.load(store)
+        self.inuse |= reserved
+
+    # -- queries -----------------------------------------------------------------------
+    def used_blocks(self) -> int:
+        full = int(np.unpackbits(self.committed).sum())
+        pad = (len(self.committed) << 3) - self.nblocks
+        return full - pad
+
+    def free_blocks(self) -> int:
+        full = int(np.unpackbits(self.inuse).sum())
+        pad = (len(self.inuse) << 3) - self.nblocks
+        return self.nblocks - (full - pad)
+
+    def is_free(self, start: int, count: int) -> bool:
+        if start < 0 or start + count > self.nblocks:
+            return False
+        return count_set(self.inuse, start, count) == 0
+
+    def next_free_run(self, pos: int, limit: int) -> tuple[int, int] | None:
+        """First run of free blocks starting at or after ``pos`` (length capped at limit).
+
+        Searches forward a window of the bitmap at a time; ``None`` when no free
+        block lies at or after ``pos``.
+        """
+        bits = self.inuse
+        nbytes = len(bits)
+        byte = pos >> 3
+        # Within the first byte, bits below pos count as used.
+        while byte < nbytes:
+            win = bits[byte : byte + _WINDOW]
+            if byte == pos >> 3 and pos & 7:
+                win = win.copy()
+                win[0] |= (1 << (pos & 7)) - 1
+            cand = np.flatnonzero(win != 0xFF)
+            if len(cand) == 0:
+                byte += _WINDOW
+                continue
+            b = byte + int(cand[0])
+            v = int(win[int(cand[0])])
+            bit = (~v & (v + 1)).bit_length() - 1  # lowest zero bit
+            start = (b << 3) + bit
+            return start, self._run_length(start, limit)
+        return None
+
+    def _run_length(self, start: int, limit: int) -> int:
+        end_cap = min(self.nblocks, start + limit)
+        sb = start >> 3
+        eb = (end_cap + 7) >> 3
+        sub = np.unpackbits(self.inuse[sb:eb], bitorder="little")[start - (sb << 3) :]
+        sub = sub[: end_cap - start]
+        used = np.flatnonzero(sub)
+        return int(used[0]) if len(used) else len(sub)
+
+
+def allocate(
+    bm: DiskBitmap, count: int, goal: int, *, min_run: int = 1
+) -> list[tuple[int, int]]:
+    """Reserve ``count`` blocks on one disk, as few runs as it can, starting near ``goal``.
+
+    Tries the exact goal first (appending stays contiguous), then free runs from the
+    goal forward, then from the start of the disk. Returns the reserved runs, which
+    may total less than ``count`` when the disk is full; the caller gives them back
+    with :meth:`DiskBitmap.unreserve` if it cannot use them.
+    """
+    runs: list[tuple[int, int]] = []
+    need = count
+    for wrapped, lo in ((False, goal), (True, 0)):
+        pos = lo
+        while need > 0:
+            found = bm.next_free_run(pos, need)
+            if found is None:
+                break
+            start, length = found
+            if wrapped and start >= goal:
+                break  # the wrapped search reached the area already searched
+            take = min(need, length)
+            if take < min_run and take < need:
+                pos = start + length
+                continue
+            bm.reserve(start, take)
+            runs.append((start, take))
+            need -= take
+            pos = start + take
+        if need == 0:
+            break
+    return _merge(runs)
+
+
+def _merge(runs: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s, c in runs:
+        if out and out[-1][0] + out[-1][1] == s:
+            out[-1] = (out[-1][0], out[-1][1] + c)
+        else:
+            out.append((s, c))
+    return out
