@@ -8,6 +8,7 @@ cache; buffers are then page-aligned ``mmap`` buffers and I/O is block-aligned.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import stat
@@ -34,31 +35,49 @@ def is_block_device(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def holds_data(path: str | os.PathLike[str], probe: int = 1 << 20) -> bool:
-    """True when the file or device visibly holds data.
+_HOLDS_DATA_MAX_EXTENTS = 32  # at most 64 MiB of probes with the default probe
 
-    For a regular file: any allocated extent (``SEEK_DATA``) that is not all zeros in
-    its first ``probe`` bytes. For a block device: any non-zero byte in the first and
-    last ``probe`` bytes (where partition tables and file system labels live).
+
+def holds_data(path: str | os.PathLike[str], probe: int = 1 << 20) -> bool:
+    """True when the file or device visibly holds data (a guard before overwriting it).
+
+    Looks for a non-zero byte in the first and last ``probe`` bytes of every allocated
+    extent of a regular file (``SEEK_DATA``/``SEEK_HOLE``; a file system without them
+    reports one extent, the whole file), or of a block device as a whole (where
+    partition tables and file system labels live). A file with more than 32
+    allocated extents that all probe as zeros counts as holding data: the guard
+    errs on the side of not destroying anything.
     """
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
         if size == 0:
             return False
-        offsets: list[int] = []
         if is_block_device(path):
-            offsets = [0, max(0, size - probe)]
+            extents = [(0, size)]
         else:
-            try:
-                first = os.lseek(fd, 0, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data at all
-                return False
-            offsets = [first]
-        for off in offsets:
-            chunk = os.pread(fd, probe, off)
-            if chunk.count(0) != len(chunk):
-                return True
+            extents = []
+            pos = 0
+            while pos < size:
+                try:
+                    start = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:  # no data after pos
+                        break
+                    if e.errno != errno.EINVAL:
+                        raise
+                    extents = [(0, size)]  # SEEK_DATA unsupported: probe the whole file
+                    break
+                end = os.lseek(fd, start, os.SEEK_HOLE)
+                if len(extents) == _HOLDS_DATA_MAX_EXTENTS:
+                    return True
+                extents.append((start, end))
+                pos = end
+        for start, end in extents:
+            for off in {start, max(start, end - probe)}:
+                chunk = os.pread(fd, min(probe, end - off), off)
+                if chunk.count(0) != len(chunk):
+                    return True
         return False
     finally:
         os.close(fd)
@@ -96,6 +115,12 @@ class BlockDevice:
         except PermissionError:
             raise UsageError(f"no permission to open disk {self.path}: run as a user "
                              "that can read and write it") from None
+        except OSError as e:
+            if direct and e.errno == errno.EINVAL:
+                raise UsageError(f"the file system holding disk {self.path} does not "
+                                 "support O_DIRECT: put the disk elsewhere or turn "
+                                 "direct I/O off") from None
+            raise
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
         self.nblocks = self.size // block_size
 
@@ -125,25 +150,63 @@ class BlockDevice:
         if self.direct:
             buf = mmap.mmap(-1, max(n, _ALIGN))
             try:
-                got = os.preadv(self.fd, [memoryview(buf)[:n]], off)
-                self._short(got, n, off)
-                return bytes(memoryview(buf)[:n])
+                with memoryview(buf) as whole:
+                    view = whole[:n]
+                    try:
+                        self._preadv_full(view, off)
+                        return bytes(view)
+                    finally:
+                        view.release()
             finally:
                 buf.close()
         data = os.pread(self.fd, n, off)
-        if len(data) != n:
-            self._short(len(data), n, off)
+        if len(data) != n:  # a short read (the kernel caps one call below 2 GiB): go on
+            parts = [data]
+            got = len(data)
+            while got < n:
+                more = os.pread(self.fd, n - got, off + got)
+                if not more:
+                    break
+                parts.append(more)
+                got += len(more)
+            self._short(got, n, off)
+            data = b"".join(parts)
         return data
 
     def readinto(self, block: int, buf: memoryview | bytearray) -> None:
-        """Fill ``buf`` (a whole number of blocks) from ``block`` on."""
-        n = len(buf)
-        if n % self.block_size:
-            raise ValueError("buffer is not a whole number of blocks")
-        self._check(block, n // self.block_size)
-        got = os.preadv(self.fd, [buf], block * self.block_size)
-        if got != n:
-            self._short(got, n, block * self.block_size)
+        """Fill ``buf`` (a whole number of blocks) from ``block`` on.
+
+        With ``direct=True`` a buffer that is not page-aligned is filled through an
+        aligned bounce buffer (``O_DIRECT`` refuses unaligned memory with EINVAL).
+        """
+        with memoryview(buf) as mv:
+            n = mv.nbytes
+            if n % self.block_size:
+                raise ValueError("buffer is not a whole number of blocks")
+            self._check(block, n // self.block_size)
+            off = block * self.block_size
+            if self.direct and n and not _aligned(mv):
+                bounce = mmap.mmap(-1, n)
+                try:
+                    with memoryview(bounce) as bv:
+                        self._preadv_full(bv, off)
+                        mv.cast("B")[:] = bv
+                finally:
+                    bounce.close()
+                return
+            self._preadv_full(mv, off)
+
+    def _preadv_full(self, mv: memoryview, off: int) -> None:
+        """Fill ``mv`` from byte ``off``, going on after short reads; CorruptError at EOF."""
+        view = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+        n = view.nbytes
+        got = 0
+        while got < n:
+            r = os.preadv(self.fd, [view[got:]], off + got)
+            if r == 0:
+                break
+            got += r
+        self._short(got, n, off)
 
     def _short(self, got: int, want: int, off: int) -> None:
         if got < want:
@@ -158,6 +221,8 @@ class BlockDevice:
         if mv.nbytes % self.block_size:
             raise ValueError("write is not a whole number of blocks")
         self._check(block, mv.nbytes // self.block_size)
+        if mv.nbytes == 0:
+            return
         off = block * self.block_size
         if self.direct and not _aligned(mv):
             buf = mmap.mmap(-1, max(mv.nbytes, _ALIGN))
@@ -189,6 +254,9 @@ class BlockDevice:
 
     def punch(self, block: int, count: int) -> None:
         """Give the blocks' space back to the host (sparse files); contents become zeros."""
+        self._check(block, count)
+        if count == 0:
+            return
         try:
             _punch_hole(self.fd, block * self.block_size, count * self.block_size)
         except OSError:  # not supported (block device, old fs): zero instead
