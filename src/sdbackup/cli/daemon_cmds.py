@@ -1,0 +1,179 @@
+"""Commands that run or talk to the cluster's processes: coordinator, node, status,
+cache ls, flush."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sdbackup.cluster.access import coordinator_client
+from sdbackup.cluster.config import parse_size
+from sdbackup.errors import UsageError
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(coordinator)
+    cli.add_command(node)
+    cli.add_command(status)
+    cli.add_command(cache)
+    cli.add_command(flush)
+
+
+def _log_to(path: Path, level: int = logging.INFO) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    fmt = logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    fh = logging.FileHandler(path)
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+               for h in root.handlers):
+        sh = logging.StreamHandler()
+        sh.setFormatter(fmt)
+        root.addHandler(sh)
+    root.setLevel(min(root.level, level) if root.level else level)
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    while not stop.wait(1.0):
+        pass
+
+
+@click.command()
+@click.argument("cluster_dir", type=click.Path(path_type=Path))
+@click.option("--listen", default="127.0.0.1:0", show_default=True, metavar="HOST:PORT",
+              help="Address to serve nodes on (port 0: any free port).")
+@click.option("--lease", default=10.0, show_default=True,
+              help="Seconds without a heartbeat after which a node loses its rights.")
+def coordinator(cluster_dir: Path, listen: str, lease: float) -> None:
+    """Run the cluster's coordinator in the foreground (until SIGTERM or Ctrl-C).
+
+    It keeps the metadata and the cluster cache table, grants write rights, and
+    records its address in CLUSTER_DIR/coordinator.addr; while it runs, every other
+    sdbackup command on the cluster goes through it. Logs go to stderr and to
+    CLUSTER_DIR/logs/coordinator.log.
+    """
+    from sdbackup.cluster.coordinator import Coordinator
+
+    host, _, port = listen.rpartition(":")
+    try:
+        port_n = int(port)
+    except ValueError:
+        raise UsageError(f"bad --listen {listen!r}: use HOST:PORT, e.g. 0.0.0.0:7070") from None
+    _log_to(cluster_dir / "logs" / "coordinator.log")
+    c = Coordinator(cluster_dir, host=host or "127.0.0.1", port=port_n, lease=lease)
+    h, p = c.start()
+    click.echo(f"coordinator listening on {h}:{p}", err=True)
+    try:
+        _wait_for_signal()
+    finally:
+        c.stop()
+
+
+@click.command()
+@click.argument("cluster_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--name", required=True, help="This node's name (unique in the cluster).")
+@click.option("--cache-size", default="64MiB", show_default=True,
+              help="Write-back cache size limit.")
+@click.option("--flush-delay", default=5.0, show_default=True,
+              help="Seconds after which dirty data is written back.")
+@click.option("--coordinator", "coord", metavar="HOST:PORT",
+              help="Coordinator address (on a host without the cluster directory).")
+@click.option("--secret-file", type=click.Path(path_type=Path),
+              help="The cluster secret (a copy of CLUSTER_DIR/secret), with --coordinator.")
+def node(cluster_dir: Path | None, name: str, cache_size: str, flush_delay: float,
+         coord: str | None, secret_file: Path | None) -> None:
+    """Run a node agent in the foreground (until SIGTERM or Ctrl-C).
+
+    The node reads and writes file data on the shared disks directly, keeps a coherent
+    write-back cache, and serves local programs (sdbackup fs CLUSTER_DIR --node NAME).
+    """
+    from sdbackup.cluster.node import NodeAgent
+
+    if cluster_dir is None and coord is None:
+        raise UsageError("give CLUSTER_DIR, or --coordinator HOST:PORT with --secret-file")
+    log_dir = (cluster_dir / "logs") if cluster_dir else Path(".")
+    _log_to(log_dir / f"node-{name}.log")
+    agent = NodeAgent(name, cluster_dir=cluster_dir, coordinator=coord,
+                      secret_file=secret_file, cache_bytes=parse_size(cache_size),
+                      flush_delay=flush_delay)
+    agent.start()
+    click.echo(f"node {name} joined the coordinator at {agent.address[0]}:{agent.address[1]}",
+               err=True)
+    try:
+        _wait_for_signal()
+    finally:
+        agent.stop()
+
+
+def _rpc(cluster_dir: Path, method: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    with coordinator_client(cluster_dir) as c:
+        body, _ = c.call(method, args or {}, timeout=300)
+        return body
+
+
+@click.command()
+@click.argument("cluster_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def status(cluster_dir: Path, as_json: bool) -> None:
+    """Show the coordinator, the nodes (host, state, cache used/dirty) and the disks."""
+    st = _rpc(cluster_dir, "status")
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    click.echo(f"coordinator {st['coordinator']} (pid {st['pid']}, epoch {st['epoch']}, "
+               f"logical clock {st['clock']}{', FROZEN' if st['frozen'] else ''})")
+    click.echo(f"{'node':<16} {'kind':<7} {'host':<16} {'state':<7} {'cached':>10} "
+               f"{'dirty':>10} {'limit':>10}")
+    for n in st["nodes"]:
+        click.echo(f"{n['name']:<16} {n['kind']:<7} {n['host']:<16} {n['state']:<7} "
+                   f"{n.get('cached_bytes', 0) >> 10:>8}Ki {n.get('dirty_bytes', 0) >> 10:>8}Ki "
+                   f"{n.get('limit', 0) >> 20:>8}Mi")
+    for d in st["disks"]:
+        click.echo(f"disk {d['name']}: {d['used']} of {d['blocks']} blocks used")
+
+
+@click.group()
+def cache() -> None:
+    """The cluster cache table (which node caches which file area, dirty or not)."""
+
+
+@cache.command(name="ls")
+@click.argument("cluster_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def cache_ls(cluster_dir: Path, as_json: bool) -> None:
+    """Print the cache table: node, file, offset, size, right, dirty (the seed's Fig. 3)."""
+    rows = _rpc(cluster_dir, "cache_table")["entries"]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'node':<14} {'right':<5} {'dirty':<5} {'offset':>12} {'size':>10}  file")
+    for r in rows:
+        click.echo(f"{r['node']:<14} {r['mode']:<5} {'yes' if r['dirty'] else 'no':<5} "
+                   f"{r['offset']:>12} {r['size']:>10}  {r['path']} (inode {r['ino']})")
+
+
+@click.command()
+@click.argument("cluster_dir", type=click.Path(path_type=Path))
+@click.option("--timeout", default=60.0, show_default=True)
+def flush(cluster_dir: Path, timeout: float) -> None:
+    """Make every node write its dirty cache back; returns when nothing is dirty."""
+    r = _rpc(cluster_dir, "flush", {"timeout": timeout})
+    for name, err in r["errors"].items():
+        click.echo(f"node {name}: {err}", err=True)
+    if not r["clean"] or r["errors"]:
+        raise UsageError("flush did not finish: some areas are still dirty (see above)", 1)
+    click.echo(f"flushed {r['nodes']} node(s) in {r['seconds']:.3f} s; no dirty areas left")

@@ -1,0 +1,102 @@
+"""How a command reaches a cluster: through a node, a running coordinator, or embedded.
+
+- ``--node NAME``: through that node agent's control port, so reads and writes go
+  through the node's cache (what a program on that node would see);
+- a coordinator is running: join it as a short-lived client with a small coherent
+  cache, written back before the command exits;
+- otherwise: open the cluster in this process (the embedded default), holding the lock.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sdbackup.blocks.diskset import DiskSet
+from sdbackup.cluster.auth import load_secret
+from sdbackup.cluster.local import open_cluster
+from sdbackup.cluster.node import ClusterClient, node_control_address
+from sdbackup.cluster.remote import RemoteMeta, read_addr
+from sdbackup.cluster.rpc import ConnectFailed, RpcClient
+from sdbackup.errors import RemoteError
+from sdbackup.fs.filesystem import FileSystem
+
+
+class NodeFileSystem(FileSystem):
+    """A node's file system, used from another process through its control port."""
+
+    def __init__(self, client: RpcClient, block_size: int) -> None:
+        super().__init__(RemoteMeta(client, block_size), DiskSet(block_size, []))
+        self.client = client
+
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        _, data = self.client.call("read", {"ino": ino, "offset": offset, "size": size})
+        return bytes(data or b"")
+
+    def write(self, ino: int, offset: int, data: bytes | bytearray | memoryview) -> int:
+        body, _ = self.client.call("write", {"ino": ino, "offset": offset}, data)
+        return int(body["written"])
+
+    def truncate(self, ino: int, size: int) -> Any:
+        return self.meta.truncate(ino, size)
+
+    def fsync(self, ino: int | None = None) -> None:
+        self.client.call("fsync", {"ino": ino})
+
+
+@contextmanager
+def open_fs(cluster_dir: str | os.PathLike[str], *, node: str | None = None,
+            wait: float = 10.0) -> Iterator[FileSystem]:
+    """The cluster's file system for one command (see the module docstring)."""
+    if node is not None:
+        host, port = node_control_address(cluster_dir, node)
+        secret = load_secret(Path(cluster_dir) / "secret")
+        client = RpcClient.connect(host, port, secret, timeout=wait)
+        try:
+            info, _ = client.call("join", {"name": f"cli-{os.getpid()}"})
+            yield NodeFileSystem(client, int(info["block_size"]))
+        finally:
+            client.close()
+        return
+    cc = _try_client(cluster_dir)
+    if cc is not None:
+        with cc:
+            yield cc.fs
+            cc.fs.flush_all()
+        return
+    with open_cluster(cluster_dir, wait=wait) as c:
+        yield c.fs
+
+
+def _try_client(cluster_dir: str | os.PathLike[str]) -> ClusterClient | None:
+    """Join the running coordinator; None when none is running (stale address file)."""
+    if read_addr(cluster_dir) is None:
+        return None
+    try:
+        return ClusterClient(f"cli-{os.getpid()}", cluster_dir=cluster_dir)
+    except ConnectFailed:
+        return None
+
+
+@contextmanager
+def coordinator_client(cluster_dir: str | os.PathLike[str]) -> Iterator[RpcClient]:
+    """A joined admin connection to the running coordinator (for status, flush...)."""
+    addr = read_addr(cluster_dir)
+    missing = RemoteError(f"no coordinator is running for {cluster_dir}: start one with "
+                          f"'sdbackup coordinator {cluster_dir}'")
+    if addr is None:
+        raise missing
+    secret = load_secret(Path(cluster_dir) / "secret")
+    try:
+        client = RpcClient.connect(addr[0], addr[1], secret, name=f"admin-{os.getpid()}")
+    except ConnectFailed:
+        raise missing from None
+    try:
+        client.call("join", {"name": f"admin-{os.getpid()}", "kind": "client",
+                             "host": "localhost", "pid": os.getpid()})
+        yield client
+    finally:
+        client.close()

@@ -1,0 +1,583 @@
+"""The coordinator process: metadata authority, coherence, membership (the seed's
+management computer 12).
+
+``sdbackup coordinator CLUSTER_DIR`` runs :class:`Coordinator` in the foreground. It
+takes the cluster lock (so no embedded command opens the store meanwhile), serves the
+cluster protocol, and writes its address to ``CLUSTER_DIR/coordinator.addr`` so that
+other commands find it.
+
+Membership: a node joins with a unique name; it renews its lease with heartbeats. A
+node that closes its connection, or whose lease runs out (default 10 s), is declared
+failed: its rights go, its reserved blocks are freed, and the areas it had dirty are
+logged by file name and byte range as lost. After a coordinator restart, nodes
+reconnect by themselves and reclaim the write rights of their dirty segments during a
+grace period of one lease, before any other node may take new rights.
+
+Everything a node asks that may free blocks (unlink, rename over a file, the last
+release of an unlinked file, truncate) first recalls every node's rights on that
+inode, so no node writes a block after it has been freed and perhaps reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdbackup.blocks.diskset import DiskSet
+from sdbackup.cluster import wire
+from sdbackup.cluster.auth import load_secret
+from sdbackup.cluster.config import load_config, write_atomic
+from sdbackup.cluster.local import ClusterLock, open_disks
+from sdbackup.cluster.remote import ADDR_FILE
+from sdbackup.cluster.rights import SEGMENT_BYTES, RightsManager
+from sdbackup.cluster.rpc import BaseHandler, Connection, RpcServer
+from sdbackup.errors import BusyError, FsError, RemoteError, UsageError
+from sdbackup.meta import fsck as fsck_mod
+from sdbackup.meta.service import MetadataService
+from sdbackup.meta.store import MetaStore
+from sdbackup.meta.types import Attr, WriteRun
+
+log = logging.getLogger("sdbackup.coordinator")
+
+DEFAULT_LEASE = 10.0
+
+
+@dataclass
+class Session:
+    """One connected node (or a short-lived command acting as a client)."""
+
+    name: str
+    kind: str  # "node" or "client"
+    host: str
+    pid: int
+    conn: Connection
+    joined: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.monotonic)
+    reservations: dict[tuple[int, int], WriteRun] = field(default_factory=dict)
+    dirty_n: dict[tuple[int, int], int] = field(default_factory=dict)
+    state: str = "up"
+
+
+class Coordinator:
+    """The metadata authority and cache-coherence manager of one cluster."""
+
+    def __init__(self, cluster_dir: str | os.PathLike[str], *, host: str = "127.0.0.1",
+                 port: int = 0, lease: float = DEFAULT_LEASE, wait: float = 0.0) -> None:
+        self.dir = Path(cluster_dir).absolute()
+        self.config = load_config(self.dir)
+        self.lock = ClusterLock(self.dir, wait)
+        try:
+            self.secret = load_secret(self.dir / "secret")
+            self.store = MetaStore(self.dir / "meta.db")
+            self.meta = MetadataService(self.store)
+            self.disks: DiskSet = open_disks(self.config)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.lease = lease
+        self.epoch = secrets.token_hex(8)
+        restarted = (self.dir / ADDR_FILE).exists()
+        self.grace_until = time.monotonic() + (lease if restarted else 0.0)
+        self.rights = RightsManager(self._recall, on_node_failed=self._node_failed_log)
+        self.sessions: dict[Connection, Session] = {}
+        self._mu = threading.Lock()
+        self._stop = threading.Event()
+        self.server = RpcServer(lambda conn: _Handler(self), self.secret, host=host, port=port,
+                                max_workers=64)
+        self._monitor: threading.Thread | None = None
+
+    # -- life cycle -----------------------------------------------------------------------
+    def start(self) -> tuple[str, int]:
+        self.server.start()
+        host, port = self.server.address
+        write_atomic(self.dir / ADDR_FILE,
+                     f"{host}:{port} pid={os.getpid()} epoch={self.epoch}\n".encode())
+        self._monitor = threading.Thread(target=self._lease_loop, name="sdb-lease", daemon=True)
+        self._monitor.start()
+        log.info("coordinator of cluster %s listening on %s:%d (epoch %s)",
+                 self.config.cluster_id, host, port, self.epoch)
+        return host, port
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            (self.dir / ADDR_FILE).unlink(missing_ok=True)
+            self.server.stop()
+            self.rights.close()
+            self.disks.fsync()
+            self.store.sync()
+            self.disks.close()
+            self.store.close()
+        finally:
+            self.lock.release()
+        log.info("coordinator stopped")
+
+    def _lease_loop(self) -> None:
+        while not self._stop.wait(min(1.0, self.lease / 4)):
+            now = time.monotonic()
+            with self._mu:
+                late = [s for s in self.sessions.values()
+                        if s.kind == "node" and now - s.last_seen > self.lease and s.state == "up"]
+            for s in late:
+                self.fail_session(s, f"its lease of {self.lease:g} s ran out")
+
+    # -- sessions ---------------------------------------------------------------------------
+    def session(self, conn: Connection) -> Session:
+        with self._mu:
+            s = self.sessions.get(conn)
+        if s is None:
+            raise RemoteError("join first: this connection has not joined the cluster")
+        s.last_seen = time.monotonic()
+        return s
+
+    def join(self, conn: Connection, name: str, kind: str, host: str, pid: int) -> Session:
+        if kind not in ("node", "client"):
+            raise UsageError(f"unknown session kind {kind!r}")
+        with self._mu:
+            for s in self.sessions.values():
+                if s.name == name and s.state == "up":
+                    raise UsageError(f"a node named {name!r} is already connected (from "
+                                     f"{s.host}, pid {s.pid}); choose another --name")
+            sess = Session(name, kind, host, pid, conn)
+            self.sessions[conn] = sess
+        log.info("%s %s joined from %s (pid %d)", kind, name, host, pid)
+        return sess
+
+    def fail_session(self, s: Session, why: str) -> None:
+        with self._mu:
+            if s.state != "up":
+                return
+            s.state = "failed"
+        log.warning("node %s failed: %s", s.name, why)
+        self._cleanup(s, failed=True)
+        if not s.conn.closed:
+            s.conn.close(reason=why, timeout=1.0)
+
+    def leave(self, conn: Connection) -> None:
+        with self._mu:
+            s = self.sessions.pop(conn, None)
+        if s is None:
+            return
+        if s.state == "up":
+            s.state = "left"
+            lost = self.rights.holds(s.name)
+            self._cleanup(s, failed=lost)
+        log.info("%s %s left", s.kind, s.name)
+
+    def _cleanup(self, s: Session, *, failed: bool) -> None:
+        runs = list(s.reservations.values())
+        s.reservations.clear()
+        if runs:
+            self.meta.abort_write(runs)
+        lost = self.rights.node_failed(s.name, "disconnected") if failed else []
+        for e in lost:
+            log.error("LOST unwritten data of node %s: %s bytes %d-%d (inode %d)", s.name,
+                      self.path_of(e.ino), e.offset, e.offset + e.size, e.ino)
+
+    def _node_failed_log(self, node: str, why: str) -> None:
+        log.warning("node %s dropped from the cache table: %s", node, why)
+        with self._mu:
+            sess = [s for s in self.sessions.values() if s.name == node and s.state == "up"]
+        for s in sess:
+            threading.Thread(target=self.fail_session, args=(s, why), daemon=True).start()
+
+    def _by_name(self, node: str) -> Session | None:
+        with self._mu:
+            for s in self.sessions.values():
+                if s.name == node and s.state == "up":
+                    return s
+        return None
+
+    # -- calls to nodes ---------------------------------------------------------------------------
+    def _recall(self, node: str, ino: int, segs: list[int], keep: str | None) -> None:
+        s = self._by_name(node)
+        if s is None:
+            return  # gone already: nothing cached there any more
+        s.conn.call("recall", {"ino": ino, "segs": segs, "keep": keep}, timeout=self.lease)
+
+    def flush_writers(self, ino: int, exclude: str | None) -> None:
+        """Make every other node holding a write right on ``ino`` write its data back."""
+        for entry in self.rights.table():
+            if entry.ino != ino or entry.mode != "w" or entry.node == exclude:
+                continue
+            s = self._by_name(entry.node)
+            if s is not None:
+                try:
+                    s.conn.call("flush_inode", {"ino": ino}, timeout=self.lease)
+                except RemoteError as e:
+                    self.fail_session(s, f"did not answer a flush: {e}")
+
+    def flush_all(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Cluster-wide flush (Fig. 3): every node writes its dirty areas back."""
+        t0 = time.monotonic()
+        with self._mu:
+            nodes = [s for s in self.sessions.values() if s.state == "up" and s.kind == "node"]
+        errors: dict[str, str] = {}
+
+        def one(s: Session) -> None:
+            try:
+                s.conn.call("flush", {}, timeout=timeout)
+            except RemoteError as e:
+                errors[s.name] = str(e)
+
+        threads = [threading.Thread(target=one, args=(s,)) for s in nodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        clean = self.rights.wait_clean(max(0.1, timeout - (time.monotonic() - t0)))
+        return {"nodes": len(nodes), "errors": errors, "clean": clean,
+                "seconds": time.monotonic() - t0}
+
+    def path_of(self, ino: int) -> str:
+        """One path of an inode, for messages (best effort)."""
+        parts: list[str] = []
+        cur = ino
+        try:
+            for _ in range(256):
+                if cur == 1:
+                    return "/" + "/".join(reversed(parts))
+                row = self.store.get_row("SELECT parent, name FROM dirents WHERE ino=? LIMIT 1",
+                                         (cur,))
+                if row is None:
+                    return f"<inode {ino}, no name>"
+                parts.append(bytes(row[1]).decode(errors="replace"))
+                cur = int(row[0])
+        except Exception:  # store closed during shutdown
+            pass
+        return f"<inode {ino}>"
+
+    def node_reports(self) -> list[dict[str, Any]]:
+        with self._mu:
+            sessions = list(self.sessions.values())
+        out = []
+        for s in sessions:
+            row: dict[str, Any] = {"name": s.name, "kind": s.kind, "host": s.host, "pid": s.pid,
+                                   "state": s.state,
+                                   "last_seen_s": round(time.monotonic() - s.last_seen, 1)}
+            if s.kind == "node" and s.state == "up":
+                try:
+                    body, _ = s.conn.call("report", {}, timeout=5.0)
+                    row.update(body)
+                except RemoteError as e:
+                    row["error"] = str(e)
+            out.append(row)
+        return out
+
+    # -- metadata operations with coherence ----------------------------------------------------
+    def may_free(self, ino: int) -> Any:
+        """Context: recall every right on ``ino`` before an operation that may free it."""
+        return self.rights.exclusive(ino)
+
+    def truncate(self, ino: int, size: int) -> Attr:
+        with self.rights.exclusive(ino):
+            attr = self.meta.getattr(ino)
+            bs = self.meta.block_size
+            if attr.is_reg and size < attr.size and size % bs:
+                for ext in self.meta.map_read(ino, size // bs, 1):
+                    dev = self.disks.device(ext.disk)
+                    block = bytearray(dev.read(ext.dblock, 1))
+                    block[size % bs:] = bytes(bs - size % bs)
+                    dev.write(ext.dblock, block)
+            return self.meta.truncate(ino, size)
+
+
+class _Handler(BaseHandler):
+    """One connection's requests. Names travel as latin-1 strings (see wire.py)."""
+
+    def __init__(self, coord: Coordinator) -> None:
+        self.c = coord
+
+    def on_disconnect(self, conn: Connection) -> None:
+        self.c.leave(conn)
+
+    def _s(self, conn: Connection) -> Session:
+        return self.c.session(conn)
+
+    # membership ---------------------------------------------------------------------------
+    def rpc_join(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> dict[str, Any]:
+        self.c.join(conn, str(a["name"]), str(a.get("kind", "node")), str(a.get("host", "?")),
+                    int(a.get("pid", 0)))
+        cfg = self.c.config
+        return {"cluster_id": cfg.cluster_id, "block_size": cfg.block_size,
+                "disks": [{"id": d.id, "name": d.name, "path": d.path} for d in cfg.disks],
+                "epoch": self.c.epoch, "lease": self.c.lease, "segment_bytes": SEGMENT_BYTES,
+                "grace": max(0.0, self.c.grace_until - time.monotonic())}
+
+    def rpc_heartbeat(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                      ) -> dict[str, Any]:
+        self._s(conn)
+        return {"epoch": self.c.epoch}
+
+    # coherence ------------------------------------------------------------------------------------
+    def rpc_acquire(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                    ) -> dict[str, Any]:
+        s = self._s(conn)
+        ino = int(a["ino"])
+        segs = [int(x) for x in a["segs"]]
+        mode = str(a["mode"])
+        if mode not in ("r", "w") or not segs or len(segs) > 1 << 16:
+            raise UsageError("acquire: bad mode or segment list")
+        if not a.get("reclaim"):
+            wait = self.c.grace_until - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)  # let restarted nodes reclaim their dirty areas first
+        self.c.meta.getattr(ino)  # ENOENT for a deleted inode
+        seq = self.c.rights.acquire(s.name, ino, segs, mode)
+        return {"seq": seq}
+
+    def rpc_release_rights(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                           ) -> None:
+        s = self._s(conn)
+        self.c.rights.released(s.name, int(a["ino"]), [int(x) for x in a["segs"]])
+
+    def rpc_dirty(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
+        s = self._s(conn)
+        ino, n, dirty = int(a["ino"]), int(a["n"]), bool(a["dirty"])
+        segs = []
+        with self.c._mu:
+            for seg in (int(x) for x in a["segs"]):
+                if s.dirty_n.get((ino, seg), 0) < n:
+                    s.dirty_n[(ino, seg)] = n
+                    segs.append(seg)
+        self.c.rights.set_dirty(s.name, ino, segs, dirty)
+
+    # metadata ------------------------------------------------------------------------
+    def _attr(self, attr: Attr) -> dict[str, Any]:
+        return {"attr": wire.enc_attr(attr)}
+
+    def rpc_getattr(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                    ) -> dict[str, Any]:
+        s = self._s(conn)
+        ino = int(a["ino"])
+        self.c.flush_writers(ino, s.name)
+        return self._attr(self.c.meta.getattr(ino))
+
+    def rpc_lookup(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                   ) -> dict[str, Any]:
+        s = self._s(conn)
+        attr = self.c.meta.lookup(int(a["parent"]), wire.dec_name(a["name"]))
+        if attr.is_reg:
+            self.c.flush_writers(attr.ino, s.name)
+            attr = self.c.meta.getattr(attr.ino)
+        return self._attr(attr)
+
+    def rpc_mknod(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                  ) -> dict[str, Any]:
+        self._s(conn)
+        return self._attr(self.c.meta.mknod(int(a["parent"]), wire.dec_name(a["name"]),
+                                            int(a["mode"]), int(a["uid"]), int(a["gid"]),
+                                            int(a.get("rdev", 0))))
+
+    def rpc_mkdir(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                  ) -> dict[str, Any]:
+        self._s(conn)
+        return self._attr(self.c.meta.mkdir(int(a["parent"]), wire.dec_name(a["name"]),
+                                            int(a["mode"]), int(a["uid"]), int(a["gid"])))
+
+    def rpc_symlink(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                    ) -> dict[str, Any]:
+        self._s(conn)
+        return self._attr(self.c.meta.symlink(int(a["parent"]), wire.dec_name(a["name"]),
+                                              wire.dec_name(a["target"]), int(a["uid"]),
+                                              int(a["gid"])))
+
+    def rpc_readlink(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                     ) -> dict[str, Any]:
+        self._s(conn)
+        return {"target": wire.enc_name(self.c.meta.readlink(int(a["ino"])))}
+
+    def rpc_link(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                 ) -> dict[str, Any]:
+        self._s(conn)
+        return self._attr(self.c.meta.link(int(a["ino"]), int(a["new_parent"]),
+                                           wire.dec_name(a["new_name"])))
+
+    def _target(self, parent: int, name: bytes) -> int | None:
+        try:
+            return self.c.meta.lookup(parent, name).ino
+        except FsError:
+            return None
+
+    def rpc_unlink(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
+        self._s(conn)
+        parent, name = int(a["parent"]), wire.dec_name(a["name"])
+        ino = self._target(parent, name)
+        if ino is None:
+            self.c.meta.unlink(parent, name)  # raises the right error
+            return
+        with self.c.may_free(ino):
+            self.c.meta.unlink(parent, name)
+
+    def rpc_rmdir(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
+        self._s(conn)
+        self.c.meta.rmdir(int(a["parent"]), wire.dec_name(a["name"]))
+
+    def rpc_rename(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
+        self._s(conn)
+        args = (int(a["parent"]), wire.dec_name(a["name"]), int(a["new_parent"]),
+                wire.dec_name(a["new_name"]), int(a.get("flags", 0)))
+        target = self._target(args[2], args[3])
+        if target is None:
+            self.c.meta.rename(*args)
+            return
+        with self.c.may_free(target):
+            self.c.meta.rename(*args)
+
+    def rpc_readdir(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                    ) -> dict[str, Any]:
+        self._s(conn)
+        ents = self.c.meta.readdir(int(a["ino"]), int(a.get("after", 0)),
+                                   min(int(a.get("limit", 1000)), 5000))
+        return {"entries": wire.enc_dirents(ents)}
+
+    def rpc_setattr(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                    ) -> dict[str, Any]:
+        self._s(conn)
+
+        def opt(k: str) -> int | None:
+            v = a.get(k)
+            return None if v is None else int(v)
+
+        return self._attr(self.c.meta.setattr(int(a["ino"]), mode=opt("mode"), uid=opt("uid"),
+                                              gid=opt("gid"), atime_ns=opt("atime_ns"),
+                                              mtime_ns=opt("mtime_ns")))
+
+    def rpc_statfs(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                   ) -> dict[str, Any]:
+        self._s(conn)
+        return {"statfs": wire.enc_statfs(self.c.meta.statfs())}
+
+    def rpc_open(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
+        self._s(conn)
+        self.c.meta.open(int(a["ino"]))
+
+    def rpc_release(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
+        self._s(conn)
+        ino = int(a["ino"])
+        try:
+            last = self.c.meta.getattr(ino).nlink == 0
+        except FsError:
+            last = False
+        if last:
+            with self.c.may_free(ino):
+                self.c.meta.release(ino)
+        else:
+            self.c.meta.release(ino)
+
+    def rpc_map_read(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                     ) -> dict[str, Any]:
+        self._s(conn)
+        return {"runs": wire.enc_runs(self.c.meta.map_read(int(a["ino"]), int(a["fblock"]),
+                                                           int(a["count"])))}
+
+    def rpc_map_write(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                      ) -> dict[str, Any]:
+        s = self._s(conn)
+        runs = self.c.meta.map_write(int(a["ino"]), int(a["fblock"]), int(a["count"]))
+        with self.c._mu:
+            for r in runs:
+                if r.new:
+                    s.reservations[(r.disk, r.dblock)] = r
+        return {"runs": wire.enc_runs(runs)}
+
+    def _unreserve(self, s: Session, runs: list[WriteRun]) -> list[WriteRun]:
+        """Only runs this session really reserved count (a node cannot free others')."""
+        mine = []
+        with self.c._mu:
+            for r in runs:
+                if r.new:
+                    got = s.reservations.pop((r.disk, r.dblock), None)
+                    if got is None or got != r:
+                        raise UsageError(f"write run {tuple(r)} was not reserved by this node")
+                    mine.append(r)
+        return mine
+
+    def rpc_abort_write(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
+        s = self._s(conn)
+        self.c.meta.abort_write(self._unreserve(s, wire.dec_write_runs(a["runs"])))
+
+    def rpc_commit_write(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                         ) -> dict[str, Any]:
+        s = self._s(conn)
+        runs = wire.dec_write_runs(a["runs"])
+        mine = self._unreserve(s, runs)
+        mt = a.get("mtime_ns")
+        try:
+            return self._attr(self.c.meta.commit_write(int(a["ino"]), mine, int(a["end"]),
+                                                       None if mt is None else int(mt)))
+        except FsError:
+            self.c.meta.abort_write(mine)
+            raise
+
+    def rpc_truncate(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                     ) -> dict[str, Any]:
+        self._s(conn)
+        return self._attr(self.c.truncate(int(a["ino"]), int(a["size"])))
+
+    def rpc_sync(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
+        self._s(conn)
+        self.c.meta.sync()
+
+    # administration ------------------------------------------------------------------
+    def rpc_cache_table(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                        ) -> dict[str, Any]:
+        self._s(conn)
+        rows = [{"node": e.node, "ino": e.ino, "path": self.c.path_of(e.ino),
+                 "offset": e.offset, "size": e.size, "mode": e.mode, "dirty": e.dirty}
+                for e in self.c.rights.table()]
+        return {"entries": rows}
+
+    def rpc_flush(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                  ) -> dict[str, Any]:
+        self._s(conn)
+        return self.c.flush_all(float(a.get("timeout", 60.0)))
+
+    def rpc_status(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                   ) -> dict[str, Any]:
+        self._s(conn)
+        host, port = self.c.server.address
+        disks = [{"name": n, "id": i, "blocks": bm.nblocks, "used": bm.used_blocks()}
+                 for i, n in self.c.meta.disk_names.items()
+                 for bm in [self.c.meta.bitmaps[i]]]
+        return {"coordinator": f"{host}:{port}", "pid": os.getpid(), "epoch": self.c.epoch,
+                "cluster_id": self.c.config.cluster_id, "hostname": socket.gethostname(),
+                "nodes": self.c.node_reports(), "disks": disks,
+                "frozen": self.c.rights.frozen, "clock": self.c.rights.clock}
+
+    def rpc_used_runs(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                      ) -> dict[str, Any]:
+        self._s(conn)
+        ids = self.c.meta.disk_ids()
+        name = str(a["disk"])
+        if name not in ids:
+            raise UsageError(f"unknown disk {name!r}")
+        return {"runs": self.c.meta.used_runs(ids[name])}
+
+    def rpc_fsck(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                 ) -> dict[str, Any]:
+        self._s(conn)
+        with self.c.store.lock:
+            problems = fsck_mod.check_all(self.c.store)
+        return {"problems": [[p.check, p.message] for p in problems]}
+
+    def rpc_info(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                 ) -> dict[str, Any]:
+        self._s(conn)
+        st = self.c.store
+        count = {k: int(st.get_val(f"SELECT COUNT(*) FROM inodes WHERE (mode & 61440) = {v}"))
+                 for k, v in (("files", 32768), ("directories", 16384), ("symlinks", 40960))}
+        disks = [{"name": d.name, "id": d.id, "path": d.path,
+                  "blocks": self.c.meta.bitmaps[d.id].nblocks,
+                  "used": self.c.meta.bitmaps[d.id].used_blocks()} for d in self.c.config.disks]
+        return {"disks": disks, **count}
+
+
+_ = BusyError

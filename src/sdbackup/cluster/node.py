@@ -1,0 +1,343 @@
+"""A node agent: joins the cluster, caches file data coherently, serves local clients.
+
+``sdbackup node CLUSTER_DIR --name NAME`` runs :class:`NodeAgent` in the foreground:
+
+- it joins the coordinator (found through ``CLUSTER_DIR/coordinator.addr``, or given
+  with ``--coordinator HOST:PORT --secret-file FILE`` on a host without the cluster
+  directory), opens the shared disks itself (paths from the coordinator; every disk's
+  label must name this cluster), and keeps a :class:`CachedFileSystem`;
+- it answers the coordinator's recalls, flushes and reports;
+- it renews its lease with heartbeats and stops writing to the disks when the lease
+  may have run out (self-fencing), so a node cut off from the coordinator never
+  overwrites blocks that were given to someone else meanwhile;
+- when the connection is lost it reconnects by itself; after a coordinator restart
+  (a new epoch) it reclaims the write rights of its dirty segments during the grace
+  period; if the same coordinator dropped it (lease expired), its unwritten data is
+  lost and logged by file and range, never silently;
+- local programs reach its file system through a control port (loopback TCP, same
+  authenticated protocol), whose address is in ``CLUSTER_DIR/nodes/NAME.addr``:
+  ``sdbackup fs CLUSTER_DIR --node NAME ...`` and the tests use it.
+
+:class:`ClusterClient` is the same machinery without the agent's extras: a short-lived
+command (``sdbackup fs`` while a coordinator runs) joins as a client, with a small
+cache, and writes everything back before it leaves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sdbackup.blocks.device import BlockDevice
+from sdbackup.blocks.diskset import DiskSet
+from sdbackup.cluster import wire
+from sdbackup.cluster.auth import load_secret
+from sdbackup.cluster.config import read_label, write_atomic
+from sdbackup.cluster.protocol import Blob
+from sdbackup.cluster.remote import RemoteMeta, RemoteRights, read_addr
+from sdbackup.cluster.rpc import Args, BaseHandler, Connection, Result, RpcClient, RpcServer
+from sdbackup.errors import NotFoundError, RemoteError, UsageError
+from sdbackup.fs.cached import CachedFileSystem
+
+log = logging.getLogger("sdbackup.node")
+
+
+class _Ref:
+    """Forwards calls to the current RpcClient (replaced on reconnect)."""
+
+    def __init__(self) -> None:
+        self.client: RpcClient | None = None
+
+    def _c(self) -> RpcClient:
+        c = self.client
+        if c is None or c.closed:
+            raise RemoteError("not connected to the coordinator (reconnecting); try again")
+        return c
+
+    def call(self, method: str, args: Args | None = None, blob: Blob | None = None,
+             timeout: float | None = None) -> Result:
+        return self._c().call(method, args, blob, timeout)
+
+    def notify(self, method: str, args: Args | None = None, blob: Blob | None = None) -> None:
+        self._c().notify(method, args, blob)
+
+
+def coordinator_address(cluster_dir: str | os.PathLike[str] | None,
+                        coordinator: str | None) -> tuple[str, int]:
+    if coordinator:
+        host, _, port = coordinator.rpartition(":")
+        try:
+            return host or "127.0.0.1", int(port)
+        except ValueError:
+            raise UsageError(f"bad --coordinator {coordinator!r}: use HOST:PORT") from None
+    if cluster_dir is None:
+        raise UsageError("give CLUSTER_DIR or --coordinator HOST:PORT with --secret-file")
+    addr = read_addr(cluster_dir)
+    if addr is None:
+        raise NotFoundError(f"no coordinator is running for {cluster_dir}: start one with "
+                            f"'sdbackup coordinator {cluster_dir}'")
+    return addr
+
+
+class ClusterClient:
+    """A connection to the coordinator plus a coherent file system over the shared disks."""
+
+    kind = "client"
+
+    def __init__(self, name: str, *, cluster_dir: str | os.PathLike[str] | None = None,
+                 coordinator: str | None = None, secret_file: str | os.PathLike[str] | None
+                 = None, cache_bytes: int = 16 << 20, flush_delay: float = 5.0,
+                 connect_timeout: float = 10.0) -> None:
+        self.name = name
+        self.cluster_dir = Path(cluster_dir) if cluster_dir else None
+        self.address = coordinator_address(cluster_dir, coordinator)
+        if secret_file is None:
+            if self.cluster_dir is None:
+                raise UsageError("--secret-file is needed with --coordinator")
+            secret_file = self.cluster_dir / "secret"
+        self.secret = load_secret(secret_file)
+        self.connect_timeout = connect_timeout
+        self.ref = _Ref()
+        self.epoch = ""
+        self.lease = 10.0
+        self.last_ok = time.monotonic()
+        self._closing = False
+        info = self._connect()
+        self.block_size = int(info["block_size"])
+        self.cluster_id = str(info["cluster_id"])
+        self.disks = self._open_disks(info["disks"])
+        self.meta = RemoteMeta(self.ref, self.block_size)
+        self.rights = RemoteRights(self.ref)
+        self.fs = CachedFileSystem(self.meta, self.disks, self.rights, cache_bytes=cache_bytes,
+                                   flush_delay=flush_delay)
+        self.fs.can_write = self.lease_valid
+
+    # -- connection ------------------------------------------------------------------------
+    def _connect(self) -> dict[str, Any]:
+        host, port = self.address
+        client = RpcClient.connect(host, port, self.secret, self._callback,
+                                   timeout=self.connect_timeout, on_lost=self._lost,
+                                   name=self.name, max_workers=32)
+        try:
+            info, _ = client.call("join", {"name": self.name, "kind": self.kind,
+                                           "host": socket.gethostname(), "pid": os.getpid()})
+        except BaseException:
+            client.close()
+            raise
+        self.ref.client = client
+        self.epoch = str(info["epoch"])
+        self.lease = float(info["lease"])
+        self.last_ok = time.monotonic()
+        return info
+
+    def _open_disks(self, disks: list[dict[str, Any]]) -> DiskSet:
+        devs: list[tuple[int, str, BlockDevice]] = []
+        for d in disks:
+            path = str(d["path"])
+            label = read_label(path)
+            if label is None or label.get("cluster_id") != self.cluster_id:
+                for _, _, dev in devs:
+                    dev.close()
+                raise UsageError(f"disk {d['name']} at {path} is not this cluster's disk on "
+                                 "this host; the node needs the same disk at the same path")
+            devs.append((int(d["id"]), str(d["name"]), BlockDevice(path, self.block_size)))
+        return DiskSet(self.block_size, devs)
+
+    def lease_valid(self) -> bool:
+        """False when the lease may have run out: then the node must not write disks."""
+        return time.monotonic() - self.last_ok < self.lease * 0.9
+
+    def _lost(self, error: RemoteError) -> None:
+        if not self._closing:
+            log.warning("lost the coordinator: %s", error)
+
+    # -- coordinator requests --------------------------------------------------------------------
+    def _callback(self, method: str, args: Args, blob: bytes | None) -> dict[str, Any] | None:
+        self.last_ok = time.monotonic()
+        if method == "recall":
+            keep = args.get("keep")
+            self.fs.recall(int(args["ino"]), [int(s) for s in args["segs"]],
+                           None if keep is None else str(keep))
+            return None
+        if method == "flush_inode":
+            self.fs.flush_inode(int(args["ino"]))
+            return None
+        if method == "flush":
+            self.fs.flush_all()
+            return None
+        if method == "report":
+            return self.fs.report()
+        raise RemoteError(f"node {self.name} does not know request {method!r}")
+
+    def close(self) -> None:
+        self._closing = True
+        try:
+            self.fs.close()
+        finally:
+            if self.ref.client is not None:
+                self.ref.client.close()
+            self.disks.close()
+
+    def __enter__(self) -> ClusterClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class NodeAgent(ClusterClient):
+    """A long-running node: heartbeats, reconnection, delayed write-back, control port."""
+
+    kind = "node"
+
+    def __init__(self, name: str, **kw: Any) -> None:
+        super().__init__(name, **kw)
+        self._stop = threading.Event()
+        self._reconnecting = threading.Lock()
+        self.control: RpcServer | None = None
+        self._threads: list[threading.Thread] = []
+
+    def start(self, control_host: str = "127.0.0.1", control_port: int = 0) -> None:
+        self.fs.start_flusher()
+        t = threading.Thread(target=self._heartbeat_loop, name="sdb-heartbeat", daemon=True)
+        t.start()
+        self._threads.append(t)
+        self.control = RpcServer(lambda conn: _ControlHandler(self), self.secret,
+                                 host=control_host, port=control_port, max_workers=32)
+        self.control.start()
+        if self.cluster_dir is not None:
+            (self.cluster_dir / "nodes").mkdir(exist_ok=True)
+            h, p = self.control.address
+            write_atomic(self._addr_file(), f"{h}:{p} pid={os.getpid()}\n".encode())
+        log.info("node %s up (coordinator %s:%d, cache %d MiB)", self.name, *self.address,
+                 self.fs.cache_bytes >> 20)
+
+    def _addr_file(self) -> Path:
+        assert self.cluster_dir is not None
+        return self.cluster_dir / "nodes" / f"{self.name}.addr"
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(max(0.2, self.lease / 4)):
+            try:
+                body, _ = self.ref.call("heartbeat", {}, timeout=self.lease / 2)
+                self.last_ok = time.monotonic()
+                if body.get("epoch") != self.epoch:
+                    self._reconnect()
+            except RemoteError:
+                self._reconnect()
+
+    def _reconnect(self) -> None:
+        if self._stop.is_set() or not self._reconnecting.acquire(blocking=False):
+            return
+        try:
+            old_epoch = self.epoch
+            while not self._stop.is_set():
+                try:
+                    if self.cluster_dir is not None:
+                        addr = read_addr(self.cluster_dir)
+                        if addr is not None:
+                            self.address = addr
+                    if self.ref.client is not None:
+                        self.ref.client.close(timeout=1.0)
+                    self._connect()
+                    break
+                except Exception as e:  # keep trying: the coordinator may be restarting
+                    log.info("reconnect to the coordinator failed: %s", e)
+                    self._stop.wait(0.5)
+            if self._stop.is_set():
+                return
+            if self.epoch != old_epoch:
+                self._reclaim()
+            else:
+                lost = self.fs.drop_all()
+                for ino, segs in lost.items():
+                    log.error("LOST unwritten data of inode %d, segments %s: the coordinator "
+                              "dropped this node while it was unreachable", ino, segs)
+                log.warning("rejoined the same coordinator; cache dropped")
+        finally:
+            self._reconnecting.release()
+
+    def _reclaim(self) -> None:
+        """After a coordinator restart: take back the write rights of dirty segments."""
+        dirty = self.fs.dirty_segments()
+        self.fs.forget_clean()
+        for ino, segs in dirty.items():
+            try:
+                self.rights.acquire(ino, segs, "w", reclaim=True)
+            except Exception as e:
+                log.error("LOST unwritten data of inode %d segments %s: reclaim failed: %s",
+                          ino, segs, e)
+        log.warning("reconnected to a restarted coordinator; reclaimed %d dirty files",
+                    len(dirty))
+        if dirty:
+            self.fs.flush_all()
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            if self.control is not None:
+                self.control.stop()
+            if self.cluster_dir is not None:
+                self._addr_file().unlink(missing_ok=True)
+        finally:
+            self.close()
+        log.info("node %s stopped", self.name)
+
+
+class _ControlHandler(BaseHandler):
+    """Local programs' requests to a node: the file system, through the node's cache."""
+
+    def __init__(self, agent: NodeAgent) -> None:
+        self.a = agent
+
+    def handle(self, conn: Connection, method: str, args: Args, blob: bytes | None
+               ) -> Any:
+        fs = self.a.fs
+        m = self.a.meta
+        if method == "join":
+            return {"cluster_id": self.a.cluster_id, "block_size": self.a.block_size,
+                    "node": self.a.name}
+        if method == "read":
+            data = fs.read(int(args["ino"]), int(args["offset"]), int(args["size"]))
+            return {}, data
+        if method == "write":
+            n = fs.write(int(args["ino"]), int(args["offset"]), blob or b"")
+            return {"written": n}
+        if method == "fsync":
+            fs.fsync(int(args["ino"]) if args.get("ino") is not None else None)
+            return None
+        if method == "getattr":
+            return {"attr": wire.enc_attr(fs.getattr(int(args["ino"])))}
+        if method == "lookup":
+            return {"attr": wire.enc_attr(fs.lookup(int(args["parent"]),
+                                                    wire.dec_name(args["name"])))}
+        if method == "truncate":
+            return {"attr": wire.enc_attr(fs.truncate(int(args["ino"]), int(args["size"])))}
+        if method == "release":
+            fs.release(int(args["ino"]))
+            return None
+        if method == "report":
+            return fs.report()
+        if method in _PASS_THROUGH:
+            body, _ = m.client.call(method, args)
+            return body
+        raise RemoteError(f"unknown request {method!r} for node {self.a.name}")
+
+
+_PASS_THROUGH = {"mknod", "mkdir", "symlink", "readlink", "link", "unlink", "rmdir", "rename",
+                 "readdir", "setattr", "statfs", "open", "sync", "map_read"}
+
+
+def node_control_address(cluster_dir: str | os.PathLike[str], name: str) -> tuple[str, int]:
+    p = Path(cluster_dir) / "nodes" / f"{name}.addr"
+    try:
+        text = p.read_text().split()[0]
+    except (FileNotFoundError, IndexError):
+        raise NotFoundError(f"node {name!r} is not running for {cluster_dir} (no {p})") from None
+    host, _, port = text.rpartition(":")
+    return host, int(port)

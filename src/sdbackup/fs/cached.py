@@ -1,0 +1,440 @@
+"""A node's coherent write-back cache (seed a.1), under the same file system API.
+
+:class:`CachedFileSystem` is :class:`~sdbackup.fs.filesystem.FileSystem` with file data
+kept in a per-node cache of *segments* (``SEGMENT_BYTES`` of one file). A node caches a
+segment only while it holds a right on it from the coordinator (``r`` to read, ``w`` to
+dirty it), see :mod:`sdbackup.cluster.rights`. Dirty data is written back on fsync, on
+close (release), when the cache is over its limit, after ``flush_delay`` seconds, and
+when the coordinator asks (recall, flush, freeze).
+
+Guarantees:
+
+- a write is acknowledged only while the node holds ``w`` on every segment it touches,
+  so no other node caches those segments at that moment;
+- a recall writes the segment's dirty blocks back (ordered: data, then commit) before
+  the node answers, so the next holder reads the latest acknowledged data from disk;
+- a write-back that fails keeps the data dirty (and logs why) instead of dropping it.
+
+Developer notes (steps that must stay adjacent):
+
+- Never wait for the coordinator while holding a segment lock, except for the
+  write-back RPCs (map_write/commit_write), which never wait for a recall.
+- ``Seg.recalls`` is read before an acquire and compared after it under the segment
+  lock: a recall that overtook the grant's reply means the right is already gone.
+- Lock order: a segment's ``lock`` before ``self._mu``; never the other way round.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from sdbackup.blocks.diskset import DiskSet
+from sdbackup.cluster.rights import SEGMENT_BYTES
+from sdbackup.errors import FsError, RemoteError
+from sdbackup.fs.filesystem import FileSystem, MetaApi
+from sdbackup.meta.types import Attr
+
+log = logging.getLogger("sdbackup.cache")
+
+
+class RightsApi(Protocol):
+    """The coordinator's coherence calls, as seen by one node."""
+
+    def acquire(self, ino: int, segs: list[int], mode: str) -> int: ...
+    def release(self, ino: int, segs: list[int]) -> None: ...
+    def set_dirty(self, ino: int, segs: list[int], dirty: bool) -> None: ...
+
+
+@dataclass(eq=False)
+class Seg:
+    ino: int
+    seg: int
+    mode: str | None = None  # None: not held (yet)
+    seq: int = 0
+    buf: bytearray | None = None
+    valid: int = 0  # bit i: block i of the segment is in buf
+    dirty: int = 0  # bit i: block i differs from disk
+    dirty_since: float = 0.0
+    recalls: int = 0
+    dropped: bool = False
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+
+def _runs(mask: int) -> list[tuple[int, int]]:
+    """Runs (start, count) of set bits of an int bitmask, lowest first."""
+    out = []
+    pos = 0
+    while mask:
+        tz = (mask & -mask).bit_length() - 1
+        mask >>= tz
+        pos += tz
+        ones = (~mask & (mask + 1)).bit_length() - 1
+        out.append((pos, ones))
+        mask >>= ones
+        pos += ones
+    return out
+
+
+def _mask(lo: int, hi: int) -> int:
+    """Bits lo..hi-1 set."""
+    return ((1 << (hi - lo)) - 1) << lo if hi > lo else 0
+
+
+class CachedFileSystem(FileSystem):
+    """File system operations of a node with a coherent write-back cache."""
+
+    def __init__(self, meta: MetaApi, disks: DiskSet, rights: RightsApi, *,
+                 cache_bytes: int = 64 << 20, flush_delay: float = 5.0) -> None:
+        super().__init__(meta, disks)
+        self.rights = rights
+        self.cache_bytes = max(cache_bytes, 4 * SEGMENT_BYTES)
+        self.flush_delay = flush_delay
+        self.bps = SEGMENT_BYTES // self.bs  # blocks per segment
+        self._mu = threading.Lock()
+        self._segs: OrderedDict[tuple[int, int], Seg] = OrderedDict()
+        self._sizes: dict[int, int] = {}  # file sizes as this node's writes left them
+        self._cached = 0
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self.stats = {"writebacks": 0, "acquires": 0, "recalls": 0}
+        # Self-fencing: the node agent says False when its lease may have run out.
+        self.can_write: Callable[[], bool] = lambda: True
+
+    # -- life cycle ----------------------------------------------------------------------
+    def start_flusher(self) -> None:
+        self._flusher = threading.Thread(target=self._flush_loop, name="sdb-flusher",
+                                         daemon=True)
+        self._flusher.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._flusher:
+            self._flusher.join(timeout=10)
+        self.flush_all()
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(min(0.5, self.flush_delay / 2 or 0.5)):
+            now = time.monotonic()
+            for s in self._snapshot():
+                if s.dirty and now - s.dirty_since >= self.flush_delay:
+                    try:
+                        with s.lock:
+                            self._writeback(s)
+                    except Exception as e:  # keep flushing the others
+                        log.error("delayed write-back of inode %d segment %d failed: %s",
+                                  s.ino, s.seg, e)
+
+    # -- segment table -------------------------------------------------------------------
+    def _snapshot(self, ino: int | None = None) -> list[Seg]:
+        with self._mu:
+            return [s for s in self._segs.values() if ino is None or s.ino == ino]
+
+    def _get(self, ino: int, seg: int) -> Seg:
+        with self._mu:
+            key = (ino, seg)
+            s = self._segs.get(key)
+            if s is None:
+                s = Seg(ino, seg)
+                self._segs[key] = s
+            else:
+                self._segs.move_to_end(key)
+            return s
+
+    def _drop(self, s: Seg) -> None:
+        """Forget a segment (caller holds s.lock and has written it back)."""
+        s.dropped = True
+        s.mode = None
+        with self._mu:
+            if self._segs.get((s.ino, s.seg)) is s:
+                del self._segs[(s.ino, s.seg)]
+            if s.buf is not None:
+                self._cached -= len(s.buf)
+            s.buf = None
+            s.valid = 0
+            if not any(x.ino == s.ino and x.mode == "w" for x in self._segs.values()):
+                self._sizes.pop(s.ino, None)
+
+    def _hold(self, ino: int, segs: list[int], mode: str) -> list[Seg]:
+        """Make sure this node holds ``mode`` on all segments; returns them (unlocked)."""
+        while True:
+            objs = [self._get(ino, s) for s in segs]
+            need = [o for o in objs if o.dropped or o.mode is None
+                    or (mode == "w" and o.mode != "w")]
+            if not need:
+                return objs
+            before = {id(o): o.recalls for o in need}
+            self.stats["acquires"] += 1
+            seq = self.rights.acquire(ino, [o.seg for o in need], mode)
+            for o in need:
+                with o.lock:
+                    if o.recalls == before[id(o)] and not o.dropped:
+                        o.mode = mode if o.mode != "w" else "w"
+                        if mode == "w":
+                            o.seq = seq
+            # Loop: a segment recalled meanwhile (or dropped) is acquired again.
+
+    def _segs_of(self, offset: int, length: int) -> list[int]:
+        if length <= 0:
+            return []
+        return list(range(offset // SEGMENT_BYTES, (offset + length - 1) // SEGMENT_BYTES + 1))
+
+    # -- data ---------------------------------------------------------------------------
+    def getattr(self, ino: int) -> Attr:
+        attr = self.meta.getattr(ino)
+        local = self._sizes.get(ino)
+        if local is not None and local > attr.size:
+            attr = replace(attr, size=local)
+        return attr
+
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        attr = self.meta.lookup(parent, name)
+        local = self._sizes.get(attr.ino)
+        return replace(attr, size=local) if local is not None and local > attr.size else attr
+
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0:
+            raise FsError(errno.EINVAL, "negative offset or size")
+        if size == 0:
+            return b""
+        attr = self.getattr(ino)
+        if attr.is_dir:
+            raise FsError(errno.EISDIR, "is a directory")
+        size = min(size, max(0, attr.size - offset)) if attr.size >= offset else 0
+        # The size may have grown on another node: ask for the rights, then re-read it.
+        segs = self._segs_of(offset, max(size, 1))
+        while True:
+            objs = self._hold(ino, segs, "r")
+            attr = self.getattr(ino)
+            end = min(attr.size, offset + max(size, 0))
+            if end <= offset:
+                return b""
+            out = bytearray(end - offset)
+            ok = True
+            for o in objs:
+                with o.lock:
+                    if o.dropped or o.mode is None:
+                        ok = False
+                        break
+                    self._copy_out(o, offset, end, out)
+            if ok:
+                return bytes(out)
+
+    def _copy_out(self, o: Seg, offset: int, end: int, out: bytearray) -> None:
+        base = o.seg * SEGMENT_BYTES
+        lo = max(offset, base)
+        hi = min(end, base + SEGMENT_BYTES)
+        if lo >= hi:
+            return
+        self._fill(o, (lo - base) // self.bs, (hi - base + self.bs - 1) // self.bs)
+        assert o.buf is not None
+        out[lo - offset : hi - offset] = o.buf[lo - base : hi - base]
+
+    def _ensure_buf(self, o: Seg) -> bytearray:
+        if o.buf is None:
+            o.buf = bytearray(SEGMENT_BYTES)
+            with self._mu:
+                self._cached += SEGMENT_BYTES
+        return o.buf
+
+    def _fill(self, o: Seg, b0: int, b1: int) -> None:
+        """Make blocks [b0, b1) of the segment valid, reading from disk what is missing."""
+        want = _mask(b0, b1) & ~o.valid
+        if not want:
+            return
+        buf = self._ensure_buf(o)
+        mv = memoryview(buf)
+        fb0 = o.seg * self.bps
+        for start, count in _runs(want):
+            for ext in self.meta.map_read(o.ino, fb0 + start, count):
+                lo = (ext.fblock - fb0) * self.bs
+                dev = self.disks.device(ext.disk)
+                dev.readinto(ext.dblock, mv[lo : lo + ext.length * self.bs])
+        # Holes read as zeros: a block that is not valid was never written into buf
+        # (valid bits are only cleared together with the whole buffer).
+        o.valid |= want
+
+    def write(self, ino: int, offset: int, data: bytes | bytearray | memoryview) -> int:
+        src = memoryview(data).cast("B")
+        n = src.nbytes
+        if offset < 0:
+            raise FsError(errno.EINVAL, "negative offset")
+        if n == 0:
+            return 0
+        segs = self._segs_of(offset, n)
+        done: set[int] = set()
+        attr: Attr | None = None
+        while len(done) < len(segs):
+            objs = self._hold(ino, [s for s in segs if s not in done], "w")
+            if attr is None:
+                attr = self.getattr(ino)
+                if not attr.is_reg:
+                    raise FsError(errno.EISDIR if attr.is_dir else errno.EINVAL,
+                                  "not a regular file")
+            for o in objs:
+                with o.lock:
+                    if o.dropped or o.mode != "w":
+                        continue
+                    self._apply(o, offset, src, attr.size)
+                    done.add(o.seg)
+        with self._mu:
+            self._sizes[ino] = max(self._sizes.get(ino, attr.size if attr else 0), offset + n)
+        self._maybe_evict()
+        return n
+
+    def _apply(self, o: Seg, offset: int, src: memoryview, file_size: int) -> None:
+        bs = self.bs
+        base = o.seg * SEGMENT_BYTES
+        lo = max(offset, base)
+        hi = min(offset + src.nbytes, base + SEGMENT_BYTES)
+        b0, b1 = (lo - base) // bs, (hi - base + bs - 1) // bs
+        buf = self._ensure_buf(o)
+        # Partial edge blocks must hold their old bytes around the new data.
+        for b in {b0, b1 - 1}:
+            edge_partial = (b == b0 and lo % bs) or (b == b1 - 1 and hi % bs)
+            if edge_partial and not (o.valid >> b) & 1:
+                self._fill(o, b, b + 1)
+        buf[lo - base : hi - base] = src[lo - offset : hi - offset]
+        o.valid |= _mask(b0, b1)
+        was_clean = not o.dirty
+        o.dirty |= _mask(b0, b1)
+        if was_clean:
+            o.dirty_since = time.monotonic()
+            self.rights.set_dirty(o.ino, [o.seg], True)
+
+    def _writeback(self, o: Seg) -> None:
+        """Write the segment's dirty blocks to disk and commit them (caller holds o.lock)."""
+        if not o.dirty or o.buf is None:
+            return
+        if not self.can_write():
+            raise RemoteError("not writing back: this node's lease may have expired "
+                              "(cut off from the coordinator); the data stays dirty")
+        bs = self.bs
+        fb0 = o.seg * self.bps
+        mv = memoryview(o.buf)
+        size = self._sizes.get(o.ino)
+        for start, count in _runs(o.dirty):
+            runs = self.meta.map_write(o.ino, fb0 + start, count)
+            try:
+                for r in runs:
+                    lo = (r.fblock - fb0) * bs
+                    self.disks.device(r.disk).write(r.dblock, mv[lo : lo + r.length * bs])
+            except BaseException:
+                self.meta.abort_write(runs)
+                raise
+            run_end = (fb0 + start + count) * bs
+            end = run_end if size is None else min(run_end, size)
+            self.meta.commit_write(o.ino, runs, end, time.time_ns())
+            o.dirty &= ~_mask(start, start + count)
+        self.stats["writebacks"] += 1
+        self.rights.set_dirty(o.ino, [o.seg], False)
+
+    def _maybe_evict(self) -> None:
+        if self._cached <= self.cache_bytes:
+            return
+        target = self.cache_bytes * 3 // 4
+        released: dict[int, list[int]] = {}
+        for s in self._snapshot():
+            if self._cached <= target:
+                break
+            with s.lock:
+                if s.dropped:
+                    continue
+                self._writeback(s)
+                released.setdefault(s.ino, []).append(s.seg)
+                self._drop(s)
+        for ino, segs in released.items():
+            self.rights.release(ino, segs)
+
+    # -- coordinator requests -------------------------------------------------------------
+    def recall(self, ino: int, segs: Iterable[int], keep: str | None) -> None:
+        """Write back the segments; keep a read right (keep='r') or drop them."""
+        self.stats["recalls"] += 1
+        for seg in segs:
+            with self._mu:
+                o = self._segs.get((ino, seg))
+            if o is None:
+                continue
+            with o.lock:
+                o.recalls += 1
+                self._writeback(o)
+                if keep == "r" and o.mode is not None:
+                    o.mode = "r"
+                else:
+                    self._drop(o)
+        with self._mu:
+            if not any(x.ino == ino and x.mode == "w" for x in self._segs.values()):
+                self._sizes.pop(ino, None)
+
+    def flush_inode(self, ino: int) -> None:
+        for o in self._snapshot(ino):
+            with o.lock:
+                self._writeback(o)
+
+    def flush_all(self) -> None:
+        for o in self._snapshot():
+            with o.lock:
+                self._writeback(o)
+
+    def drop_all(self) -> dict[int, list[int]]:
+        """Forget every cached segment (after losing the coordinator); returns the dirty ones."""
+        lost: dict[int, list[int]] = {}
+        for o in self._snapshot():
+            with o.lock:
+                if o.dirty:
+                    lost.setdefault(o.ino, []).append(o.seg)
+                o.dirty = 0
+                self._drop(o)
+        return lost
+
+    def forget_clean(self) -> None:
+        """Drop every clean segment (its right was lost with the old coordinator)."""
+        for o in self._snapshot():
+            with o.lock:
+                if not o.dirty:
+                    self._drop(o)
+
+    def dirty_segments(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for o in self._snapshot():
+            if o.dirty:
+                out.setdefault(o.ino, []).append(o.seg)
+        return out
+
+    def report(self) -> dict[str, int]:
+        segs = self._snapshot()
+        return {"cached_bytes": self._cached,
+                "dirty_bytes": sum(bin(s.dirty).count("1") for s in segs) * self.bs,
+                "segments": len(segs), "limit": self.cache_bytes}
+
+    # -- operations that need the cache emptied first ----------------------------------------
+    def fsync(self, ino: int | None = None) -> None:
+        if ino is None:
+            self.flush_all()
+        else:
+            self.flush_inode(ino)
+        super().fsync(ino)
+
+    def release(self, ino: int) -> None:
+        self.flush_inode(ino)
+        self.meta.release(ino)
+
+    def truncate(self, ino: int, size: int) -> Attr:
+        """Write back and forget this node's cache of the file, then truncate at the
+        coordinator (which recalls every other node and zeroes the cut block's tail)."""
+        dropped = []
+        for o in self._snapshot(ino):
+            with o.lock:
+                self._writeback(o)
+                dropped.append(o.seg)
+                self._drop(o)
+        if dropped:
+            self.rights.release(ino, dropped)
+        attr = self.meta.truncate(ino, size)
+        return attr
