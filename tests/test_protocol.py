@@ -519,6 +519,16 @@ def test_handshake_timeout_drops_silent_and_slow_peers(
         srv.stop()
 
 
+def test_client_handshake_timeout() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts (backlog), never answers
+    host, port = listener.getsockname()[:2]
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionLost, match="handshake timeout"):
+        RpcClient.connect(host, port, SECRET, timeout=0.3)
+    assert time.monotonic() - t0 < 2
+    listener.close()
+
+
 def test_server_stop_with_connected_clients(state: State) -> None:
     srv = make_server(state)
     lost: list[RemoteError] = []
@@ -591,16 +601,36 @@ def test_too_many_queued_requests_close_the_connection(
     try:
         with caplog.at_level(logging.WARNING, logger=LOGGER):
             c = RpcClient.connect(*srv.address, SECRET)
-            for _ in range(5):
+            errors: list[BaseException] = []
+
+            def blocked_call() -> None:
                 try:
-                    c.notify("block")
-                except ConnectionLost:
-                    break
+                    c.call("block")
+                except BaseException as e:
+                    errors.append(e)
+
+            # 1 running + 2 queued are fine; the 4th request is one too many.
+            threads = [threading.Thread(target=blocked_call) for _ in range(4)]
+            for t in threads:
+                t.start()
             assert wait_for(lambda: c.closed)
-            assert wait_for(lambda: logged(caplog, "requests queued"))
+            assert wait_for(lambda: logged(caplog, "more than 2 request messages queued"))
             state.release.set()
+            for t in threads:
+                t.join(5)
+            assert len(errors) == 4 and all(isinstance(e, ConnectionLost) for e in errors)
             c.close()
         still_serves(srv)
     finally:
         state.release.set()
         srv.stop()
+
+
+def test_notifications_are_handled_in_order_even_after_close(
+        server: RpcServer, state: State) -> None:
+    c = RpcClient.connect(*server.address, SECRET)
+    for i in range(300):
+        c.notify("note", {"i": i})
+    c.close()  # everything sent before the close is still handled, in order
+    assert wait_for(lambda: len(state.disconnected) == 1)
+    assert [n["i"] for n in state.notes] == list(range(300))

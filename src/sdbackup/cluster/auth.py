@@ -165,6 +165,9 @@ def client_handshake(stream: FrameStream, secret: bytes, *, name: str | None = N
             f"{stream.peer} speaks sdbackup protocol version {e.peer_version}, this program "
             f"speaks version {PROTOCOL_VERSION}; run the same sdbackup release on the "
             "coordinator and every node") from None
+    except ConnectionLost as e:
+        raise ConnectionLost(f"handshake with {stream.peer} failed: {e}; it may be busy or "
+                             "not an sdbackup coordinator, see its log") from None
     sn = _hex_field(ch, "nonce", NONCE_SIZE)
     server_ok = hmac.compare_digest(_hex_field(ch, "proof", 32),
                                     proof(secret, b"server", cn, sn))
@@ -177,9 +180,9 @@ def client_handshake(stream: FrameStream, secret: bytes, *, name: str | None = N
     stream.set_keys(tx_key=c2s, rx_key=s2c)
     try:
         welcome = _expect(stream, FrameType.WELCOME)
-    except ConnectionLost:
-        raise RemoteError(f"{stream.peer} closed the connection during authentication; "
-                          "see its log") from None
+    except ConnectionLost as e:
+        raise ConnectionLost(f"handshake with {stream.peer} failed after authentication: "
+                             f"{e}; see its log") from None
     server = welcome.body.get("server")
     stream.end_handshake()
     return PeerInfo(server if isinstance(server, str) else None, PROTOCOL_VERSION)

@@ -239,6 +239,7 @@ class FrameStream:
         self.sock = sock
         self.peer = peer
         self._send_lock = threading.Lock()
+        self._fd_lock = threading.Lock()  # shutdown vs close; never held while blocking
         self._tx_key: bytes | None = None
         self._rx_key: bytes | None = None
         self._tx_counter = 0
@@ -439,16 +440,27 @@ class FrameStream:
         self.shutdown()
 
     def shutdown(self) -> None:
-        """Wake up a blocked reader and senders; the descriptor stays open (see close)."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        """Wake up a blocked reader and senders; the descriptor stays open (see close).
+
+        Safe from any thread at any time: it never waits for a sender.
+        """
+        with self._fd_lock:
+            if self._closed:
+                return
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close(self) -> None:
-        """Close the descriptor (under the send lock: no sender can be inside sendmsg)."""
+        """Close the descriptor.
+
+        Under the send lock (no sender is inside ``sendmsg``) and the fd lock (no
+        ``shutdown`` is running), so that no thread can act on a descriptor number the
+        kernel has already reused for another socket.
+        """
         self.shutdown()
-        with self._send_lock:
+        with self._send_lock, self._fd_lock:
             if self._closed:
                 return
             self._closed = True

@@ -707,16 +707,15 @@ class RpcServer:
         host, port = sock.getsockname()[:2]
         self._address = (host, port)
         self._listener = sock
-        self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True,
-                                               name="sdb-rpc-accept")
+        self._accept_thread = threading.Thread(target=self._accept_loop, args=(sock,),
+                                               daemon=True, name="sdb-rpc-accept")
         self._accept_thread.start()
         log.info("%s listening on %s", self.name, _format_addr(self._address))
 
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
+    def _accept_loop(self, listener: socket.socket) -> None:
         while True:
             try:
-                sock, addr = self._listener.accept()
+                sock, addr = listener.accept()
             except OSError as e:
                 if self._stopping:
                     return
