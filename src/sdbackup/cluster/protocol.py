@@ -11,7 +11,7 @@ Every message between the coordinator and a node agent is one *frame*::
     8      8     request id   u64 big-endian; 0 = connection-level (handshake, goodbye)
     16     4     json length  u32 big-endian, <= MAX_JSON (MAX_HANDSHAKE_JSON before auth)
     20     4     blob length  u32 big-endian, <= MAX_BLOB; must be 0 without FLAG_BLOB
-    24     16    MAC          keyed BLAKE2b-128 (see below); zeros before authentication
+    24     16    MAC          HMAC-SHA256, first 16 bytes (see below); zeros before authentication
     40     J     JSON body    UTF-8 JSON object (J = 0 means {})
     40+J   B     blob         raw bytes (block data, logs), only with FLAG_BLOB
 
@@ -19,8 +19,8 @@ The first 6 bytes (magic, version) keep this meaning in every future version, so
 a peer can always tell "not sdbackup" from "another sdbackup version" and answer with
 an error naming both versions.
 
-MAC (after the handshake, :mod:`sdbackup.cluster.auth`): ``BLAKE2b(key=direction key,
-digest_size=16)`` over ``header[0:24] || body || blob || counter``, where ``counter``
+MAC (after the handshake, :mod:`sdbackup.cluster.auth`): ``HMAC-SHA256(direction key)``
+truncated to 16 bytes, over ``header[0:24] || body || blob || counter``, where ``counter``
 is a u64 big-endian count of the frames already sent in that direction on this
 connection. The counter is implicit (never on the wire): a dropped, replayed, reordered
 or reflected frame fails the check, because the two directions use different keys and
@@ -220,8 +220,11 @@ def _sendmsg_all(sock: socket.socket, parts: list[Blob]) -> None:
                 n = 0
 
 
-def _new_mac(key: bytes) -> Any:  # hashlib's blake2b type is private
-    return hashlib.blake2b(key=key, digest_size=MAC_SIZE)
+def _new_mac(key: bytes) -> Any:
+    # HMAC-SHA256 truncated to 16 bytes: measured 1.9 GiB/s here against 1.0 GiB/s for
+    # keyed BLAKE2b, because these CPUs have SHA instructions; the MAC dominates the
+    # CPU cost of block-carrying frames.
+    return hmac.new(key, digestmod=hashlib.sha256)
 
 
 class FrameStream:
@@ -313,7 +316,7 @@ class FrameStream:
             if mac is not None:
                 mac.update(self._tx_counter.to_bytes(8, "big"))
                 self._tx_counter += 1
-                tag = mac.digest()
+                tag = mac.digest()[:MAC_SIZE]
             else:
                 tag = ZERO_MAC
             if self._deadline is not None:
@@ -352,7 +355,7 @@ class FrameStream:
             if mac is not None:
                 mac.update(self._tx_counter.to_bytes(8, "big"))
                 self._tx_counter += 1
-                tag = mac.digest()
+                tag = mac.digest()[:MAC_SIZE]
         return hdr + tag + data + (bytes(blob) if blob is not None else b"")
 
     # -- receiving --------------------------------------------------------------------
@@ -427,7 +430,7 @@ class FrameStream:
             if blob is not None:
                 mac.update(blob)
             mac.update(self._rx_counter.to_bytes(8, "big"))
-            if not hmac.compare_digest(mac.digest(), tag):
+            if not hmac.compare_digest(mac.digest()[:MAC_SIZE], tag):
                 raise ProtocolError(f"frame from {self.peer} failed authentication (bad MAC): "
                                     "corrupted in transit or forged")
             self._rx_counter += 1
