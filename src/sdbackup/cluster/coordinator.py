@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdbackup.backup.bilog import BiLog, merge_logs
+from sdbackup.backup.window import BackupWindow
+from sdbackup.blocks.blockset import BlockSet
 from sdbackup.blocks.diskset import DiskSet
 from sdbackup.cluster import wire
 from sdbackup.cluster.auth import load_secret
@@ -92,6 +95,8 @@ class Coordinator:
         self.server = RpcServer(lambda conn: _Handler(self), self.secret, host=host, port=port,
                                 max_workers=64)
         self._monitor: threading.Thread | None = None
+        self.window: BackupWindow | None = None
+        self._own_log: BiLog | None = None  # merged mode: the coordinator's own writes
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self) -> tuple[str, int]:
@@ -176,6 +181,11 @@ class Coordinator:
         s.reservations.clear()
         if runs:
             self.meta.abort_write(runs)
+        w = self.window
+        if w is not None and not w.central and s.name in w.asked and w.failed is None:
+            w.failed = (f"node {s.name} failed during the backup and took its before-image "
+                        "log with it (merged mode)")
+            log.error("backup %s: %s", w.gen_id, w.failed)
         lost = self.rights.node_failed(s.name, "disconnected") if failed else []
         for e in lost:
             log.error("LOST unwritten data of node %s: %s bytes %d-%d (inode %d)", s.name,
@@ -283,10 +293,107 @@ class Coordinator:
             if attr.is_reg and size < attr.size and size % bs:
                 for ext in self.meta.map_read(ino, size // bs, 1):
                     dev = self.disks.device(ext.disk)
-                    block = bytearray(dev.read(ext.dblock, 1))
+                    old = dev.read(ext.dblock, 1)
+                    self._own_before_image(ext.disk, ext.dblock, old)
+                    block = bytearray(old)
                     block[size % bs:] = bytes(bs - size % bs)
                     dev.write(ext.dblock, block)
             return self.meta.truncate(ino, size)
+
+    def _own_before_image(self, disk: int, block: int, old: bytes) -> None:
+        """The coordinator overwrites a block itself: same write-ahead rule as nodes."""
+        w = self.window
+        if w is None:
+            return
+        run = [WriteRun(0, 1, disk, block, False)]
+        need = [r for r in w.split("coordinator", run, self.rights.tick) if r.bi_time]
+        if not need:
+            return
+        if w.central:
+            w.put([(disk, block, old, need[0].bi_time)])
+        elif self._own_log is not None:
+            self._own_log.append(disk, block, old, need[0].bi_time)
+            self._own_log.sync()
+
+    # -- online backup window (issue 6) -----------------------------------------------------
+    def begin_window(self, gen_id: str, mode: str, blocks: dict[int, BlockSet],
+                     log_path: Path, work_dir: Path) -> BackupWindow:
+        """Arm before-image logging (call while frozen: no write-back is in flight)."""
+        bs = self.config.block_size
+        label = {"cluster": self.config.cluster_id, "generation": gen_id}
+        central = mode != "merged"
+        w = BackupWindow(gen_id, mode, blocks,
+                         BiLog(log_path, block_size=bs, label=label, dedup=True)
+                         if central else None)
+        if not central:
+            self._own_log = BiLog(work_dir / "coordinator.bilog", block_size=bs, label=label,
+                                  dedup=True)
+        self.window = w
+        with self._mu:
+            nodes = [s for s in self.sessions.values() if s.state == "up"]
+        for sess in nodes:
+            try:
+                sess.conn.call("backup_begin", {"gen": gen_id, "mode": mode}, timeout=self.lease)
+            except RemoteError as e:
+                self.fail_session(sess, f"did not arm before-image logging: {e}")
+        return w
+
+    def end_window(self, out_log: Path | None, work_dir: Path) -> dict[str, Any]:
+        """Close the window after the copy: gather and merge logs (merged mode)."""
+        w = self.window
+        if w is None:
+            raise UsageError("no backup window is open")
+        stats: dict[str, Any] = {"mode": w.mode, "bi_runs": w.bi_runs}
+        try:
+            if w.central:
+                assert w.log is not None
+                w.log.close()
+                stats["log_bytes"] = w.log.bytes
+            else:
+                inputs: list[Path] = []
+                if self._own_log is not None:
+                    self._own_log.close()
+                    inputs.append(self._own_log.path)
+                for name in sorted(w.asked - {"coordinator"}):
+                    sess = self._by_name(name)
+                    if sess is None:
+                        w.failed = w.failed or f"node {name} left before its log was gathered"
+                        continue
+                    path = work_dir / f"node-{name}.bilog"
+                    self._fetch_log(sess, w.gen_id, path)
+                    inputs.append(path)
+                if w.failed is None and out_log is not None:
+                    m = merge_logs(inputs, out_log, block_size=self.config.block_size,
+                                   label={"cluster": self.config.cluster_id,
+                                          "generation": w.gen_id, "merged": len(inputs)})
+                    stats.update(records_in=m.records_in, records_out=m.records_out,
+                                 log_blocks=m.blocks_out)
+        finally:
+            self.window = None
+            self._own_log = None
+            with self._mu:
+                nodes = [s for s in self.sessions.values() if s.state == "up"]
+            for sess in nodes:
+                try:
+                    sess.conn.call("backup_end", {"gen": w.gen_id}, timeout=self.lease)
+                except RemoteError as e:
+                    log.warning("node %s did not end the backup window: %s", sess.name, e)
+        stats["failed"] = w.failed
+        return stats
+
+    def _fetch_log(self, sess: Session, gen_id: str, path: Path) -> None:
+        off = 0
+        with open(path, "wb") as f:
+            while True:
+                body, blob = sess.conn.call("bi_fetch", {"gen": gen_id, "offset": off,
+                                                         "size": 8 << 20}, timeout=60)
+                data = blob or b""
+                f.write(data)
+                off += len(data)
+                if body.get("eof") or not data:
+                    break
+            f.flush()
+            os.fsync(f.fileno())
 
 
 class _Handler(BaseHandler):
@@ -309,7 +416,9 @@ class _Handler(BaseHandler):
         return {"cluster_id": cfg.cluster_id, "block_size": cfg.block_size,
                 "disks": [{"id": d.id, "name": d.name, "path": d.path} for d in cfg.disks],
                 "epoch": self.c.epoch, "lease": self.c.lease, "segment_bytes": SEGMENT_BYTES,
-                "grace": max(0.0, self.c.grace_until - time.monotonic())}
+                "grace": max(0.0, self.c.grace_until - time.monotonic()),
+                "backup": None if self.c.window is None else
+                {"gen": self.c.window.gen_id, "mode": self.c.window.mode}}
 
     def rpc_heartbeat(self, conn: Connection, a: dict[str, Any], blob: bytes | None
                       ) -> dict[str, Any]:
@@ -482,6 +591,9 @@ class _Handler(BaseHandler):
                       ) -> dict[str, Any]:
         s = self._s(conn)
         runs = self.c.meta.map_write(int(a["ino"]), int(a["fblock"]), int(a["count"]))
+        w = self.c.window
+        if w is not None:
+            runs = w.split(s.name, runs, self.c.rights.tick)
         with self.c._mu:
             for r in runs:
                 if r.new:
@@ -499,6 +611,26 @@ class _Handler(BaseHandler):
                         raise UsageError(f"write run {tuple(r)} was not reserved by this node")
                     mine.append(r)
         return mine
+
+    def rpc_put_bi(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                   ) -> dict[str, Any]:
+        """Before images from a node (central, inline, separate modes): stored durably
+        unless stored already, then acknowledged (the write-ahead rule)."""
+        self._s(conn)
+        w = self.c.window
+        if w is None or not w.central or a.get("gen") != w.gen_id:
+            raise RemoteError("no backup needs before images now (the window closed)")
+        data = memoryview(blob or b"")
+        bs = self.c.config.block_size
+        items = []
+        pos = 0
+        for disk, start, count, ltime in a["items"]:
+            n = int(count) * bs
+            if pos + n > len(data):
+                raise UsageError("put_bi: blob shorter than the items say")
+            items.append((int(disk), int(start), bytes(data[pos : pos + n]), int(ltime)))
+            pos += n
+        return {"stored": w.put(items)}
 
     def rpc_abort_write(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
         s = self._s(conn)

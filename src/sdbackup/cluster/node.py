@@ -28,11 +28,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from sdbackup.backup.bilog import BiLog
 from sdbackup.blocks.device import BlockDevice
 from sdbackup.blocks.diskset import DiskSet
 from sdbackup.cluster import wire
@@ -40,7 +42,15 @@ from sdbackup.cluster.auth import load_secret
 from sdbackup.cluster.config import read_label, write_atomic
 from sdbackup.cluster.protocol import Blob
 from sdbackup.cluster.remote import RemoteMeta, RemoteRights, read_addr
-from sdbackup.cluster.rpc import Args, BaseHandler, Connection, Result, RpcClient, RpcServer
+from sdbackup.cluster.rpc import (
+    Args,
+    BaseHandler,
+    Connection,
+    HandlerResult,
+    Result,
+    RpcClient,
+    RpcServer,
+)
 from sdbackup.errors import NotFoundError, RemoteError, UsageError
 from sdbackup.fs.cached import CachedFileSystem
 
@@ -116,6 +126,12 @@ class ClusterClient:
         self.fs = CachedFileSystem(self.meta, self.disks, self.rights, cache_bytes=cache_bytes,
                                    flush_delay=flush_delay)
         self.fs.can_write = self.lease_valid
+        self._bi_lock = threading.Lock()
+        self._local_log: BiLog | None = None
+        self._bi_closed = False
+        self._bi_gen: str | None = None
+        if info.get("backup"):
+            self._backup_begin(str(info["backup"]["gen"]), str(info["backup"]["mode"]))
 
     # -- connection ------------------------------------------------------------------------
     def _connect(self) -> dict[str, Any]:
@@ -157,7 +173,7 @@ class ClusterClient:
             log.warning("lost the coordinator: %s", error)
 
     # -- coordinator requests --------------------------------------------------------------------
-    def _callback(self, method: str, args: Args, blob: bytes | None) -> dict[str, Any] | None:
+    def _callback(self, method: str, args: Args, blob: bytes | None) -> HandlerResult:
         self.last_ok = time.monotonic()
         if method == "recall":
             keep = args.get("keep")
@@ -172,7 +188,66 @@ class ClusterClient:
             return None
         if method == "report":
             return self.fs.report()
+        if method == "backup_begin":
+            self._backup_begin(str(args["gen"]), str(args["mode"]))
+            return None
+        if method == "bi_fetch":
+            return self._bi_fetch(str(args["gen"]), int(args["offset"]), int(args["size"]))
+        if method == "backup_end":
+            self._backup_end(str(args["gen"]))
+            return None
         raise RemoteError(f"node {self.name} does not know request {method!r}")
+
+    # -- online backup: before-image logging (issue 6) -----------------------------------------
+    def _bi_dir(self) -> Path:
+        d = (self.cluster_dir / "nodes") if self.cluster_dir else Path(tempfile.gettempdir())
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _backup_begin(self, gen: str, mode: str) -> None:
+        """Arm before-image logging for backup ``gen`` (the coordinator is frozen)."""
+        with self._bi_lock:
+            self._backup_end_locked()
+            if mode == "merged":
+                path = self._bi_dir() / f"{self.name}.{gen}.bilog"
+                self._local_log = BiLog(path, block_size=self.block_size, dedup=True,
+                                        label={"node": self.name, "generation": gen})
+                self.fs.bi_sink = LocalBiSink(self._local_log)
+            else:
+                self.fs.bi_sink = RemoteBiSink(self.ref, gen, self.block_size)
+            self._bi_gen = gen
+        log.info("backup %s: before-image logging armed (%s)", gen, mode)
+
+    def _bi_fetch(self, gen: str, offset: int, size: int) -> Result:
+        with self._bi_lock:
+            lg = self._local_log
+            if lg is None or self._bi_gen != gen:
+                raise RemoteError(f"node {self.name} holds no before-image log of backup {gen}")
+            if not self._bi_closed:
+                # Appending ends here: a write-back that still wants to log fails and
+                # keeps its data dirty (it would come after the copy anyway).
+                self.fs.bi_sink = ClosedBiSink()
+                lg.close()
+                self._bi_closed = True
+            with open(lg.path, "rb") as f:
+                f.seek(offset)
+                data = f.read(min(size, 32 << 20))
+            return {"eof": len(data) < size}, data
+
+    def _backup_end(self, gen: str) -> None:
+        with self._bi_lock:
+            if self._bi_gen == gen:
+                self._backup_end_locked()
+
+    def _backup_end_locked(self) -> None:
+        self.fs.bi_sink = None
+        if self._local_log is not None:
+            if not self._bi_closed:
+                self._local_log.writer.abort()
+            self._local_log.path.unlink(missing_ok=True)
+        self._local_log = None
+        self._bi_closed = False
+        self._bi_gen = None
 
     def close(self) -> None:
         self._closing = True
@@ -188,6 +263,40 @@ class ClusterClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LocalBiSink:
+    """Merged mode (a.2): before images go to this node's own temporary log."""
+
+    def __init__(self, log: BiLog) -> None:
+        self.bilog = log
+        self._lock = threading.Lock()
+
+    def log(self, items: list[tuple[int, int, bytes, int]]) -> None:
+        with self._lock:
+            for disk, start, data, ltime in items:
+                self.bilog.append(disk, start, data, ltime)
+            self.bilog.sync()
+
+
+class RemoteBiSink:
+    """Central, inline and separate modes (a.3-a.5): before images go to the
+    coordinator's log manager at once; it acknowledges once they are durable."""
+
+    def __init__(self, ref: _Ref, gen: str, block_size: int) -> None:
+        self.ref = ref
+        self.gen = gen
+        self.block_size = block_size
+
+    def log(self, items: list[tuple[int, int, bytes, int]]) -> None:
+        desc = [[d, s, len(data) // self.block_size, t] for d, s, data, t in items]
+        self.ref.call("put_bi", {"gen": self.gen, "items": desc},
+                      b"".join(data for _, _, data, _ in items))
+
+
+class ClosedBiSink:
+    def log(self, items: list[tuple[int, int, bytes, int]]) -> None:
+        raise RemoteError("the backup's before-image log is closed; retry the write later")
 
 
 class NodeAgent(ClusterClient):

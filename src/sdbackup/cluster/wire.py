@@ -39,7 +39,8 @@ def dec_extents(rows: Any) -> list[Extent]:
 
 
 def dec_write_runs(rows: Any) -> list[WriteRun]:
-    return [WriteRun(int(r[0]), int(r[1]), int(r[2]), int(r[3]), bool(r[4])) for r in rows]
+    return [WriteRun(int(r[0]), int(r[1]), int(r[2]), int(r[3]), bool(r[4]),
+                     int(r[5]) if len(r) > 5 else 0) for r in rows]
 
 
 def enc_dirents(ents: list[DirEntry]) -> list[list[Any]]:

@@ -39,9 +39,16 @@ from sdbackup.blocks.diskset import DiskSet
 from sdbackup.cluster.rights import SEGMENT_BYTES
 from sdbackup.errors import FsError, RemoteError
 from sdbackup.fs.filesystem import FileSystem, MetaApi
-from sdbackup.meta.types import Attr
+from sdbackup.meta.types import Attr, WriteRun
 
 log = logging.getLogger("sdbackup.cache")
+
+
+class BiSink(Protocol):
+    """Where this node's before images go while a backup runs (see backup/bilog.py)."""
+
+    def log(self, items: list[tuple[int, int, bytes, int]]) -> None:
+        """Store (disk, start block, old blocks, logical time) items; durable on return."""
 
 
 class RightsApi(Protocol):
@@ -106,6 +113,8 @@ class CachedFileSystem(FileSystem):
         self.stats = {"writebacks": 0, "acquires": 0, "recalls": 0}
         # Self-fencing: the node agent says False when its lease may have run out.
         self.can_write: Callable[[], bool] = lambda: True
+        # Set by the node agent while a backup runs (the write-ahead rule, issue 6).
+        self.bi_sink: BiSink | None = None
 
     # -- life cycle ----------------------------------------------------------------------
     def start_flusher(self) -> None:
@@ -322,6 +331,7 @@ class CachedFileSystem(FileSystem):
         for start, count in _runs(o.dirty):
             runs = self.meta.map_write(o.ino, fb0 + start, count)
             try:
+                self._log_before_images(runs)
                 for r in runs:
                     lo = (r.fblock - fb0) * bs
                     self.disks.device(r.disk).write(r.dblock, mv[lo : lo + r.length * bs])
@@ -334,6 +344,22 @@ class CachedFileSystem(FileSystem):
             o.dirty &= ~_mask(start, start + count)
         self.stats["writebacks"] += 1
         self.rights.set_dirty(o.ino, [o.seg], False)
+
+    def _log_before_images(self, runs: list[WriteRun]) -> None:
+        """Write-ahead rule: save the old contents of blocks the running backup still
+        needs, durably, before they are overwritten. They are read while this node
+        holds the write right on the segment, so nobody changes them in between."""
+        need = [r for r in runs if r.bi_time]
+        if not need:
+            return
+        sink = self.bi_sink
+        if sink is None:
+            raise RemoteError("a backup needs before images of these blocks, but this node "
+                              "has no before-image log set up; retry")
+        items = [(r.disk, r.dblock, self.disks.device(r.disk).read(r.dblock, r.length),
+                  r.bi_time) for r in need]
+        sink.log(items)
+        self.stats["bi_runs"] = self.stats.get("bi_runs", 0) + len(items)
 
     def _maybe_evict(self) -> None:
         if self._cached <= self.cache_bytes:

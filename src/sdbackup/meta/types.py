@@ -53,13 +53,19 @@ class Extent(NamedTuple):
 
 
 class WriteRun(NamedTuple):
-    """One run of a write mapping; ``new`` runs are reserved and must be committed."""
+    """One run of a write mapping; ``new`` runs are reserved and must be committed.
+
+    ``bi_time`` is non-zero while a backup runs and the run's disk blocks belong to its
+    block set: the writer must first save their before image, stamped with this
+    logical time, durably (the write-ahead rule).
+    """
 
     fblock: int
     length: int
     disk: int
     dblock: int
     new: bool
+    bi_time: int = 0
 
 
 class DirEntry(NamedTuple):
