@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from sdbackup.cluster.local import DiskSpec, init_cluster, open_cluster
+from sdbackup.cluster.local import DiskSpec, init_cluster, open_cluster, open_store
 from sdbackup.errors import EXIT_CHECK_FAILED, UsageError
 from sdbackup.meta import fsck as fsck_mod
 
@@ -116,8 +116,8 @@ def fsck(cluster_dir: Path, as_json: bool) -> None:
     extents, directory entries and link counts are right, and every directory is
     reachable from the root.
     """
-    with open_cluster(cluster_dir) as c:
-        problems = fsck_mod.check_all(c.store)
+    with open_store(cluster_dir) as store:  # not open_cluster: it would purge orphans first
+        problems = fsck_mod.check_all(store)
     if as_json:
         click.echo(json.dumps([{"check": p.check, "message": p.message} for p in problems]))
     else:

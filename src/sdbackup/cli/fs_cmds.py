@@ -39,6 +39,18 @@ def fs(ctx: click.Context, cluster_dir: Path, wait: float) -> None:
     ctx.obj = {"dir": cluster_dir, "wait": wait}
 
 
+def _set_wait(ctx: click.Context, _param: click.Parameter, value: float | None) -> None:
+    if value is not None:
+        ctx.obj["wait"] = value
+
+
+# The same --wait on every subcommand ('fs DIR ls --wait 1'), overriding 'fs --wait'.
+_wait_option = click.option(
+    "--wait", type=float, default=None, expose_value=False, callback=_set_wait,
+    metavar="SECONDS", help="Seconds to wait while another sdbackup command holds the cluster "
+    "(default 10).")
+
+
 @contextmanager
 def _fs(ctx: click.Context) -> Iterator[FileSystem]:
     with open_cluster(ctx.obj["dir"], wait=ctx.obj["wait"]) as c:
@@ -49,6 +61,7 @@ def _fs(ctx: click.Context) -> Iterator[FileSystem]:
 @click.argument("src", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.argument("dest")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@_wait_option
 @click.pass_context
 def put(ctx: click.Context, src: tuple[Path, ...], dest: str, quiet: bool) -> None:
     """Copy local files or trees SRC... to cluster path DEST (like cp -a)."""
@@ -73,6 +86,7 @@ def _local_size(p: Path) -> int:
 @click.argument("src", nargs=-1, required=True)
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@_wait_option
 @click.pass_context
 def get(ctx: click.Context, src: tuple[str, ...], dest: Path, quiet: bool) -> None:
     """Copy cluster paths SRC... to local DEST (like cp -a)."""
@@ -97,6 +111,7 @@ def _ls_line(name: str, a: Attr) -> str:
 @fs.command()
 @click.argument("path", default="/")
 @click.option("-l", "long", is_flag=True, help="Long listing (mode, links, owner, size, time).")
+@_wait_option
 @click.pass_context
 def ls(ctx: click.Context, path: str, long: bool) -> None:
     """List a directory (or show one file)."""
@@ -114,6 +129,7 @@ def ls(ctx: click.Context, path: str, long: bool) -> None:
 
 @fs.command()
 @click.argument("path")
+@_wait_option
 @click.pass_context
 def cat(ctx: click.Context, path: str) -> None:
     """Write a file's contents to standard output."""
@@ -136,6 +152,7 @@ def cat(ctx: click.Context, path: str) -> None:
 @click.argument("path")
 @click.option("-p", "--parents", is_flag=True, help="Create parents; no error if it exists.")
 @click.option("-m", "--mode", default="755", show_default=True, help="Octal mode.")
+@_wait_option
 @click.pass_context
 def mkdir(ctx: click.Context, path: str, parents: bool, mode: str) -> None:
     """Create a directory."""
@@ -164,6 +181,7 @@ def mkdir(ctx: click.Context, path: str, parents: bool, mode: str) -> None:
 @click.argument("paths", nargs=-1, required=True)
 @click.option("-r", "--recursive", is_flag=True, help="Remove directories and their contents.")
 @click.option("-f", "--force", is_flag=True, help="No error when a path does not exist.")
+@_wait_option
 @click.pass_context
 def rm(ctx: click.Context, paths: tuple[str, ...], recursive: bool, force: bool) -> None:
     """Remove files (and with -r, directories)."""
@@ -197,6 +215,7 @@ def _rmtree(f: FileSystem, parent: int, name: bytes) -> None:
 @fs.command()
 @click.argument("src")
 @click.argument("dest")
+@_wait_option
 @click.pass_context
 def mv(ctx: click.Context, src: str, dest: str) -> None:
     """Rename or move SRC to DEST (atomically replaces an existing file)."""
@@ -218,6 +237,7 @@ def mv(ctx: click.Context, src: str, dest: str) -> None:
 @fs.command(name="stat")
 @click.argument("path")
 @click.option("--extents", is_flag=True, help="Also list the file's extents (disk block runs).")
+@_wait_option
 @click.pass_context
 def stat_cmd(ctx: click.Context, path: str, extents: bool) -> None:
     """Show a file's attributes (and where its blocks are)."""

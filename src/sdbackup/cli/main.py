@@ -7,6 +7,7 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -14,7 +15,7 @@ import sys
 import click
 
 from sdbackup import __version__
-from sdbackup.errors import EXIT_NOT_FOUND, EXIT_USAGE, FsError, SdbError
+from sdbackup.errors import EXIT_NO_SPACE, EXIT_NOT_FOUND, EXIT_USAGE, FsError, SdbError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -44,6 +45,10 @@ def _register() -> None:
 _register()
 
 
+# POSIX errors from ``sdbackup fs`` that have an exit code of their own; others are 2.
+_FS_EXIT = {errno.ENOENT: EXIT_NOT_FOUND, errno.ENOSPC: EXIT_NO_SPACE}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     try:
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     except FsError as e:
         what = e.what or os.strerror(e.errno or 0)
         click.echo(f"sdbackup: error: {what} ({os.strerror(e.errno or 0)})", err=True)
-        sys.exit(EXIT_NOT_FOUND if e.errno == 2 else EXIT_USAGE)
+        sys.exit(_FS_EXIT.get(e.errno or 0, EXIT_USAGE))
     except KeyboardInterrupt:
         click.echo("sdbackup: interrupted", err=True)
         sys.exit(130)

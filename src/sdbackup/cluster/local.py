@@ -15,6 +15,8 @@ import shutil
 import stat
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from sdbackup.cluster.config import (
     read_label,
     write_atomic,
 )
-from sdbackup.errors import BusyError, SdbError, UsageError
+from sdbackup.errors import BusyError, CorruptError, SdbError, UsageError
 from sdbackup.fs.filesystem import FileSystem
 from sdbackup.meta.alloc import DiskBitmap
 from sdbackup.meta.service import MetadataService
@@ -41,6 +43,7 @@ from sdbackup.meta.store import SCHEMA_VERSION, MetaStore
 from sdbackup.types import ROOT_INODE
 
 MIN_BLOCKS = 16
+MAX_DISK_BYTES = (1 << 63) - 1  # the largest file offset (off_t)
 
 
 @dataclass
@@ -108,9 +111,14 @@ def init_cluster(cluster_dir: str | os.PathLike[str], disks: list[DiskSpec], *,
         if size // block_size < MIN_BLOCKS:
             raise UsageError(f"disk {d.name} is too small: {size} bytes is under "
                              f"{MIN_BLOCKS} blocks of {block_size}")
+        if size > MAX_DISK_BYTES:
+            raise UsageError(f"disk {d.name} is too large: {size} bytes is over the "
+                             f"{MAX_DISK_BYTES} a file offset can address")
         sizes.append(size)
 
     created: list[Path] = []
+    # Existing disks as they were (path, size, first block), put back if init fails.
+    touched: list[tuple[Path, int, bytes]] = []
     made_dir = not cdir.exists()
     try:
         cdir.mkdir(parents=True, exist_ok=True)
@@ -118,10 +126,29 @@ def init_cluster(cluster_dir: str | os.PathLike[str], disks: list[DiskSpec], *,
         cfg = ClusterConfig(str(uuid.uuid4()), block_size)
         for i, (d, size) in enumerate(zip(disks, sizes, strict=True)):
             if not d.path.exists():
-                create_sparse(d.path, size)
+                try:
+                    create_sparse(d.path, size)
+                except FileExistsError:
+                    raise UsageError(f"disk {d.path} appeared while the cluster was being "
+                                     "created; try again") from None
+                except BaseException as e:
+                    # create_sparse opened (created) the file before sizing it failed.
+                    d.path.unlink(missing_ok=True)
+                    if isinstance(e, OSError):
+                        raise UsageError(f"cannot create disk {d.path} of {size} bytes: "
+                                         f"{e.strerror or e}") from None
+                    raise
                 created.append(d.path)
-            elif device_size(d.path) < size:
-                os.truncate(d.path, size)
+            else:
+                old_size = device_size(d.path)
+                with open(d.path, "rb") as f:
+                    touched.append((d.path, old_size, f.read(block_size * LABEL_BLOCKS)))
+                if old_size < size:
+                    try:
+                        os.truncate(d.path, size)
+                    except OSError as e:
+                        raise UsageError(f"cannot grow disk {d.path} to {size} bytes: "
+                                         f"{e.strerror or e}") from None
             cfg.disks.append(DiskConfig(d.name, str(d.path), i + 1))
         write_atomic(cdir / "secret", secrets.token_hex(32).encode() + b"\n", mode=0o600)
         os.chmod(cdir / "secret", 0o600)
@@ -157,6 +184,8 @@ def init_cluster(cluster_dir: str | os.PathLike[str], disks: list[DiskSpec], *,
     except BaseException:
         for p in created:
             p.unlink(missing_ok=True)
+        for p, old_size, head in touched:
+            _restore_disk(p, old_size, head)
         if made_dir:
             shutil.rmtree(cdir, ignore_errors=True)
         else:
@@ -166,6 +195,23 @@ def init_cluster(cluster_dir: str | os.PathLike[str], disks: list[DiskSpec], *,
                 else:
                     child.unlink(missing_ok=True)
         raise
+
+
+def _restore_disk(path: Path, size: int, head: bytes) -> None:
+    """Put an existing disk back as init found it (its first blocks and its size)."""
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        os.pwrite(fd, head, 0)
+        if stat.S_ISREG(os.fstat(fd).st_mode) and os.fstat(fd).st_size > size:
+            os.ftruncate(fd, size)
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class ClusterLock:
@@ -208,6 +254,11 @@ def open_disks(cfg: ClusterConfig, *, direct: bool = False) -> DiskSet:
             if label is None or label.get("cluster_id") != cfg.cluster_id:
                 raise UsageError(f"disk {d.name} at {d.path} does not carry this cluster's "
                                  "label: the path in cluster.toml points at another disk")
+            if label.get("disk_id") != d.id:
+                raise UsageError(f"disk {d.name} at {d.path} carries the label of this "
+                                 f"cluster's disk {label.get('disk')!s} (id "
+                                 f"{label.get('disk_id')!s}): the disk paths in cluster.toml "
+                                 "are mixed up")
     except BaseException:
         for _, _, dev in devs:
             dev.close()
@@ -224,11 +275,10 @@ class LocalCluster:
         self.lock = ClusterLock(self.dir, wait)
         try:
             self.store = MetaStore(self.dir / "meta.db")
-            if self.store.get_meta("cluster_id") != self.config.cluster_id:
-                raise UsageError(f"{self.dir}/meta.db belongs to another cluster than "
-                                 f"{CONFIG_NAME} says")
+            check_store(self.store, self.config, self.dir)
             self.meta = MetadataService(self.store)
             self.disks = open_disks(self.config)
+            check_disk_sizes(self.store, self.disks)
             self.fs = FileSystem(self.meta, self.disks)
         except BaseException:
             self.lock.release()
@@ -248,6 +298,61 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_store(store: MetaStore, cfg: ClusterConfig, cluster_dir: Path) -> None:
+    """The config must describe the cluster the metadata store holds.
+
+    Only disk paths may be edited in cluster.toml: a changed block size, or a disk
+    added, dropped or renamed there, would map file blocks to the wrong bytes.
+    """
+    where = f"{cluster_dir}/{CONFIG_NAME}"
+    if store.get_meta("cluster_id") != cfg.cluster_id:
+        raise UsageError(f"{cluster_dir}/meta.db belongs to another cluster than "
+                         f"{CONFIG_NAME} says")
+    bs = store.get_meta("block_size")
+    if bs != str(cfg.block_size):
+        raise UsageError(f"{where} says block size {cfg.block_size}, but the cluster was "
+                         f"created with {bs}: the block size cannot change; put {bs} back")
+    have = {int(i): str(n) for i, n in store.query("SELECT id, name FROM disks")}
+    want = {d.id: d.name for d in cfg.disks}
+    if have != want:
+        fmt = ", ".join
+        raise UsageError(f"{where} lists disks {fmt(f'{n} (id {i})' for i, n in want.items())}"
+                         f" but the cluster has {fmt(f'{n} (id {i})' for i, n in have.items())}"
+                         ": only disk paths may be edited")
+
+
+def check_disk_sizes(store: MetaStore, disks: DiskSet) -> None:
+    """Every disk is at least as large as the cluster knows it (not truncated)."""
+    for disk_id, name, nblocks in store.query("SELECT id, name, nblocks FROM disks"):
+        dev = disks.device(int(disk_id))
+        if dev.nblocks < nblocks:
+            raise CorruptError(f"disk {name} at {dev.path} has {dev.nblocks} blocks, but the "
+                               f"cluster uses {nblocks}: the disk was truncated or replaced")
+
+
+@contextmanager
+def open_store(cluster_dir: str | os.PathLike[str], *, wait: float = 10.0) -> Iterator[MetaStore]:
+    """The metadata store alone, under the cluster lock, exactly as it is on disk.
+
+    For fsck: unlike :func:`open_cluster` it starts no metadata service, which would
+    first purge inodes it takes for orphans (changing what fsck is about to check).
+    The disks' labels are checked, their contents are not read.
+    """
+    cdir = Path(cluster_dir).absolute()
+    cfg = load_config(cdir)
+    lock = ClusterLock(cdir, wait)
+    try:
+        store = MetaStore(cdir / "meta.db")
+        try:
+            check_store(store, cfg, cdir)
+            open_disks(cfg).close()
+            yield store
+        finally:
+            store.close()
+    finally:
+        lock.release()
 
 
 def open_cluster(cluster_dir: str | os.PathLike[str], *, wait: float = 10.0) -> LocalCluster:
