@@ -86,6 +86,7 @@ __all__ = [
     "RecordLocation",
     "RecordReader",
     "RecordWriter",
+    "StreamDigest",
     "StreamTruncatedError",
     "decode_header",
     "encode_header",
@@ -618,6 +619,7 @@ class RecordWriter:
         self._lock = threading.Lock()
         self._failed: BaseException | None = None
         self._closed = False
+        self._digest = xxhash.xxh3_64()
         payload = json.dumps(dict(label or {}), sort_keys=True).encode()
         try:
             self._submit(Kind.LABEL, 0, 0, 0, 0, payload, compress=False)
@@ -676,6 +678,13 @@ class RecordWriter:
     def records_written(self) -> int:
         """Records submitted so far, LABEL included."""
         return self._seq
+
+    @property
+    def header_digest(self) -> int:
+        """XXH3-64 of every record header written so far, in order (see
+        :class:`StreamDigest`): a checksum of the whole stream that costs 64 bytes of
+        hashing per record, since each header's checksums cover its payload."""
+        return int(self._digest.intdigest())
 
     def write_blocks(
         self,
@@ -872,6 +881,7 @@ class RecordWriter:
             fut.set_exception(err)
             raise err from (None if isinstance(err, NoSpaceError) else e)
         self._pos += total
+        self._digest.update(header)
         fut.set_result(RecordLocation(offset, total))
 
     def _write_error(self, e: OSError, offset: int, total: int) -> BaseException:
@@ -1151,6 +1161,25 @@ class RecordReader:
             yield rec
             offset += h.record_len
             seq += 1
+
+
+class StreamDigest:
+    """The whole-stream checksum of :attr:`RecordWriter.header_digest`, recomputed by a
+    reader: XXH3-64 over the 64 header bytes of every record, LABEL to END, in order.
+
+    A header's checksum covers its ``payload_checksum``, so this digest covers every
+    payload byte too, while hashing only 64 bytes per record. Feed it each
+    :class:`Record` (or header) of :meth:`RecordReader.scan` in order.
+    """
+
+    def __init__(self) -> None:
+        self._h = xxhash.xxh3_64()
+
+    def update(self, header: RecordHeader) -> None:
+        self._h.update(encode_header(header))
+
+    def intdigest(self) -> int:
+        return int(self._h.intdigest())
 
 
 def _json_object(rec: Record, medium: str) -> dict[str, Any]:

@@ -1,0 +1,208 @@
+"""Verify a committed generation: read every byte, check it against everything else.
+
+Checks, in order (each problem is reported; verification goes on with the next part):
+
+1. the manifest (checksum, format, cluster: done when the generation is resolved);
+2. the metadata snapshot: size and XXH3 against the manifest, SQLite's quick_check,
+   its cluster id, block size and disks against the manifest;
+3. the index stream: record checksums, entry count, order, no overlaps, bounds, size and
+   digest against the manifest;
+4. every record stream, read sequentially: every header and payload checksum, the
+   decompression, sequence numbers and END (``RecordReader.scan``), the stream LABEL
+   (cluster, generation, stream number), size, record count and header digest against
+   the manifest, and every DATA record against its index entry (same offset, disk,
+   blocks, kind) and vice versa;
+5. coverage: the blocks the index holds, per disk, are exactly the used blocks of the
+   snapshot's allocation bitmap at T0, and the manifest's counts.
+
+A damaged record is reported with the generation, the disk and blocks it holds (from its
+index entry when its header cannot be trusted) and its offset on the medium.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sdbackup.blocks.blockset import BlockSet
+from sdbackup.errors import CorruptError, SdbError
+from sdbackup.media.generation import Generation
+from sdbackup.media.index import BlockIndex, Entries
+from sdbackup.media.records import Kind, RecordReader, StreamDigest
+from sdbackup.media.snapshot import SnapshotMeta
+
+
+@dataclass
+class VerifyReport:
+    generation: str
+    problems: list[str] = field(default_factory=list)
+    records: int = 0
+    blocks: int = 0
+    bytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, object]:
+        return {"generation": self.generation, "ok": self.ok, "problems": self.problems,
+                "records": self.records, "blocks": self.blocks, "bytes": self.bytes}
+
+
+def verify_generation(gen: Generation, progress: Callable[[int], None] | None = None
+                      ) -> VerifyReport:
+    rep = VerifyReport(gen.id)
+    m = gen.manifest
+    tag = f"generation {gen.id}"
+    used: dict[int, BlockSet] | None = None
+
+    # -- the metadata snapshot -------------------------------------------------------
+    try:
+        path = gen.meta_file()
+        with SnapshotMeta(path, tag) as snap:
+            bad = snap.quick_check()
+            if bad:
+                rep.problems.append(f"{tag}: metadata snapshot fails SQLite's check: {bad[0]}")
+            if snap.get_meta("cluster_id") != m.cluster_id:
+                rep.problems.append(f"{tag}: metadata snapshot belongs to cluster "
+                                    f"{snap.get_meta('cluster_id')}, not {m.cluster_id}")
+            if snap.get_meta("block_size") != str(m.block_size):
+                rep.problems.append(f"{tag}: metadata snapshot has block size "
+                                    f"{snap.get_meta('block_size')}, the manifest "
+                                    f"{m.block_size}")
+            have = [(i, n, nb) for i, n, nb, _ in snap.disks()]
+            want = [(d.id, d.name, d.nblocks) for d in m.disks]
+            if have != want:
+                rep.problems.append(f"{tag}: metadata snapshot lists disks {have}, the "
+                                    f"manifest {want}")
+            else:
+                used = {d.id: snap.used_blocks(d.id, d.nblocks) for d in m.disks}
+    except SdbError as err:
+        rep.problems.append(err.message if tag in err.message else f"{tag}: {err.message}")
+
+    # -- the index -------------------------------------------------------------------
+    index: BlockIndex | None = None
+    try:
+        index = gen.index()
+    except SdbError as err:
+        rep.problems.append(err.message if tag in err.message else f"{tag}: {err.message}")
+
+    # -- the streams -----------------------------------------------------------------
+    for n in range(len(m.streams)):
+        _verify_stream(gen, n, index, rep, progress)
+
+    # -- coverage --------------------------------------------------------------------
+    if index is not None:
+        for d in m.disks:
+            de = index.for_disk(d.id)
+            have_set = BlockSet.from_runs(np.stack([de["start"].astype(np.int64),
+                                                    de["count"].astype(np.int64)], axis=1))
+            if len(have_set) != d.blocks:
+                rep.problems.append(f"{tag}: the index holds {len(have_set)} blocks of disk "
+                                    f"{d.name}, the manifest says {d.blocks}")
+            if used is not None and have_set != used[d.id]:
+                missing = used[d.id] - have_set
+                extra = have_set - used[d.id]
+                rep.problems.append(
+                    f"{tag}: disk {d.name}: the generation does not hold exactly the blocks "
+                    f"used at T0: {len(missing)} used blocks missing ({missing!r}), "
+                    f"{len(extra)} unused blocks stored ({extra!r})")
+    return rep
+
+
+def _verify_stream(gen: Generation, n: int, index: BlockIndex | None, rep: VerifyReport,
+                   progress: Callable[[int], None] | None) -> None:
+    m = gen.manifest
+    s = m.streams[n]
+    path = gen.stream_path(n)
+    tag = f"generation {gen.id}"
+    ents: Entries | None = None
+    if index is not None:
+        e = index.entries
+        ents = e[e["stream"] == n]
+        ents = ents[np.argsort(ents["offset"], kind="stable")]
+    rows: list[tuple[int, int, int, int, int]] = []
+    digest = StreamDigest()
+    pos = 0
+    records = 0
+    try:
+        reader = RecordReader(path, medium=str(path))
+    except FileNotFoundError:
+        rep.problems.append(f"{tag}: stream {path} is missing")
+        return
+    try:
+        with reader:
+            for rec in reader.scan():
+                h = rec.header
+                digest.update(h)
+                records += 1
+                if rec.kind == Kind.LABEL:
+                    lab = rec.json()
+                    want = {"cluster": m.cluster_id, "generation": gen.id, "stream": n}
+                    got = {k: lab.get(k) for k in want}
+                    if got != want:
+                        rep.problems.append(f"{tag}: stream {path} is labelled {got}, expected "
+                                            f"{want}: it belongs to another generation")
+                elif rec.kind in (Kind.DATA, Kind.BI):
+                    if h.raw_len != h.block_count * m.block_size:
+                        rep.problems.append(
+                            f"{tag}: {h.describe()} at medium offset {rec.offset} of {path} "
+                            f"has blocks of {h.block_size} bytes, the generation "
+                            f"{m.block_size}")
+                    rows.append((rec.offset, h.disk_id, h.start_block, h.block_count,
+                                 int(h.kind)))
+                    rep.blocks += h.block_count
+                elif rec.kind != Kind.END:
+                    rep.problems.append(f"{tag}: unexpected {rec.kind.name} record at medium "
+                                        f"offset {rec.offset} of {path}")
+                pos = rec.offset + h.record_len
+                rep.bytes += h.record_len
+                if progress is not None:
+                    progress(h.record_len)
+    except CorruptError as err:
+        rep.problems.append(_name_failure(gen, n, ents, pos, err))
+        if ents is not None:
+            lost = ents[ents["offset"] > pos]
+            if lost.size:
+                rep.problems.append(
+                    f"{tag}: {int(lost['count'].sum())} more blocks in {lost.size} records "
+                    f"after medium offset {pos} of {path} could not be verified")
+        return
+    rep.records += records
+    if (pos, records, digest.intdigest()) != (s.bytes, s.records, s.digest):
+        rep.problems.append(
+            f"{tag}: stream {path} has {pos} bytes, {records} records, digest "
+            f"{digest.intdigest():016x}; the manifest says {s.bytes}, {s.records}, "
+            f"{s.digest:016x}")
+    if ents is not None:
+        got_rows = np.array(rows, dtype=np.int64).reshape(-1, 5)
+        want_rows = np.stack([ents["offset"].astype(np.int64), ents["disk"].astype(np.int64),
+                         ents["start"].astype(np.int64), ents["count"].astype(np.int64),
+                         ents["kind"].astype(np.int64)], axis=1)
+        if got_rows.shape != want_rows.shape or not np.array_equal(got_rows, want_rows):
+            rep.problems.append(f"{tag}: the index entries of stream {path} do not match "
+                                f"its records ({want_rows.shape[0]} entries, "
+                                f"{got_rows.shape[0]} block records)")
+
+
+def _name_failure(gen: Generation, n: int, ents: Entries | None, offset: int,
+                  err: CorruptError) -> str:
+    """The failure of the record at ``offset``, named by disk and blocks from the index
+    (the record's own header may be what is damaged)."""
+    tag = f"generation {gen.id}"
+    path = gen.stream_path(n)
+    if ents is not None:
+        hit = ents[ents["offset"] == offset]
+        if hit.size:
+            e = hit[0]
+            s, c = int(e["start"]), int(e["count"])
+            try:
+                name = gen.disk_name(int(e["disk"]))
+            except CorruptError:
+                name = f"id {int(e['disk'])}"
+            return (f"{tag}: disk {name} blocks {s}..{s + c - 1} at medium offset {offset} "
+                    f"of {path}: {err.message}")
+    return f"{tag}: medium offset {offset} of {path} (no data record indexed there): " \
+           f"{err.message}"

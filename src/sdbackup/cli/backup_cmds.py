@@ -1,0 +1,343 @@
+"""Backup and restore commands: backup, generations, verify, gc, restore, restore-image,
+restore-cluster."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sdbackup.backup.engine import BackupOptions, parse_compression, run_backup
+from sdbackup.backup.plan import Plan
+from sdbackup.backup.source import LocalClusterSource
+from sdbackup.backup.verify import verify_generation
+from sdbackup.cli.progress import ByteProgress
+from sdbackup.cluster.local import open_cluster
+from sdbackup.errors import EXIT_CHECK_FAILED, EXIT_CORRUPT, BusyError, UsageError
+from sdbackup.media.generation import Generation, GenerationReader
+from sdbackup.media.medium import DiskMedium, Manifest, iso_utc, looks_like_generation
+from sdbackup.restore.files import restore_files
+from sdbackup.restore.image import parse_disk_paths, restore_cluster, restore_image
+
+MEDIUM = click.option("--medium", "medium", required=True, metavar="DIR",
+                      type=click.Path(path_type=Path),
+                      help="The backup medium: a directory (created by the first backup).")
+JSON = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+QUIET = click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+
+
+def register(cli: click.Group) -> None:
+    for cmd in (backup, generations, verify, gc, restore, restore_image_cmd,
+                restore_cluster_cmd):
+        cli.add_command(cmd)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class _LazyProgress:
+    """A progress bar that starts once the total is known."""
+
+    def __init__(self, label: str, quiet: bool, stack: ExitStack) -> None:
+        self.label = label
+        self.quiet = quiet
+        self.stack = stack
+        self.bar: ByteProgress | None = None
+
+    def start(self, total: int) -> None:
+        self.bar = self.stack.enter_context(ByteProgress(self.label, total, quiet=self.quiet))
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(n)
+
+
+@contextmanager
+def _progress(label: str, quiet: bool) -> Iterator[_LazyProgress]:
+    with ExitStack() as stack:
+        yield _LazyProgress(label, quiet, stack)
+
+
+# -- backup --------------------------------------------------------------------------------
+
+@click.command()
+@click.argument("cluster_dir", type=click.Path(path_type=Path))
+@MEDIUM
+@click.option("--full", is_flag=True,
+              help="A full backup: every used block (the default, and the only kind yet).")
+@click.option("--compress", "compress", default="zstd:1", show_default=True,
+              metavar="none|zstd[:LEVEL]", help="Compression of the copied blocks.")
+@click.option("--wait", default=10.0, show_default=True,
+              help="Seconds to wait while another sdbackup command holds the cluster.")
+@JSON
+@QUIET
+def backup(cluster_dir: Path, medium: Path, full: bool, compress: str, wait: float,
+           as_json: bool, quiet: bool) -> None:
+    """Back up the cluster's disks to a new generation on the medium DIR.
+
+    Copies the blocks in use at one instant T0 (from the allocation bitmap), in large
+    sequential batches that take blocks of many files at once, with the metadata
+    snapshot taken at T0, an index, and a manifest written last (the commit).
+
+    NOTE: until online backup lands, writes to the cluster are held for the whole
+    backup (the cluster is locked while it runs), not only at T0.
+    """
+    comp, level = parse_compression(compress)
+    opts = BackupOptions(compression=comp, level=level or 1)
+    try:
+        cluster = open_cluster(cluster_dir, wait=wait)
+    except BusyError as e:
+        raise BusyError(f"{e.message} (a running coordinator holds the cluster: stop it "
+                        "for the backup; backup through the coordinator comes with online "
+                        "backup)") from None
+    with cluster, _progress("backup", quiet) as prog:
+        source = LocalClusterSource(cluster)
+
+        def on_plan(plan: Plan) -> None:
+            prog.start(plan.blocks * source.config.block_size)
+
+        result = run_backup(source, medium, opts, on_plan=on_plan, progress=prog.advance)
+    s = result.summary()
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    raw = int(str(s["raw_bytes"]))
+    stored = int(str(s["stored_bytes"]))
+    secs = float(str(s["seconds"]))
+    click.echo(f"generation {s['generation']} committed on {medium}")
+    click.echo(f"  {s['blocks']} blocks ({_human(raw)}) in {s['runs']} runs, "
+               f"{s['records']} records; stored {_human(stored)}"
+               + (f" ({stored / raw:.0%} of raw, {s['compression']})" if raw else ""))
+    click.echo(f"  {secs:.2f} s, {_human(raw / secs if secs else 0)}/s; writes held "
+               f"{float(str(s['freeze_seconds'])):.2f} s")
+
+
+# -- generations -----------------------------------------------------------------------------
+
+def _gen_row(m: Manifest) -> dict[str, Any]:
+    return {"id": m.id, "kind": m.kind, "parent": m.parent, "t0": iso_utc(m.t0_wall_ns),
+            "group": m.group, "blocks": m.blocks, "stored_bytes": m.stored_bytes,
+            "total_bytes": m.total_bytes, "compression": m.compression, "state": m.state,
+            "cluster_id": m.cluster_id,
+            "disks": [{"name": d.name, "blocks": d.blocks} for d in m.disks]}
+
+
+@click.command()
+@MEDIUM
+@JSON
+def generations(medium: Path, as_json: bool) -> None:
+    """List the committed generations on the medium, oldest first.
+
+    Generations without a manifest (unfinished backups) are not listed: 'sdbackup gc'
+    removes them. A damaged manifest, or one of another cluster, is reported and makes
+    the exit code non-zero.
+    """
+    med = DiskMedium.open(medium)
+    entries = med.scan()
+    rows = [_gen_row(e.manifest) for e in entries if e.manifest is not None]
+    bad = [e for e in entries if e.problem is not None]
+    unfinished = sum(1 for e in entries if e.unfinished)
+    if as_json:
+        click.echo(json.dumps({
+            "medium": str(med.root), "cluster_id": med.cluster_id, "generations": rows,
+            "invalid": [{"id": e.id, "problem": e.problem} for e in bad],
+            "unfinished": unfinished}, indent=2))
+    else:
+        click.echo(f"{'generation':<34} {'kind':<5} {'parent':<8} {'T0':<28} {'group':<6} "
+                   f"{'blocks':>10} {'stored':>10}  state")
+        for r in rows:
+            click.echo(f"{r['id']:<34} {r['kind']:<5} {r['parent'] or '-':<8} {r['t0']:<28} "
+                       f"{r['group'] or '-':<6} {r['blocks']:>10} "
+                       f"{_human(r['stored_bytes']):>10}  {r['state']}")
+        for e in bad:
+            click.echo(f"sdbackup: warning: {e.problem}", err=True)
+        if unfinished:
+            click.echo(f"({unfinished} unfinished generation(s) not listed: run 'sdbackup gc "
+                       f"--medium {medium}' to remove them)", err=True)
+    if bad:
+        sys.exit(EXIT_CORRUPT)
+
+
+# -- verify ---------------------------------------------------------------------------------
+
+@click.command()
+@MEDIUM
+@click.argument("gen", required=False)
+@click.option("--all", "all_gens", is_flag=True, help="Verify every committed generation.")
+@JSON
+@QUIET
+def verify(medium: Path, gen: str | None, all_gens: bool, as_json: bool, quiet: bool) -> None:
+    """Read every record of generation GEN (default: the newest) and check everything.
+
+    Checks every header and payload checksum, the stream structure, the index against
+    the records, the metadata snapshot, and that the generation holds exactly the
+    blocks used at T0. Each problem names the generation, the disk, the blocks and the
+    medium offset. Exit code 1 when a problem is found.
+    """
+    med = DiskMedium.open(medium)
+    if all_gens:
+        if gen is not None:
+            raise UsageError("give a generation or --all, not both")
+        manifests = med.committed()
+    else:
+        manifests = [med.resolve(gen)]
+    reports = []
+    for m in manifests:
+        g = Generation(med, m)
+        with ByteProgress(f"verify {m.id}", sum(s.bytes for s in m.streams),
+                          quiet=quiet) as prog:
+            reports.append(verify_generation(g, prog.advance))
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        for r in reports:
+            for p in r.problems:
+                click.echo(f"verify: {p}")
+            state = "OK" if r.ok else f"{len(r.problems)} problem(s)"
+            click.echo(f"generation {r.generation}: {state} ({r.records} records, "
+                       f"{r.blocks} blocks, {_human(r.bytes)} read)")
+    if any(not r.ok for r in reports):
+        sys.exit(EXIT_CHECK_FAILED)
+
+
+# -- gc -----------------------------------------------------------------------------------
+
+@click.command()
+@MEDIUM
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+@JSON
+def gc(medium: Path, dry_run: bool, as_json: bool) -> None:
+    """Remove unfinished generations (no manifest: crashed, killed or out of space).
+
+    Never touches committed generations, nor a generation a running backup is writing.
+    """
+    med = DiskMedium.open(medium)
+    removed = med.gc(dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps({"removed": [e.id for e in removed], "dry_run": dry_run}))
+        return
+    verb = "would remove" if dry_run else "removed"
+    for e in removed:
+        click.echo(f"{verb} unfinished generation {e.id}")
+    click.echo(f"gc: {len(removed)} unfinished generation(s) {verb}")
+
+
+# -- restores -------------------------------------------------------------------------------
+
+@contextmanager
+def _open_gen(medium: Path, gen: str | None) -> Iterator[tuple[Generation, GenerationReader]]:
+    g = Generation.open(medium, gen)
+    with GenerationReader(g) as reader:
+        yield g, reader
+
+
+def _echo_json_or(as_json: bool, data: dict[str, Any], lines: Callable[[], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        lines()
+
+
+@click.command()
+@MEDIUM
+@click.argument("args", nargs=-1, metavar="[GEN] [PATTERN]...")
+@click.option("--to", "dest", required=True, type=click.Path(path_type=Path),
+              help="A new or empty directory to restore into.")
+@JSON
+@QUIET
+def restore(medium: Path, args: tuple[str, ...], dest: Path, as_json: bool,
+            quiet: bool) -> None:
+    """Restore files of generation GEN (default: the newest) under --to DIR.
+
+    PATTERNs are paths inside the cluster, with shell wildcards per component
+    (/home/*/docs, /etc/*.conf); each selects what it names and everything below.
+    Without a pattern, everything is restored. Files land under DIR at their cluster
+    path. Contents, modes, owners (as root), times, symlinks and hard links are
+    restored; nothing is written outside DIR, whatever the medium says. GEN is told
+    apart from a PATTERN by its form (20261124T...).
+    """
+    gen: str | None = None
+    patterns = list(args)
+    if patterns and (looks_like_generation(patterns[0]) or patterns[0] == "latest"):
+        gen = patterns.pop(0)
+    with _open_gen(medium, gen) as (g, reader), _progress("restore", quiet) as prog:
+        stats = restore_files(g, reader, dest, patterns, on_total=prog.start,
+                              progress=prog.advance)
+    for w in stats.warnings:
+        click.echo(f"sdbackup: warning: {w}", err=True)
+    _echo_json_or(as_json, {"generation": g.id, "to": str(dest), **stats.to_dict()},
+                  lambda: click.echo(
+                      f"restored {stats.files} files ({_human(stats.bytes)}), "
+                      f"{stats.directories} directories, {stats.symlinks} symlinks, "
+                      f"{stats.hardlinks} hard links from generation {g.id} to {dest}"))
+
+
+@click.command("restore-image")
+@MEDIUM
+@click.argument("gen", required=False)
+@click.option("--disk", "disk", required=True, metavar="NAME", help="The disk to restore.")
+@click.option("--to", "dest", required=True, type=click.Path(path_type=Path),
+              help="Image file to create (or an empty file, or a device with --force).")
+@click.option("--force", is_flag=True, help="Overwrite a file or device that holds data.")
+@JSON
+@QUIET
+def restore_image_cmd(medium: Path, gen: str | None, disk: str, dest: Path, force: bool,
+                      as_json: bool, quiet: bool) -> None:
+    """Rebuild disk NAME of generation GEN (default: the newest) as an image at PATH.
+
+    Blocks unused at T0 are holes in a new image file. The image is the disk as it was
+    at T0, its label included.
+    """
+    with _open_gen(medium, gen) as (g, reader):
+        d = g.manifest.disk(disk)
+        with ByteProgress("restore-image", d.blocks * g.block_size, quiet=quiet) as prog:
+            stats = restore_image(reader, disk, dest, force=force, progress=prog.advance)
+    _echo_json_or(as_json, {"generation": g.id, **stats.to_dict()},
+                  lambda: click.echo(
+                      f"restored disk {disk} of generation {g.id} to {dest}: "
+                      f"{stats.blocks} blocks written, {_human(stats.size)} image"))
+
+
+@click.command("restore-cluster")
+@MEDIUM
+@click.argument("gen", required=False)
+@click.option("--to", "dest", required=True, type=click.Path(path_type=Path),
+              help="The new cluster directory (must not exist, or be empty).")
+@click.option("--disk", "disks", multiple=True, metavar="NAME=PATH",
+              help="Where to put disk NAME (default: NEW_CLUSTER_DIR/NAME.img). Repeat.")
+@click.option("--force", is_flag=True, help="Overwrite disk files or devices that hold data.")
+@JSON
+@QUIET
+def restore_cluster_cmd(medium: Path, gen: str | None, dest: Path, disks: tuple[str, ...],
+                        force: bool, as_json: bool, quiet: bool) -> None:
+    """Disaster recovery: a new cluster from generation GEN (default: the newest).
+
+    Its disks and metadata equal the backup at T0. It gets a new cluster id (disk labels
+    are rewritten; the metadata records where it was restored from), so that it never
+    gets mixed up with the original cluster or its backups. The restored cluster is
+    checked with fsck before the command succeeds.
+    """
+    paths = parse_disk_paths(disks)
+    with _open_gen(medium, gen) as (g, reader):
+        total = g.manifest.blocks * g.block_size
+        with ByteProgress("restore-cluster", total, quiet=quiet) as prog:
+            res = restore_cluster(g, reader, dest, paths, force=force, progress=prog.advance)
+
+    def lines() -> None:
+        click.echo(f"restored cluster {res.cluster_id} in {dest} from generation "
+                   f"{g.id} of cluster {res.from_cluster}")
+        for d in res.disks:
+            click.echo(f"  disk {d.disk}: {d.path} ({d.blocks} blocks)")
+        click.echo(f"  fsck: consistent ({res.fsck_checks} checks passed)")
+
+    _echo_json_or(as_json, res.to_dict(), lines)

@@ -1,0 +1,609 @@
+"""A disk medium: a directory holding backup generations of one cluster.
+
+Layout (``docs/FORMAT.md``, "Generation layout on a disk medium")::
+
+    MEDIUM/sdbackup-medium.json             the medium's label (format, id, cluster)
+    MEDIUM/generations/<GEN_ID>/meta.db      metadata snapshot at T0 (SQLite)
+    MEDIUM/generations/<GEN_ID>/stream-0.sdr record stream(s), one per copier
+    MEDIUM/generations/<GEN_ID>/index        (disk, block run) -> (stream, offset, kind)
+    MEDIUM/generations/<GEN_ID>/manifest.json written and fsynced LAST: the commit
+
+A generation is committed exactly when its ``manifest.json`` exists; anything else in
+``generations/`` is an unfinished backup (crashed, killed, medium full) that listing
+ignores and :meth:`DiskMedium.gc` removes. While a backup writes a generation it holds
+an ``flock`` on the generation's ``.lock`` file, so ``gc`` never removes a generation
+that is still being written.
+
+Nothing read from a medium is trusted: the label and every manifest are checked
+(format, version, checksum, the cluster they belong to) before use.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from sdbackup.cluster.config import sync_dir, write_atomic
+from sdbackup.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
+
+MEDIUM_LABEL = "sdbackup-medium.json"
+MEDIUM_FORMAT = "sdbackup-medium"
+MEDIUM_VERSION = 1
+GENERATIONS = "generations"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "sdbackup-generation"
+MANIFEST_VERSION = 1
+META = "meta.db"
+INDEX = "index"
+LOCK = ".lock"
+
+GEN_ID_RE = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{8}$")
+"""Generation ids: UTC time of the backup's start to the microsecond, then 32 random
+bits, e.g. ``20261124T202353.481923Z-3f9a1c2b``. They sort in time order as strings."""
+_GEN_PREFIX_RE = re.compile(r"^\d{8}T[0-9.TZ-a-f]*$")
+
+KINDS = ("full",)
+
+
+def stream_name(n: int) -> str:
+    """File name of record stream ``n`` of a generation (one per copier)."""
+    return f"stream-{n}.sdr"
+
+
+def new_generation_id(now_ns: int | None = None) -> str:
+    ns = time.time_ns() if now_ns is None else now_ns
+    secs, rest = divmod(ns, 1_000_000_000)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(secs))
+    return f"{stamp}.{rest // 1000:06d}Z-{secrets.token_hex(4)}"
+
+
+def looks_like_generation(text: str) -> bool:
+    """True for a generation id or a prefix of one (``20261124T...``)."""
+    return bool(_GEN_PREFIX_RE.match(text)) and len(text) >= 9
+
+
+def iso_utc(ns: int) -> str:
+    secs, rest = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{rest // 1000:06d}Z"
+
+
+def file_digest(path: Path, chunk: int = 8 << 20) -> tuple[int, int]:
+    """(size, XXH3-64) of a file's bytes."""
+    h = xxhash.xxh3_64()
+    size = 0
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        while True:
+            b = os.read(fd, chunk)
+            if not b:
+                break
+            h.update(b)
+            size += len(b)
+    finally:
+        os.close(fd)
+    return size, int(h.intdigest())
+
+
+# ---------------------------------------------------------------------------------------
+# manifest
+
+
+@dataclass(frozen=True)
+class DiskEntry:
+    """A disk of the backed-up cluster as the generation knows it."""
+
+    id: int
+    name: str
+    nblocks: int
+    blocks: int  # used blocks stored in this generation
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file of the generation with its size and checksum.
+
+    For record streams (and the index, a record stream too) ``digest`` is the stream's
+    header digest (:class:`~sdbackup.media.records.StreamDigest`); for ``meta.db`` it is
+    XXH3-64 of the file's bytes.
+    """
+
+    name: str
+    bytes: int
+    digest: int
+    records: int = 0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A generation's manifest: what it is, and what its files must look like."""
+
+    id: str
+    kind: str
+    parent: str | None
+    group: str | None
+    cluster_id: str
+    medium_id: str
+    block_size: int
+    t0_wall_ns: int
+    t0_logical: int
+    committed_ns: int
+    disks: tuple[DiskEntry, ...]
+    streams: tuple[FileEntry, ...]
+    index: FileEntry
+    index_entries: int
+    meta: FileEntry
+    compression: str
+    freeze_seconds: float
+    copy_seconds: float
+    state: str = "committed"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def blocks(self) -> int:
+        return sum(d.blocks for d in self.disks)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(s.bytes for s in self.streams)
+
+    @property
+    def total_bytes(self) -> int:
+        """Everything the generation takes on the medium (streams, index, snapshot)."""
+        return self.stored_bytes + self.index.bytes + self.meta.bytes
+
+    def disk(self, name: str) -> DiskEntry:
+        for d in self.disks:
+            if d.name == name:
+                return d
+        known = ", ".join(d.name for d in self.disks) or "none"
+        raise UsageError(f"generation {self.id} has no disk {name!r} (disks: {known})")
+
+    def disk_by_id(self, disk_id: int) -> DiskEntry:
+        for d in self.disks:
+            if d.id == disk_id:
+                return d
+        raise CorruptError(f"generation {self.id} refers to disk id {disk_id}, which its "
+                           "manifest does not list")
+
+    def to_dict(self) -> dict[str, Any]:
+        def fe(f: FileEntry, with_records: bool) -> dict[str, Any]:
+            d: dict[str, Any] = {"name": f.name, "bytes": f.bytes, "digest": f"{f.digest:016x}"}
+            if with_records:
+                d["records"] = f.records
+            return d
+
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "id": self.id,
+            "kind": self.kind,
+            "parent": self.parent,
+            "group": self.group,
+            "state": self.state,
+            "cluster_id": self.cluster_id,
+            "medium_id": self.medium_id,
+            "block_size": self.block_size,
+            "t0": {"wall_ns": self.t0_wall_ns, "wall": iso_utc(self.t0_wall_ns),
+                   "logical": self.t0_logical},
+            "committed": {"wall_ns": self.committed_ns, "wall": iso_utc(self.committed_ns)},
+            "disks": [{"id": d.id, "name": d.name, "nblocks": d.nblocks, "blocks": d.blocks}
+                      for d in self.disks],
+            "sizes": {"blocks": self.blocks, "raw_bytes": self.blocks * self.block_size,
+                      "stored_bytes": self.stored_bytes, "total_bytes": self.total_bytes},
+            "streams": [fe(s, True) for s in self.streams],
+            "index": {**fe(self.index, True), "entries": self.index_entries},
+            "meta": fe(self.meta, False),
+            "compression": self.compression,
+            "timing": {"freeze_seconds": round(self.freeze_seconds, 6),
+                       "copy_seconds": round(self.copy_seconds, 6)},
+            **dict(self.extra),
+        }
+
+    def to_json(self) -> bytes:
+        """The manifest file's bytes: readable JSON with a checksum of its content."""
+        body = self.to_dict()
+        body["checksum"] = _manifest_checksum(body)
+        return (json.dumps(body, indent=2) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str) -> Manifest:
+        """Parse and check a manifest; CorruptError naming ``where`` on any problem."""
+        def bad(what: str) -> CorruptError:
+            return CorruptError(f"manifest {where} is damaged: {what}")
+
+        try:
+            d = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise bad(f"not JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise bad("not a JSON object")
+        if d.get("format") != MANIFEST_FORMAT:
+            raise bad(f"format is {d.get('format')!r}, not {MANIFEST_FORMAT!r}")
+        if d.get("version") != MANIFEST_VERSION:
+            raise CorruptError(f"manifest {where} has version {d.get('version')!r}; this "
+                               f"sdbackup reads version {MANIFEST_VERSION} (written by a "
+                               "newer sdbackup?)")
+        want = d.pop("checksum", None)
+        if want != _manifest_checksum(d):
+            raise bad(f"checksum mismatch (stored {want!r}, computed "
+                      f"{_manifest_checksum(d)!r})")
+        try:
+            disks = tuple(DiskEntry(_int(x["id"]), _str(x["name"]), _int(x["nblocks"]),
+                                    _int(x["blocks"])) for x in d["disks"])
+            streams = tuple(_file(x, True) for x in d["streams"])
+            m = cls(
+                id=_str(d["id"]), kind=_str(d["kind"]), parent=_opt_str(d["parent"]),
+                group=_opt_str(d["group"]), cluster_id=_str(d["cluster_id"]),
+                medium_id=_str(d["medium_id"]), block_size=_int(d["block_size"]),
+                t0_wall_ns=_int(d["t0"]["wall_ns"]), t0_logical=_int(d["t0"]["logical"]),
+                committed_ns=_int(d["committed"]["wall_ns"]), disks=disks, streams=streams,
+                index=_file(d["index"], True), index_entries=_int(d["index"]["entries"]),
+                meta=_file(d["meta"], False), compression=_str(d["compression"]),
+                freeze_seconds=float(d["timing"]["freeze_seconds"]),
+                copy_seconds=float(d["timing"]["copy_seconds"]), state=_str(d["state"]),
+                extra={k: v for k, v in d.items() if k not in _KNOWN_KEYS},
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise bad(f"missing or malformed field ({type(e).__name__}: {e})") from None
+        if not GEN_ID_RE.match(m.id):
+            raise bad(f"bad generation id {m.id!r}")
+        if m.kind not in KINDS:
+            raise bad(f"unknown generation kind {m.kind!r} (known: {', '.join(KINDS)})")
+        if m.state != "committed":
+            raise bad(f"state is {m.state!r}, not 'committed'")
+        bs = m.block_size
+        if bs < 512 or bs & (bs - 1):
+            raise bad(f"block size {bs} is not a power of two >= 512")
+        if not m.streams:
+            raise bad("it lists no record stream")
+        names = [s.name for s in m.streams]
+        if names != [stream_name(i) for i in range(len(names))]:
+            raise bad(f"stream names {names} are not stream-0.sdr, stream-1.sdr, ...")
+        if m.index.name != INDEX or m.meta.name != META:
+            raise bad("unexpected index or snapshot file name")
+        ids = [x.id for x in m.disks]
+        if len(set(ids)) != len(ids) or len({x.name for x in m.disks}) != len(ids):
+            raise bad("two disks share an id or a name")
+        for x in m.disks:
+            if not 0 <= x.id < 1 << 32 or x.nblocks < 1 or not 0 <= x.blocks <= x.nblocks:
+                raise bad(f"impossible disk entry {x}")
+        return m
+
+
+_KNOWN_KEYS = frozenset({
+    "format", "version", "id", "kind", "parent", "group", "state", "cluster_id", "medium_id",
+    "block_size", "t0", "committed", "disks", "sizes", "streams", "index", "meta",
+    "compression", "timing", "checksum"})
+
+
+def _manifest_checksum(body: Mapping[str, Any]) -> str:
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return f"xxh3-64:{xxhash.xxh3_64_intdigest(canon):016x}"
+
+
+def _int(v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"{v!r} is not a non-negative integer")
+    return v
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"{v!r} is not a string")
+    return v
+
+
+def _opt_str(v: Any) -> str | None:
+    return None if v is None else _str(v)
+
+
+def _file(x: Mapping[str, Any], with_records: bool) -> FileEntry:
+    return FileEntry(_str(x["name"]), _int(x["bytes"]), int(_str(x["digest"]), 16),
+                     _int(x["records"]) if with_records else 0)
+
+
+# ---------------------------------------------------------------------------------------
+# the medium
+
+
+@dataclass
+class GenerationEntry:
+    """One directory under ``generations/``: committed (valid manifest), damaged or
+    foreign (a manifest that fails its checks: ``problem``), or unfinished (none)."""
+
+    id: str
+    path: Path
+    manifest: Manifest | None
+    problem: str | None = None
+
+    @property
+    def committed(self) -> bool:
+        return self.manifest is not None
+
+    @property
+    def unfinished(self) -> bool:
+        return self.manifest is None and self.problem is None
+
+
+class DiskMedium:
+    """A directory that holds the backup generations of one cluster."""
+
+    def __init__(self, root: Path, label: Mapping[str, Any]) -> None:
+        self.root = root
+        self.label = dict(label)
+        self.medium_id: str = str(label["medium_id"])
+        self.cluster_id: str = str(label["cluster_id"])
+
+    @property
+    def generations_dir(self) -> Path:
+        return self.root / GENERATIONS
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    # -- opening ---------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> DiskMedium:
+        """An existing medium; NotFoundError / UsageError / CorruptError otherwise."""
+        root = Path(path).absolute()
+        if not root.exists():
+            raise NotFoundError(f"backup medium {root} does not exist: give the directory "
+                                "that 'sdbackup backup --medium' wrote to")
+        if not root.is_dir():
+            raise UsageError(f"backup medium {root} is not a directory")
+        label_path = root / MEDIUM_LABEL
+        if not label_path.exists():
+            raise UsageError(f"{root} is not an sdbackup medium (it has no {MEDIUM_LABEL}): "
+                             "give the directory that 'sdbackup backup --medium' wrote to")
+        try:
+            raw = label_path.read_bytes()
+        except OSError as e:
+            raise UsageError(f"cannot read {label_path}: {e.strerror or e}") from None
+        return cls(root, _parse_label(raw, label_path))
+
+    @classmethod
+    def open_for_backup(cls, path: str | os.PathLike[str], cluster_id: str) -> DiskMedium:
+        """The medium at ``path`` for a backup of ``cluster_id``, created when ``path``
+        does not exist or is an empty directory."""
+        root = Path(path).absolute()
+        if root.exists() and (root / MEDIUM_LABEL).exists():
+            medium = cls.open(root)
+            if medium.cluster_id != cluster_id:
+                raise UsageError(f"backup medium {root} holds backups of cluster "
+                                 f"{medium.cluster_id}, not of cluster {cluster_id}: give "
+                                 "each cluster a medium directory of its own")
+            medium.generations_dir.mkdir(exist_ok=True)
+            return medium
+        if root.exists():
+            if not root.is_dir():
+                raise UsageError(f"backup medium {root} is not a directory")
+            if any(root.iterdir()):
+                raise UsageError(f"{root} is not an sdbackup medium (no {MEDIUM_LABEL}) and "
+                                 "not empty: give a new or empty directory for a new medium")
+        else:
+            if not root.parent.is_dir():
+                raise NotFoundError(f"cannot create backup medium {root}: directory "
+                                    f"{root.parent} does not exist")
+            try:
+                root.mkdir()
+            except FileExistsError:
+                pass
+        label = {"format": MEDIUM_FORMAT, "version": MEDIUM_VERSION,
+                 "medium_id": str(uuid.uuid4()), "cluster_id": cluster_id,
+                 "created": iso_utc(time.time_ns())}
+        try:
+            (root / GENERATIONS).mkdir(exist_ok=True)
+            write_atomic(root / MEDIUM_LABEL, (json.dumps(label, indent=2) + "\n").encode())
+        except OSError as e:
+            raise _os_error(e, f"cannot create backup medium {root}") from None
+        return cls(root, label)
+
+    # -- generations -----------------------------------------------------------------
+
+    def scan(self) -> list[GenerationEntry]:
+        """Every generation directory, oldest first, with its manifest checked."""
+        out: list[GenerationEntry] = []
+        gdir = self.generations_dir
+        if not gdir.is_dir():
+            return out
+        for name in sorted(os.listdir(gdir)):
+            path = gdir / name
+            if not GEN_ID_RE.match(name) or not path.is_dir():
+                continue
+            mpath = path / MANIFEST
+            if not mpath.exists():
+                out.append(GenerationEntry(name, path, None))
+                continue
+            try:
+                out.append(GenerationEntry(name, path, self.read_manifest(name)))
+            except CorruptError as e:
+                out.append(GenerationEntry(name, path, None, e.message))
+        return out
+
+    def read_manifest(self, gen_id: str) -> Manifest:
+        """The checked manifest of generation ``gen_id`` (CorruptError when it is damaged,
+        from another cluster, or names another generation)."""
+        mpath = self.generations_dir / gen_id / MANIFEST
+        try:
+            raw = mpath.read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(f"generation {gen_id} on medium {self.root} was never "
+                                "committed (no manifest: the backup did not finish); "
+                                "'sdbackup gc' removes it") from None
+        m = Manifest.from_json(raw, str(mpath))
+        if m.id != gen_id:
+            raise CorruptError(f"manifest {mpath} describes generation {m.id}, not {gen_id}: "
+                               "the directory was renamed or copied over")
+        if m.cluster_id != self.cluster_id:
+            raise CorruptError(
+                f"generation {gen_id} on medium {self.root} belongs to cluster "
+                f"{m.cluster_id}, but this medium holds backups of cluster {self.cluster_id}"
+                ": it was copied in from another medium; move it to a medium of its own")
+        return m
+
+    def committed(self) -> list[Manifest]:
+        """Committed, valid generations, oldest first."""
+        return [e.manifest for e in self.scan() if e.manifest is not None]
+
+    def resolve(self, gen: str | None) -> Manifest:
+        """The generation named ``gen`` (an id or a unique prefix), or the newest
+        committed one when ``gen`` is None."""
+        entries = self.scan()
+        if gen is None or gen == "latest":
+            good = [e.manifest for e in entries if e.manifest is not None]
+            if not good:
+                raise NotFoundError(f"backup medium {self.root} holds no committed generation")
+            return good[-1]
+        hits = [e for e in entries if e.id == gen] or [e for e in entries if e.id.startswith(gen)]
+        if not hits:
+            known = ", ".join(e.id for e in entries if e.committed) or "none"
+            raise NotFoundError(f"generation {gen} is not on medium {self.root} (committed "
+                                f"generations: {known})")
+        if len(hits) > 1:
+            raise UsageError(f"generation {gen} is ambiguous on medium {self.root}: "
+                             f"{', '.join(e.id for e in hits)}")
+        e = hits[0]
+        if e.manifest is not None:
+            return e.manifest
+        if e.problem is not None:
+            raise CorruptError(e.problem)
+        return self.read_manifest(e.id)  # raises: never committed
+
+    def begin(self, gen_id: str | None = None) -> PendingGeneration:
+        """Create a new generation directory, locked against ``gc`` while written."""
+        gid = gen_id or new_generation_id()
+        path = self.generations_dir / gid
+        try:
+            self.generations_dir.mkdir(exist_ok=True)
+            path.mkdir()
+            fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise _os_error(e, f"cannot create generation {gid} on medium {self.root}") from None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        try:
+            sync_dir(self.generations_dir)
+        except OSError as e:
+            os.close(fd)
+            shutil.rmtree(path, ignore_errors=True)
+            raise _os_error(e, f"cannot create generation {gid} on medium {self.root}") from None
+        return PendingGeneration(self, gid, path, fd)
+
+    def gc(self, *, dry_run: bool = False) -> list[GenerationEntry]:
+        """Remove unfinished generations (no manifest) that no backup is writing.
+
+        Damaged or foreign generations are left alone (they are reported by
+        ``generations`` and ``verify``): deciding about them is the operator's job.
+        """
+        removed: list[GenerationEntry] = []
+        for e in self.scan():
+            if not e.unfinished:
+                continue
+            fd = _try_lock(e.path / LOCK)
+            if fd == -1:
+                continue  # a backup is writing it right now
+            try:
+                if (e.path / MANIFEST).exists():
+                    continue  # committed meanwhile
+                if not dry_run:
+                    shutil.rmtree(e.path)
+                removed.append(e)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        if removed and not dry_run:
+            sync_dir(self.generations_dir)
+        return removed
+
+
+def _try_lock(path: Path) -> int | None:
+    """An fd holding the flock of ``path``; None when there is no lock file; -1 when
+    another process holds it."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return -1
+    return fd
+
+
+def _parse_label(raw: bytes, where: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise CorruptError(f"medium label {where} is damaged (not JSON)") from None
+    if not isinstance(d, dict) or d.get("format") != MEDIUM_FORMAT:
+        raise UsageError(f"{where.parent} is not an sdbackup medium ({where.name} is not "
+                         "an sdbackup medium label)")
+    if d.get("version") != MEDIUM_VERSION:
+        raise CorruptError(f"medium {where.parent} has label version {d.get('version')!r}; "
+                           f"this sdbackup reads version {MEDIUM_VERSION}")
+    for k in ("medium_id", "cluster_id"):
+        if not isinstance(d.get(k), str) or not d[k]:
+            raise CorruptError(f"medium label {where} is damaged: no {k}")
+    return d
+
+
+def _os_error(e: OSError, what: str) -> Exception:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpaceError(f"{what}: the medium is full ({e.strerror}); free space there")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UsageError(f"{what}: {e.strerror}")
+    return e
+
+
+class PendingGeneration:
+    """A generation being written: its directory and the lock that keeps ``gc`` off."""
+
+    def __init__(self, medium: DiskMedium, gen_id: str, path: Path, lock_fd: int) -> None:
+        self.medium = medium
+        self.id = gen_id
+        self.path = path
+        self._lock_fd = lock_fd
+
+    def commit(self, manifest: Manifest) -> None:
+        """Write the manifest (fsynced, renamed into place, directory fsynced): from
+        here on the generation exists. Everything else must be durable before."""
+        try:
+            sync_dir(self.path)
+            write_atomic(self.path / MANIFEST, manifest.to_json())
+        except OSError as e:
+            raise _os_error(e, f"cannot commit generation {self.id} on medium "
+                               f"{self.medium.root}") from None
+        try:
+            os.unlink(self.path / LOCK)
+        except OSError:
+            pass
+        self.release()
+
+    def discard(self) -> None:
+        """Remove the unfinished generation (best effort: ``gc`` does it otherwise)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            sync_dir(self.medium.generations_dir)
+        except OSError:
+            pass
+        self.release()
+
+    def release(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
