@@ -149,7 +149,10 @@ class Copier:
             for v in views:
                 v.release()
             for m in maps:
-                m.close()
+                try:
+                    m.close()
+                except BufferError:  # a slice lives on in an exception's traceback
+                    pass
         return result
 
     def _write_batch(self, disk_id: int, bstart: int, bcount: int, buf: memoryview,

@@ -47,6 +47,7 @@ from sdbackup.media.medium import (
     stream_name,
 )
 from sdbackup.media.records import Compression, Kind, RecordWriter
+from sdbackup.media.snapshot import SnapshotMeta
 
 CRASH_ENV = "SDBACKUP_TEST_CRASH_AT"
 CRASH_POINTS = ("after-snapshot", "mid-copy", "before-manifest")
@@ -140,7 +141,10 @@ def run_backup(
         return _backup(source, medium, pending, opts, started, on_plan, progress)
     except BaseException as e:
         pending.discard()
-        if _is_no_space(e):
+        if isinstance(e, NoSpaceError):
+            raise NoSpaceError(f"{e.message}; generation {pending.id} was not committed and "
+                               "has been removed (earlier generations are intact)") from None
+        if _is_no_space(e, medium.root):
             raise _no_space(e, medium) from None
         raise
 
@@ -216,25 +220,34 @@ def _copy(source: BackupSource, plan: Plan, path: Path, label: dict[str, object]
 
 
 def _finish_snapshot(snap: Snapshot, cluster_id: str) -> FileEntry:
-    """Make the snapshot one self-contained file (no WAL: reading it must never write
-    next to it on the medium), check whose it is, fsync and checksum it."""
+    """Make the snapshot one self-contained file, check whose it is, fsync and checksum
+    it.
+
+    SQLite's backup API copies the source's header, which marks the copy as a WAL
+    database: opening it would create ``-wal`` and ``-shm`` files next to it on the
+    medium. The copy has no WAL, so switching it to rollback-journal mode is exactly
+    setting header bytes 18-19 (file format write/read version) from 2 to 1, what
+    ``PRAGMA journal_mode=DELETE`` does after a checkpoint; done directly, it writes
+    nothing but those two bytes.
+    """
     path = snap.path
-    con = sqlite3.connect(str(path))
-    try:
-        con.execute("PRAGMA journal_mode=DELETE").fetchall()
-        row = con.execute("SELECT value FROM meta WHERE key='cluster_id'").fetchone()
-    finally:
-        con.close()
-    if row is None or row[0] != cluster_id:
-        raise CorruptError(f"the metadata snapshot at T0 names cluster {row and row[0]}, not "
-                           f"{cluster_id}: the cluster's metadata store is inconsistent")
     for extra in ("-wal", "-shm", "-journal"):
         Path(str(path) + extra).unlink(missing_ok=True)
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
+        head = os.pread(fd, 100, 0)
+        if len(head) < 100 or not head.startswith(b"SQLite format 3\0"):
+            raise CorruptError(f"the metadata snapshot {path} is not an SQLite database")
+        if head[18:20] == b"\x02\x02":
+            os.pwrite(fd, b"\x01\x01", 18)
         os.fsync(fd)
     finally:
         os.close(fd)
+    with SnapshotMeta(path, "metadata snapshot at T0") as meta:
+        got = meta.get_meta("cluster_id")
+    if got != cluster_id:
+        raise CorruptError(f"the metadata snapshot at T0 names cluster {got}, not "
+                           f"{cluster_id}: the cluster's metadata store is inconsistent")
     size, digest = file_digest(path)
     return FileEntry(META, size, digest)
 
@@ -246,15 +259,23 @@ def _check_copied(plan: Plan, copied: CopyResult) -> None:
                            f"{plan.blocks} (a bug: please report it)")
 
 
-def _is_no_space(e: BaseException) -> bool:
-    if isinstance(e, NoSpaceError):
-        return False  # already the right error
+def _is_no_space(e: BaseException, where: Path) -> bool:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    return isinstance(e, sqlite3.OperationalError) and "full" in str(e)
+    if isinstance(e, sqlite3.DatabaseError):
+        # SQLite reports ENOSPC as SQLITE_FULL, or as an I/O error of some kind.
+        if "full" in str(e) or getattr(e, "sqlite_errorcode", 0) == sqlite3.SQLITE_FULL:
+            return True
+        if getattr(e, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_IOERR:
+            try:
+                st = os.statvfs(where)
+            except OSError:
+                return False
+            return st.f_bavail * st.f_frsize < (1 << 20)
+    return False
 
 
 def _no_space(e: BaseException, medium: DiskMedium) -> NoSpaceError:
     return NoSpaceError(f"backup medium {medium.root} is full ({e}): the generation was not "
-                        "committed and has been removed; free space there or use a larger "
-                        "medium, then run the backup again")
+                        "committed and has been removed (earlier generations are intact); "
+                        "free space there or use a larger medium, then run the backup again")

@@ -226,10 +226,10 @@ def gc(medium: Path, dry_run: bool, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"removed": [e.id for e in removed], "dry_run": dry_run}))
         return
-    verb = "would remove" if dry_run else "removed"
     for e in removed:
-        click.echo(f"{verb} unfinished generation {e.id}")
-    click.echo(f"gc: {len(removed)} unfinished generation(s) {verb}")
+        click.echo(f"{'would remove' if dry_run else 'removed'} unfinished generation {e.id}")
+    click.echo(f"gc: {len(removed)} unfinished generation(s) "
+               f"{'to remove (dry run)' if dry_run else 'removed'}")
 
 
 # -- restores -------------------------------------------------------------------------------

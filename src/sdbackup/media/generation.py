@@ -97,15 +97,32 @@ class Generation:
                 what = "truncated" if size < s.bytes else "longer than written"
                 lost = ""
                 if size < s.bytes:
-                    e = self.index().entries
-                    sel = e[(e["stream"] == n) & (e["offset"] >= size - 64)]
-                    if sel.size:
-                        first = sel[np.argsort(sel["offset"])][0]
+                    first = self._first_cut(n, p, size)
+                    if first is not None:
                         lost = (f"; from disk {self.disk_name(int(first['disk']))} block "
                                 f"{int(first['start'])} (offset {int(first['offset'])}) on, "
                                 "blocks are missing")
                 raise CorruptError(f"{self.where()}: stream {p} is {what}: {size} bytes, the "
                                    f"manifest says {s.bytes}{lost}")
+
+    def _first_cut(self, n: int, path: Path, size: int) -> np.void | None:
+        """The index entry of the first record of stream ``n`` that a truncation to
+        ``size`` bytes cut off or removed."""
+        e = self.index().entries
+        sel = e[e["stream"] == n]
+        sel = sel[np.argsort(sel["offset"], kind="stable")]
+        offs = sel["offset"].astype(np.int64)
+        i = int(np.searchsorted(offs, size, side="left")) - 1
+        if i >= 0:
+            try:
+                with RecordReader(path) as rd:
+                    whole = int(offs[i]) + rd.read_header(int(offs[i])).record_len <= size
+            except SdbError:
+                whole = False
+            if whole:
+                i += 1
+        i = max(i, 0)
+        return sel[i] if i < sel.size else None
 
     def meta_file(self) -> Path:
         """The metadata snapshot, after checking its size and checksum."""

@@ -53,7 +53,7 @@ LOCK = ".lock"
 GEN_ID_RE = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{8}$")
 """Generation ids: UTC time of the backup's start to the microsecond, then 32 random
 bits, e.g. ``20261124T202353.481923Z-3f9a1c2b``. They sort in time order as strings."""
-_GEN_PREFIX_RE = re.compile(r"^\d{8}T[0-9.TZ-a-f]*$")
+_GEN_PREFIX_RE = re.compile(r"^\d{8}T[0-9a-fTZ.\-]*$")
 
 KINDS = ("full",)
 
@@ -394,21 +394,33 @@ class DiskMedium:
             if any(root.iterdir()):
                 raise UsageError(f"{root} is not an sdbackup medium (no {MEDIUM_LABEL}) and "
                                  "not empty: give a new or empty directory for a new medium")
-        else:
+        made_root = False
+        if not root.exists():
             if not root.parent.is_dir():
                 raise NotFoundError(f"cannot create backup medium {root}: directory "
                                     f"{root.parent} does not exist")
             try:
                 root.mkdir()
+                made_root = True
             except FileExistsError:
                 pass
+            except OSError as e:
+                raise _os_error(e, f"cannot create backup medium {root}") from None
         label = {"format": MEDIUM_FORMAT, "version": MEDIUM_VERSION,
                  "medium_id": str(uuid.uuid4()), "cluster_id": cluster_id,
                  "created": iso_utc(time.time_ns())}
         try:
-            (root / GENERATIONS).mkdir(exist_ok=True)
             write_atomic(root / MEDIUM_LABEL, (json.dumps(label, indent=2) + "\n").encode())
+            (root / GENERATIONS).mkdir(exist_ok=True)
         except OSError as e:
+            # Leave the directory as it was, so that the next try starts afresh.
+            for p in (root / GENERATIONS, root / (MEDIUM_LABEL + ".tmp"), root / MEDIUM_LABEL):
+                try:
+                    p.rmdir() if p.is_dir() else p.unlink()
+                except OSError:
+                    pass
+            if made_root:
+                shutil.rmtree(root, ignore_errors=True)
             raise _os_error(e, f"cannot create backup medium {root}") from None
         return cls(root, label)
 
@@ -487,18 +499,17 @@ class DiskMedium:
         """Create a new generation directory, locked against ``gc`` while written."""
         gid = gen_id or new_generation_id()
         path = self.generations_dir / gid
+        fd = -1
         try:
             self.generations_dir.mkdir(exist_ok=True)
             path.mkdir()
             fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise _os_error(e, f"cannot create generation {gid} on medium {self.root}") from None
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
-        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
             sync_dir(self.generations_dir)
         except OSError as e:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             shutil.rmtree(path, ignore_errors=True)
             raise _os_error(e, f"cannot create generation {gid} on medium {self.root}") from None
         return PendingGeneration(self, gid, path, fd)

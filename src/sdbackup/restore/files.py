@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdbackup.errors import CorruptError, NotFoundError, UsageError
+from sdbackup.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
 from sdbackup.media.generation import Generation, GenerationReader
 from sdbackup.media.snapshot import SnapshotMeta
 from sdbackup.types import ROOT_INODE
@@ -145,6 +145,11 @@ class _Tree:
         while stack:
             idx, path, whole = stack.pop()
             kids = self.children.get(self.nodes[idx].ino, [])
+            if len({name for name, _ in kids}) != len(kids):
+                names = [name for name, _ in kids]
+                dup = next(n for n in names if names.count(n) > 1)
+                raise CorruptError(f"{self.where}: the metadata snapshot lists {dup!r} twice "
+                                   f"in directory {self.path(idx)!r} (damaged or forged)")
             for name, ino in reversed(kids):
                 check_name(name, self.where)
                 cpath = [*path, name]
@@ -298,6 +303,7 @@ def restore_files(
 
     root_fd = prepare_dest(dest)
     dirs = _DirFds(tree, root_fd)
+    i = 0
     try:
         # 1. directories (parents come before children in node order)
         for i in range(1, len(nodes)):
@@ -357,6 +363,11 @@ def restore_files(
                     _attrs_fd(fd, n)
                 finally:
                     os.close(fd)
+    except OSError as e:
+        what = f"cannot restore {os.fsdecode(tree.path(i))} under {dest}: {e.strerror or e}"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpaceError(f"{what}; free space there") from None
+        raise UsageError(what) from None
     finally:
         dirs.close()
         os.close(root_fd)
