@@ -365,7 +365,6 @@ class CachedFileSystem(FileSystem):
         if self._cached <= self.cache_bytes:
             return
         target = self.cache_bytes * 3 // 4
-        released: dict[int, list[int]] = {}
         for s in self._snapshot():
             if self._cached <= target:
                 break
@@ -373,10 +372,11 @@ class CachedFileSystem(FileSystem):
                 if s.dropped:
                     continue
                 self._writeback(s)
-                released.setdefault(s.ino, []).append(s.seg)
+                # Release before the drop, under the lock: once the segment is out of
+                # the table another thread may take it again, and a release landing
+                # after that new grant would remove it at the coordinator.
+                self.rights.release(s.ino, [s.seg])
                 self._drop(s)
-        for ino, segs in released.items():
-            self.rights.release(ino, segs)
 
     # -- coordinator requests -------------------------------------------------------------
     def recall(self, ino: int, segs: Iterable[int], keep: str | None) -> None:
@@ -454,13 +454,10 @@ class CachedFileSystem(FileSystem):
     def truncate(self, ino: int, size: int) -> Attr:
         """Write back and forget this node's cache of the file, then truncate at the
         coordinator (which recalls every other node and zeroes the cut block's tail)."""
-        dropped = []
         for o in self._snapshot(ino):
             with o.lock:
                 self._writeback(o)
-                dropped.append(o.seg)
+                self.rights.release(ino, [o.seg])  # before the drop: see _maybe_evict
                 self._drop(o)
-        if dropped:
-            self.rights.release(ino, dropped)
         attr = self.meta.truncate(ino, size)
         return attr
