@@ -50,6 +50,9 @@ from sdbackup.meta.types import Attr, WriteRun
 log = logging.getLogger("sdbackup.coordinator")
 
 DEFAULT_LEASE = 10.0
+RECLAIM_FILE = "coordinator.reclaim"
+"""Left by a coordinator that stopped while nodes were connected: the next one starts
+with a grace period for their reclaims, as after a crash."""
 
 
 @dataclass
@@ -86,7 +89,11 @@ class Coordinator:
             raise
         self.lease = lease
         self.epoch = secrets.token_hex(8)
-        restarted = (self.dir / ADDR_FILE).exists()
+        # A previous coordinator crashed (its address file is still there) or stopped
+        # while nodes were connected (RECLAIM_FILE): nodes may still hold dirty data
+        # under rights this coordinator does not know, so they get a grace period to
+        # reclaim them before anyone else is granted anything.
+        restarted = (self.dir / ADDR_FILE).exists() or (self.dir / RECLAIM_FILE).exists()
         self.grace_until = time.monotonic() + (lease if restarted else 0.0)
         self.rights = RightsManager(self._recall, on_node_failed=self._node_failed_log)
         self.sessions: dict[Connection, Session] = {}
@@ -104,6 +111,7 @@ class Coordinator:
         host, port = self.server.address
         write_atomic(self.dir / ADDR_FILE,
                      f"{host}:{port} pid={os.getpid()} epoch={self.epoch}\n".encode())
+        (self.dir / RECLAIM_FILE).unlink(missing_ok=True)  # the address file covers a crash
         self._monitor = threading.Thread(target=self._lease_loop, name="sdb-lease", daemon=True)
         self._monitor.start()
         log.info("coordinator of cluster %s listening on %s:%d (epoch %s)",
@@ -113,6 +121,12 @@ class Coordinator:
     def stop(self) -> None:
         self._stop.set()
         try:
+            with self._mu:
+                nodes_up = any(s.kind == "node" and s.state == "up"
+                               for s in self.sessions.values())
+            if nodes_up:  # written before the address file goes: one of them is always there
+                write_atomic(self.dir / RECLAIM_FILE,
+                             f"stopped with nodes connected, epoch {self.epoch}\n".encode())
             (self.dir / ADDR_FILE).unlink(missing_ok=True)
             self.server.stop()
             self.rights.close()
@@ -287,7 +301,9 @@ class Coordinator:
         return self.rights.exclusive(ino)
 
     def truncate(self, ino: int, size: int) -> Attr:
-        with self.rights.exclusive(ino):
+        # The store lock is held across the disk write too, so that a backup's freeze
+        # (which snapshots under that lock) sees this truncate wholly before or after T0.
+        with self.rights.exclusive(ino), self.store.lock:
             attr = self.meta.getattr(ino)
             bs = self.meta.block_size
             if attr.is_reg and size < attr.size and size % bs:
