@@ -116,6 +116,7 @@ class ClusterClient:
         self.epoch = ""
         self.lease = 10.0
         self.last_ok = time.monotonic()
+        self._joined_at = self.last_ok
         self._closing = False
         info = self._connect()
         self.block_size = int(info["block_size"])
@@ -134,11 +135,14 @@ class ClusterClient:
             self._backup_begin(str(info["backup"]["gen"]), str(info["backup"]["mode"]))
 
     # -- connection ------------------------------------------------------------------------
-    def _connect(self) -> dict[str, Any]:
+    def _connect(self, renew: bool = True) -> dict[str, Any]:
+        """Connect and join; ``renew=False``: the lease does not count yet (a rejoin
+        must first drop what the coordinator may have given away meanwhile)."""
         host, port = self.address
         client = RpcClient.connect(host, port, self.secret, self._callback,
                                    timeout=self.connect_timeout, on_lost=self._lost,
                                    name=self.name, max_workers=32)
+        t = time.monotonic()  # a lease runs from the request's sending, not its answer
         try:
             info, _ = client.call("join", {"name": self.name, "kind": self.kind,
                                            "host": socket.gethostname(), "pid": os.getpid()})
@@ -148,7 +152,9 @@ class ClusterClient:
         self.ref.client = client
         self.epoch = str(info["epoch"])
         self.lease = float(info["lease"])
-        self.last_ok = time.monotonic()
+        self._joined_at = t
+        if renew:
+            self.last_ok = t
         return info
 
     def _open_disks(self, disks: list[dict[str, Any]]) -> DiskSet:
@@ -165,7 +171,14 @@ class ClusterClient:
         return DiskSet(self.block_size, devs)
 
     def lease_valid(self) -> bool:
-        """False when the lease may have run out: then the node must not write disks."""
+        """False when the lease may have run out: then the node must not write disks.
+
+        Only node agents renew a lease (heartbeats); the coordinator never lets a
+        short-lived client's lease run out, it drops a client with its connection.
+        """
+        if self.kind != "node":
+            c = self.ref.client
+            return c is not None and not c.closed
         return time.monotonic() - self.last_ok < self.lease * 0.9
 
     def _lost(self, error: RemoteError) -> None:
@@ -174,7 +187,7 @@ class ClusterClient:
 
     # -- coordinator requests --------------------------------------------------------------------
     def _callback(self, method: str, args: Args, blob: bytes | None) -> HandlerResult:
-        self.last_ok = time.monotonic()
+        # No lease renewal here: the coordinator's calls do not renew it on its side.
         if method == "recall":
             keep = args.get("keep")
             self.fs.recall(int(args["ino"]), [int(s) for s in args["segs"]],
@@ -333,10 +346,12 @@ class NodeAgent(ClusterClient):
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(max(0.2, self.lease / 4)):
             try:
+                t = time.monotonic()  # the coordinator renews on receipt: later than t
                 body, _ = self.ref.call("heartbeat", {}, timeout=self.lease / 2)
-                self.last_ok = time.monotonic()
                 if body.get("epoch") != self.epoch:
                     self._reconnect()
+                else:
+                    self.last_ok = t
             except RemoteError:
                 self._reconnect()
 
@@ -353,7 +368,7 @@ class NodeAgent(ClusterClient):
                             self.address = addr
                     if self.ref.client is not None:
                         self.ref.client.close(timeout=1.0)
-                    self._connect()
+                    self._connect(renew=False)
                     break
                 except Exception as e:  # keep trying: the coordinator may be restarting
                     log.info("reconnect to the coordinator failed: %s", e)
@@ -361,6 +376,7 @@ class NodeAgent(ClusterClient):
             if self._stop.is_set():
                 return
             if self.epoch != old_epoch:
+                self.last_ok = self._joined_at
                 self._reclaim()
             else:
                 lost = self.fs.drop_all()
@@ -368,6 +384,7 @@ class NodeAgent(ClusterClient):
                     log.error("LOST unwritten data of inode %d, segments %s: the coordinator "
                               "dropped this node while it was unreachable", ino, segs)
                 log.warning("rejoined the same coordinator; cache dropped")
+                self.last_ok = self._joined_at  # only now may it write again
         finally:
             self._reconnecting.release()
 
