@@ -23,6 +23,7 @@ def register(cli: click.Group) -> None:
     cli.add_command(status)
     cli.add_command(cache)
     cli.add_command(flush)
+    cli.add_command(umount)
 
 
 def _log_to(path: Path, level: int = logging.INFO) -> None:
@@ -94,27 +95,42 @@ def coordinator(cluster_dir: Path, listen: str, lease: float) -> None:
               help="Coordinator address (on a host without the cluster directory).")
 @click.option("--secret-file", type=click.Path(path_type=Path),
               help="The cluster secret (a copy of CLUSTER_DIR/secret), with --coordinator.")
+@click.option("--mount", "mountpoint", type=click.Path(path_type=Path), metavar="MOUNTPOINT",
+              help="Mount the cluster's file system there with FUSE, for every program "
+                   "on this host; the node runs until it is unmounted (sdbackup umount, "
+                   "fusermount3 -u) or stopped (SIGTERM), and then unmounts itself.")
 def node(cluster_dir: Path | None, name: str, cache_size: str, flush_delay: float,
-         coord: str | None, secret_file: Path | None) -> None:
+         coord: str | None, secret_file: Path | None, mountpoint: Path | None) -> None:
     """Run a node agent in the foreground (until SIGTERM or Ctrl-C).
 
     The node reads and writes file data on the shared disks directly, keeps a coherent
-    write-back cache, and serves local programs (sdbackup fs CLUSTER_DIR --node NAME).
+    write-back cache, and serves local programs: through FUSE with --mount, and
+    through its control port (sdbackup fs CLUSTER_DIR --node NAME).
     """
     from sdbackup.cluster.node import NodeAgent
 
     if cluster_dir is None and coord is None:
         raise UsageError("give CLUSTER_DIR, or --coordinator HOST:PORT with --secret-file")
+    if mountpoint is not None:
+        from sdbackup.fs import fuse_mount
+
+        fuse_mount.check_fuse()
+        fuse_mount.check_mountpoint(mountpoint)  # fail before joining the cluster
     log_dir = (cluster_dir / "logs") if cluster_dir else Path(".")
     _log_to(log_dir / f"node-{name}.log")
     agent = NodeAgent(name, cluster_dir=cluster_dir, coordinator=coord,
                       secret_file=secret_file, cache_bytes=parse_size(cache_size),
                       flush_delay=flush_delay)
-    agent.start()
-    click.echo(f"node {name} joined the coordinator at {agent.address[0]}:{agent.address[1]}",
-               err=True)
     try:
-        _wait_for_signal()
+        agent.start()
+        click.echo(f"node {name} joined the coordinator at "
+                   f"{agent.address[0]}:{agent.address[1]}", err=True)
+        if mountpoint is None:
+            _wait_for_signal()
+        else:
+            fuse_mount.serve(agent.fs, mountpoint, name=name,
+                             on_ready=lambda mp: click.echo(f"node {name} mounted the "
+                                                            f"file system at {mp}", err=True))
     finally:
         agent.stop()
 
@@ -177,3 +193,26 @@ def flush(cluster_dir: Path, timeout: float) -> None:
     if not r["clean"] or r["errors"]:
         raise UsageError("flush did not finish: some areas are still dirty (see above)", 1)
     click.echo(f"flushed {r['nodes']} node(s) in {r['seconds']:.3f} s; no dirty areas left")
+
+
+@click.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option("--lazy", is_flag=True,
+              help="Detach the mount now even if programs still use it (umount -l).")
+@click.option("--timeout", default=60.0, show_default=True,
+              help="Seconds to wait for the node agent to write its cache back and exit.")
+def umount(mountpoint: Path, lazy: bool, timeout: float) -> None:
+    """Unmount a node's FUSE mount point; also clears the dead mount of a crashed node.
+
+    A live node agent writes its cache back and exits once its mount is gone; this
+    command waits for that (up to --timeout). A mount whose agent died (accesses fail
+    with 'Transport endpoint is not connected') is detached lazily.
+    """
+    from sdbackup.fs import fuse_mount
+
+    r = fuse_mount.unmount(mountpoint, lazy=lazy, timeout=timeout)
+    click.echo(f"{r['mountpoint']}: {r['how']}")
+    still = r["still_running"]
+    if still:
+        click.echo(f"node agent(s) {still} still running after {timeout:g} s "
+                   "(writing their cache back?)", err=True)

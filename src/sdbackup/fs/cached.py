@@ -32,6 +32,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -113,6 +114,11 @@ class CachedFileSystem(FileSystem):
         self.stats = {"writebacks": 0, "acquires": 0, "recalls": 0}
         # Self-fencing: the node agent says False when its lease may have run out.
         self.can_write: Callable[[], bool] = lambda: True
+        # Called (ino) whenever this node stops caching a segment (recall, eviction,
+        # truncate, reconnect). A FUSE mount uses it to drop the kernel's pages of the
+        # file, which are only valid while this node holds a right on them. Called
+        # under the segment lock, from any thread: it must only queue, never block.
+        self.on_drop: Callable[[int], None] | None = None
         # Set by the node agent while a backup runs (the write-ahead rule, issue 6).
         self.bi_sink: BiSink | None = None
 
@@ -169,6 +175,8 @@ class CachedFileSystem(FileSystem):
             s.valid = 0
             if not any(x.ino == s.ino and x.mode == "w" for x in self._segs.values()):
                 self._sizes.pop(s.ino, None)
+        if self.on_drop is not None:
+            self.on_drop(s.ino)
 
     def _hold(self, ino: int, segs: list[int], mode: str) -> list[Seg]:
         """Make sure this node holds ``mode`` on all segments; returns them (unlocked)."""
@@ -296,6 +304,47 @@ class CachedFileSystem(FileSystem):
             self._sizes[ino] = max(self._sizes.get(ino, attr.size if attr else 0), offset + n)
         self._maybe_evict()
         return n
+
+    def append(self, ino: int, data: bytes | bytearray | memoryview) -> int:
+        """Write ``data`` at the end of the file (O_APPEND); returns where it went.
+
+        The end is decided while this node holds the write right on every segment the
+        data covers, starting with the one holding the end: another node that appends
+        meanwhile must take that right away first, which the segment's recall counter
+        (or its mode) shows under the segment lock, and then this node tries again.
+        Writes of other nodes past the end, in segments not held here, may land
+        between the check and the copy: they order after this append, as if it had
+        happened first. Appends of one node to one file are serialised locally.
+        """
+        src = memoryview(data).cast("B")
+        n = src.nbytes
+        with self._locks[ino % 64]:
+            while True:
+                end = self.getattr(ino).size
+                if n == 0:
+                    return end
+                objs = self._hold(ino, self._segs_of(end, n), "w")
+                marks = [o.recalls for o in objs]
+                # Anything appended by others before the grant is counted now: their
+                # segments were recalled, and getattr makes other writers write back.
+                attr = self.getattr(ino)
+                if not attr.is_reg:
+                    raise FsError(errno.EISDIR if attr.is_dir else errno.EINVAL,
+                                  "not a regular file")
+                if attr.size != end:
+                    continue
+                with ExitStack() as held:
+                    for o in objs:
+                        held.enter_context(o.lock)
+                    if any(o.dropped or o.mode != "w" or o.recalls != m
+                           for o, m in zip(objs, marks, strict=True)):
+                        continue  # a recall came in between: look at the end again
+                    for o in objs:
+                        self._apply(o, end, src, end)
+                    with self._mu:
+                        self._sizes[ino] = max(self._sizes.get(ino, end), end + n)
+                self._maybe_evict()
+                return end
 
     def _apply(self, o: Seg, offset: int, src: memoryview, file_size: int) -> None:
         bs = self.bs

@@ -1,0 +1,467 @@
+"""The FUSE request handlers: a thin adapter from pyfuse3 to :class:`FileSystem`.
+
+Every handler translates its arguments, runs one or two blocking file system calls in
+a worker thread (``trio.to_thread.run_sync``, so that many requests proceed at once
+while the trio loop keeps reading ``/dev/fuse``), and translates the answer. Handlers
+raise only :class:`pyfuse3.FUSEError`: an :class:`~sdbackup.errors.FsError` keeps its
+errno; a lost coordinator, a disk error or a bug becomes ``EIO`` and one log line
+naming the operation and the inode, and everything else keeps working.
+
+Kernel caches (DESIGN.md, "the kernel caches too") -- what this adapter lets the
+kernel keep, and why:
+
+- **Data of files opened for writing: nothing** (``direct_io``). Every write goes
+  straight to the node's coherent write-back cache, whose rights the coordinator
+  controls. The kernel therefore never holds file data that the coordinator cannot
+  see or recall, and the kernel's ``writeback_cache`` stays off (pyfuse3's default).
+  ``O_APPEND`` needs this too: with ``direct_io`` the kernel passes each write
+  through unchanged, and the node decides the end of the file while it holds the
+  write right on it (:meth:`CachedFileSystem.append`), so appends from two nodes
+  never overwrite each other. Large requests: libfuse 3 negotiates
+  ``max_write``/``max_pages`` of 1 MiB, so ``dd bs=1M`` arrives as 1 MiB writes.
+- **Data of files opened read-only: the page cache**, without ``keep_cache``: the
+  kernel drops the file's pages at every open, so an open after another node's close
+  reads the latest data (close-to-open, as NFS). Read-only opens keep the page cache
+  because the kernel refuses shared ``mmap`` of ``direct_io`` files (``ENODEV``) unless
+  ``FUSE_DIRECT_IO_ALLOW_MMAP`` is negotiated, which the kernel (6.6+) would allow but
+  libfuse 3.14 cannot ask for; with the page cache, ``mmap`` reads work. Pages of a
+  file that stays open are dropped whenever this node loses a right on any of the
+  file's segments (recall by another node, eviction, truncate): the cache calls
+  :meth:`FuseOperations.segment_dropped`, which queues ``invalidate_inode`` for a
+  helper thread. It is queued, not done in the recall: the kernel may wait for a page
+  lock held by a read of this very node that itself waits for the coordinator, which
+  waits for the recall -- a deadlock. So a descriptor kept open across another
+  node's write can see the old data for the few milliseconds the helper needs.
+  Writable shared mappings (``MAP_SHARED`` + ``PROT_WRITE``) need a file opened for
+  writing, hence ``direct_io``, hence ``ENODEV``: such a mapping would be a dirty
+  cache in the kernel that the coordinator cannot see or freeze.
+- **Names: not cached** (entry timeout 0). Another node may create, rename or unlink
+  a name at any moment and nothing tells this node's kernel, so every path walk asks
+  again (one ``lookup`` per component, negative answers included). The coordinator's
+  ``lookup`` first makes other writers of the file write back, and the kernel takes
+  the attributes in the answer, so a ``stat``, ``open`` or ``ls -l`` by path always
+  sees the cluster's names, sizes and modes. The price is one round trip to the
+  coordinator per name, paid mostly by small-file workloads (docs/BENCHMARKS.md).
+- **Attributes: 1 s** (``ATTR_TIMEOUT``). Every path walk refreshes them (above), so
+  the timeout only matters for a descriptor kept open while another node changes the
+  file: its ``fstat`` (and a read past the end it knows) may be up to 1 s old, as on
+  NFS. With 0, every ``stat`` would cost three round trips instead of one (the
+  parent's attributes for the permission check, the lookup, the target's
+  attributes).
+
+Developer notes (steps that must stay adjacent):
+
+- ``readdir_reply`` and every other pyfuse3 call run in the trio thread; only the
+  :class:`FileSystem` calls go to worker threads. ``pyfuse3.invalidate_inode`` runs in
+  :class:`KernelNotifier`'s own thread, never in a handler or under a cache lock.
+- The notifier must be stopped before ``pyfuse3.close()``: a notification sent after
+  the session is gone would use a freed session.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from sdbackup.errors import FsError, SdbError
+from sdbackup.fs.filesystem import FileSystem
+from sdbackup.meta.types import Attr
+
+log = logging.getLogger("sdbackup.fuse")
+
+T = TypeVar("T")
+
+# Kernel cache lifetimes (seconds); see the module docstring for why.
+ENTRY_TIMEOUT = 0.0
+ATTR_TIMEOUT = 1.0
+# st_blksize: programs (cp, stdio, dd without bs=) size their I/O by it; one segment
+# per request is what the node's cache and the coordinator's rights are made of.
+IO_BLOCK = 1 << 20
+# Worker threads for blocking file system calls (and pyfuse3 tasks reading requests).
+MAX_WORKERS = 48
+
+_WRITE_ACCESS = os.O_WRONLY | os.O_RDWR
+
+
+@dataclass(eq=False)
+class OpenFile:
+    ino: int
+    flags: int
+    cached: bool  # page cache (read-only open) rather than direct_io
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.flags & _WRITE_ACCESS)
+
+    @property
+    def append(self) -> bool:
+        return bool(self.flags & os.O_APPEND)
+
+
+class KernelNotifier:
+    """A helper thread that tells the kernel to drop an inode's pages and attributes."""
+
+    def __init__(self, invalidate: Callable[[int], None]) -> None:
+        self._invalidate = invalidate
+        self._cond = threading.Condition()
+        self._pending: dict[int, None] = {}  # ordered set
+        self._stopped = False
+        self.sent = 0
+        self._thread = threading.Thread(target=self._loop, name="sdb-fuse-inval", daemon=True)
+        self._thread.start()
+
+    def queue(self, ino: int) -> None:
+        with self._cond:
+            if self._stopped:
+                return
+            self._pending[ino] = None
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                ino = next(iter(self._pending))
+                del self._pending[ino]
+            try:
+                self._invalidate(ino)
+                self.sent += 1
+            except OSError as e:
+                # ENOENT: the kernel has forgotten the inode already (nothing cached).
+                if e.errno not in (errno.ENOENT, errno.ENOTCONN, errno.EBADF):
+                    log.warning("could not drop the kernel's cache of inode %d: %s", ino, e)
+            except Exception:  # never let the helper die
+                log.exception("could not drop the kernel's cache of inode %d", ino)
+
+    def stop(self) -> None:
+        """Drop what is queued and end the thread (before the session is closed)."""
+        with self._cond:
+            self._stopped = True
+            self._pending.clear()
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+
+
+def _entry(attr: Attr, block_size: int) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = attr.ino
+    e.generation = 0
+    e.entry_timeout = ENTRY_TIMEOUT
+    e.attr_timeout = ATTR_TIMEOUT
+    e.st_mode = attr.mode
+    e.st_nlink = attr.nlink
+    e.st_uid = attr.uid
+    e.st_gid = attr.gid
+    e.st_rdev = attr.rdev
+    e.st_size = attr.size
+    e.st_blksize = max(IO_BLOCK, block_size)
+    e.st_blocks = attr.blocks
+    e.st_atime_ns = attr.atime_ns
+    e.st_mtime_ns = attr.mtime_ns
+    e.st_ctime_ns = attr.ctime_ns
+    return e
+
+
+class FuseOperations(pyfuse3.Operations):
+    """pyfuse3 request handlers over one :class:`FileSystem` (usually a node's cache)."""
+
+    enable_writeback_cache = False  # never: see the module docstring
+    enable_acl = False
+
+    def __init__(self, fs: FileSystem, *, workers: int = MAX_WORKERS) -> None:
+        super().__init__()
+        self.fs = fs
+        self.bs = fs.bs
+        self.limiter = trio.CapacityLimiter(workers)
+        self._mu = threading.Lock()
+        self._files: dict[int, OpenFile] = {}
+        self._next_fh = 1
+        self._cached_opens: dict[int, int] = {}  # ino -> read-only opens using the page cache
+        self._append_locks = [threading.Lock() for _ in range(64)]
+        self.notifier: KernelNotifier | None = None
+        self.stats = {"errors": 0}
+
+    # -- wiring ---------------------------------------------------------------------------
+    def start_notifier(self) -> None:
+        """Start dropping kernel pages when the node loses a right (after the mount)."""
+        self.notifier = KernelNotifier(lambda ino: pyfuse3.invalidate_inode(ino))
+
+    def stop_notifier(self) -> None:
+        n, self.notifier = self.notifier, None
+        if n is not None:
+            n.stop()
+
+    def segment_dropped(self, ino: int) -> None:
+        """Hook for the node's cache: it no longer holds a right on a segment of ``ino``.
+
+        Called from any thread, possibly under a cache lock: only queues. Only files
+        that are open read-only on this node can have pages in the kernel that matter
+        (every other open drops them, and writers use direct_io).
+        """
+        n = self.notifier
+        if n is not None and self._cached_opens.get(ino):
+            n.queue(ino)
+
+    # -- plumbing ---------------------------------------------------------------------------
+    async def _run(self, what: str, ino: int, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        except FsError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except SdbError as e:
+            self.stats["errors"] += 1
+            log.error("%s of inode %d failed: %s", what, ino, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except OSError as e:  # a disk's I/O error
+            self.stats["errors"] += 1
+            log.error("%s of inode %d failed: %s", what, ino, e)
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            self.stats["errors"] += 1
+            log.exception("%s of inode %d failed (a bug)", what, ino)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _e(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        return _entry(attr, self.bs)
+
+    def _file(self, fh: int) -> OpenFile:
+        try:
+            return self._files[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+
+    def _new_fh(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+        cached = not flags & _WRITE_ACCESS
+        with self._mu:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._files[fh] = OpenFile(ino, flags, cached)
+            if cached:
+                self._cached_opens[ino] = self._cached_opens.get(ino, 0) + 1
+        return pyfuse3.FileInfo(fh=fh, direct_io=not cached, keep_cache=False)
+
+    def _forget_fh(self, fh: int) -> OpenFile | None:
+        with self._mu:
+            of = self._files.pop(fh, None)
+            if of is not None and of.cached:
+                n = self._cached_opens.get(of.ino, 0) - 1
+                if n > 0:
+                    self._cached_opens[of.ino] = n
+                else:
+                    self._cached_opens.pop(of.ino, None)
+        return of
+
+    # -- names and attributes ------------------------------------------------------------------
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
+                     ) -> pyfuse3.EntryAttributes:
+        return self._e(await self._run("lookup", parent_inode, self.fs.lookup, parent_inode,
+                                       name))
+
+    async def forget(self, inode_list: Any) -> None:
+        return None  # no per-inode state: unlinked open files are kept by open counts
+
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self._e(await self._run("getattr", inode, self.fs.getattr, inode))
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None, ctx: Any
+                      ) -> pyfuse3.EntryAttributes:
+        kw: dict[str, int] = {}
+        if fields.update_mode:
+            kw["mode"] = attr.st_mode
+        if fields.update_uid:
+            kw["uid"] = attr.st_uid
+        if fields.update_gid:
+            kw["gid"] = attr.st_gid
+        if fields.update_size:
+            kw["size"] = attr.st_size
+        if fields.update_atime:
+            kw["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            kw["mtime_ns"] = attr.st_mtime_ns
+
+        def do() -> Attr:
+            if "mtime_ns" in kw or "atime_ns" in kw:
+                # Dirty data written back later would stamp its own mtime over the one
+                # set here (cp -a, touch -d): write it back first.
+                self._flush(inode)
+            return self.fs.setattr(inode, **kw)
+
+        return self._e(await self._run("setattr", inode, do))
+
+    def _flush(self, ino: int) -> None:
+        flush = getattr(self.fs, "flush_inode", None)
+        if flush is not None:
+            flush(ino)
+
+    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        return await self._run("readlink", inode, self.fs.readlink, inode)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+                    ) -> pyfuse3.EntryAttributes:
+        if stat.S_ISREG(mode):
+            return self._e(await self._run("mknod", parent_inode, self.fs.create, parent_inode,
+                                           name, mode, ctx.uid, ctx.gid))
+        if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return self._e(await self._run("mknod", parent_inode, self.fs.meta.mknod, parent_inode,
+                                       name, mode, ctx.uid, ctx.gid, rdev))
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any
+                    ) -> pyfuse3.EntryAttributes:
+        return self._e(await self._run("mkdir", parent_inode, self.fs.mkdir, parent_inode, name,
+                                       mode, ctx.uid, ctx.gid))
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+                      ) -> pyfuse3.EntryAttributes:
+        return self._e(await self._run("symlink", parent_inode, self.fs.symlink, parent_inode,
+                                       name, target, ctx.uid, ctx.gid))
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
+                   ) -> pyfuse3.EntryAttributes:
+        return self._e(await self._run("link", inode, self.fs.link, inode, new_parent_inode,
+                                       new_name))
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self._run("unlink", parent_inode, self.fs.unlink, parent_inode, name)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self._run("rmdir", parent_inode, self.fs.rmdir, parent_inode, name)
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        if flags & ~pyfuse3.RENAME_NOREPLACE:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # RENAME_EXCHANGE (and unknown flags)
+        # MetaApi's RENAME_NOREPLACE has the kernel's value (1), like pyfuse3's.
+        await self._run("rename", parent_inode_old, self.fs.rename, parent_inode_old, name_old,
+                        parent_inode_new, name_new, flags)
+
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        st = await self._run("statfs", 1, self.fs.statfs)
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = st.block_size
+        s.f_frsize = st.block_size
+        s.f_blocks = st.blocks
+        s.f_bfree = st.free
+        s.f_bavail = st.free
+        # Inodes are rows, not a fixed table: report the used ones plus a free count
+        # that never runs out before the blocks do.
+        s.f_files = st.files + st.free
+        s.f_ffree = st.free
+        s.f_favail = st.free
+        s.f_namemax = st.name_max
+        return s
+
+    # -- directories -----------------------------------------------------------------------------
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        attr = await self._run("opendir", inode, self.fs.getattr, inode)
+        if not attr.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        after = start_id
+        while True:
+            batch = await self._run("readdir", fh, self.fs.readdir, fh, after)
+            if not batch:
+                return
+            for ent in batch:
+                if not pyfuse3.readdir_reply(token, ent.name, self._e(ent.attr), ent.cookie):
+                    return
+                after = ent.cookie
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self._run("fsyncdir", fh, self.fs.fsync, fh)
+
+    # -- files -----------------------------------------------------------------------------------
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        def do() -> None:
+            attr = self.fs.getattr(inode)
+            if attr.is_dir:
+                raise FsError(errno.EISDIR, "is a directory")
+            if flags & os.O_TRUNC and flags & _WRITE_ACCESS:
+                # libfuse 3 asks for atomic O_TRUNC: the kernel leaves it to open.
+                self.fs.setattr(inode, size=0)
+            self.fs.open(inode)
+
+        await self._run("open", inode, do)
+        return self._new_fh(inode, flags)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        def do() -> Attr:
+            try:
+                attr = self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid)
+            except FsError as e:
+                # Another node created the name after our lookup said it was missing:
+                # without O_EXCL, open that file as the program asked.
+                if e.errno != errno.EEXIST or flags & os.O_EXCL:
+                    raise
+                attr = self.fs.lookup(parent_inode, name)
+                if attr.is_dir:
+                    raise FsError(errno.EISDIR, "is a directory") from None
+                if flags & os.O_TRUNC and attr.size:
+                    attr = self.fs.setattr(attr.ino, size=0)
+            self.fs.open(attr.ino)
+            return attr
+
+        attr = await self._run("create", parent_inode, do)
+        return self._new_fh(attr.ino, flags), self._e(attr)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        of = self._file(fh)
+        return await self._run("read", of.ino, self.fs.read, of.ino, off, size)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        of = self._file(fh)
+        if of.append:
+            await self._run("append", of.ino, self._append, of.ino, buf)
+        else:
+            await self._run("write", of.ino, self.fs.write, of.ino, off, buf)
+        n = len(buf)
+        if self._cached_opens.get(of.ino) and self.notifier is not None:
+            # A read-only descriptor of this node may hold the old pages (direct_io
+            # writes do not drop them).
+            self.notifier.queue(of.ino)
+        return n
+
+    def _append(self, ino: int, data: bytes) -> int:
+        append = getattr(self.fs, "append", None)
+        if append is not None:
+            return int(append(ino, data))
+        # A plain FileSystem (no other node caches anything): one appender at a time.
+        with self._append_locks[ino % 64]:
+            end = self.fs.getattr(ino).size
+            self.fs.write(ino, end, data)
+            return end
+
+    async def flush(self, fh: int) -> None:
+        # close(2): what this node wrote reaches the shared disks before close returns
+        # (not fsynced), so a node crash after a close loses nothing that was closed.
+        of = self._file(fh)
+        if of.writable:
+            await self._run("flush", of.ino, self._flush, of.ino)
+
+    async def release(self, fh: int) -> None:
+        of = self._forget_fh(fh)
+        if of is not None:
+            await self._run("release", of.ino, self.fs.release, of.ino)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        of = self._file(fh)
+        await self._run("fsync", of.ino, self.fs.fsync, of.ino)
