@@ -1,0 +1,177 @@
+"""Node agents as separate hosts: each in its own network namespace, joined to the root
+namespace by a veth pair (addresses 10.200.x.y/30 that exist only on this machine's
+veth pairs), reaching the coordinator over them with ``--coordinator HOST:PORT
+--secret-file`` and no cluster directory of the coordinator's (issue 3, "Tests").
+
+Each "host" has a directory of its own holding only a copy of the secret; its node
+records its control address there, and programs on that host (``ip netns exec``) use
+it. The second test cuts one host's link (a real partition, not a stopped process).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cluster_helpers import ClusterProcs, sdb, wait_for
+
+MiB = 1 << 20
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check,
+                          timeout=30)
+
+
+@dataclass
+class Host:
+    ns: str
+    veth: str  # root side
+    peer: str  # inside the namespace
+    addr: str  # inside the namespace
+    gateway: str  # root side
+    dir: Path
+
+    def prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.ns]
+
+    def link(self, up: bool) -> None:
+        ip("-n", self.ns, "link", "set", self.peer, "up" if up else "down")
+        if up:  # the route through the link went with it
+            self.route()
+
+    def route(self) -> None:
+        # The coordinator listens on host 1's gateway; every host reaches it through
+        # its own link (the root namespace delivers to its own addresses).
+        ip("-n", self.ns, "route", "replace", "10.200.0.0/16", "via", self.gateway)
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[list[Host]]:
+    tag = f"{os.getpid() % 100000}"
+    made: list[Host] = []
+    try:
+        for i in (1, 2):
+            h = Host(ns=f"sdbt{tag}h{i}", veth=f"sdv{tag}h{i}", peer=f"sdv{tag}n{i}",
+                     addr=f"10.200.{i}.2", gateway=f"10.200.{i}.1", dir=tmp_path / f"host{i}")
+            ip("netns", "add", h.ns)
+            made.append(h)
+            ip("link", "add", h.veth, "type", "veth", "peer", "name", h.peer, "netns", h.ns)
+            ip("addr", "add", f"{h.gateway}/30", "dev", h.veth)
+            ip("link", "set", h.veth, "up")
+            ip("-n", h.ns, "addr", "add", f"{h.addr}/30", "dev", h.peer)
+            ip("-n", h.ns, "link", "set", h.peer, "up")
+            ip("-n", h.ns, "link", "set", "lo", "up")
+            h.route()
+            h.dir.mkdir()
+        yield made
+    finally:
+        for h in made:
+            pids = ip("netns", "pids", h.ns, check=False).stdout.split()
+            for pid in pids:  # only our own processes live in our namespaces
+                try:
+                    os.kill(int(pid), 9)
+                except ProcessLookupError:
+                    pass
+            ip("link", "del", h.veth, check=False)
+            ip("netns", "del", h.ns, check=False)
+
+
+@pytest.fixture
+def cp(tmp_path: Path) -> Iterator[ClusterProcs]:
+    c = ClusterProcs(tmp_path / "coord-host", block_size=4096)
+    try:
+        yield c
+    finally:
+        c.cleanup()
+
+
+def start(cp: ClusterProcs, hosts: list[Host], flush_delay: float = 60) -> str:
+    cp.start_coordinator(lease=2.0, listen=f"{hosts[0].gateway}:0")
+    coord = (cp.dir / "coordinator.addr").read_text().split()[0]
+    assert coord.startswith(hosts[0].gateway + ":")
+    for i, h in enumerate(hosts):
+        shutil.copy(cp.dir / "secret", h.dir / "secret")  # all a host gets
+        cp.start_node(f"h{i + 1}", cluster_dir=h.dir, flush_delay=flush_delay,
+                      extra=["--coordinator", coord, "--secret-file", str(h.dir / "secret")],
+                      prefix=h.prefix())
+    log = cp.coordinator_log()
+    for h in hosts:  # the nodes really came over their veth links
+        assert f"connection from {h.addr}:" in log, log[-2000:]
+    return coord
+
+
+def fs(h: Host, node: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``sdbackup fs --node NODE HOSTDIR ...`` run on that host (in its namespace)."""
+    return sdb("fs", "--node", node, str(h.dir), *args, prefix=h.prefix(), check=True,
+               cwd=h.dir)
+
+
+def test_nodes_on_two_network_namespaces(cp: ClusterProcs, hosts: list[Host],
+                                         tmp_path: Path) -> None:
+    start(cp, hosts)
+    h1, h2 = hosts
+    src = tmp_path / "data.bin"
+    src.write_bytes(os.urandom(2 * MiB + 999))
+    fs(h1, "h1", "put", "-q", str(src), "/data.bin")
+    dirty = [r for r in cp.cache_table() if r["dirty"]]
+    assert {(r["node"], r["path"]) for r in dirty} == {("h1", "/data.bin")}
+    out = tmp_path / "back.bin"
+    fs(h2, "h2", "get", "-q", "/data.bin", str(out))
+    assert out.read_bytes() == src.read_bytes()
+    # And back the other way, then a cluster-wide flush from the coordinator's host.
+    (tmp_path / "small").write_bytes(b"from host 2\n" * 100)
+    fs(h2, "h2", "put", "-q", str(tmp_path / "small"), "/small")
+    fs(h1, "h1", "put", "-q", str(tmp_path / "small"), "/small1")
+    assert {r["node"] for r in cp.cache_table() if r["dirty"]} == {"h1", "h2"}
+    assert fs(h1, "h1", "cat", "/small").stdout == "from host 2\n" * 100
+    cp.flush()
+    assert not [r for r in cp.cache_table() if r["dirty"]]
+    st = cp.status()
+    assert {n["name"] for n in st["nodes"] if n["kind"] == "node"} == {"h1", "h2"}
+    for p in cp.nodes.values():
+        assert p.stop() == 0
+    cp.assert_no_tracebacks()
+
+
+def test_partitioned_host_is_dropped_and_cannot_overwrite_newer_data(
+        cp: ClusterProcs, hosts: list[Host], tmp_path: Path) -> None:
+    start(cp, hosts, flush_delay=1.0)
+    h1, h2 = hosts
+    base = tmp_path / "base"
+    base.write_bytes(b"b" * MiB)
+    fs(h1, "h1", "put", "-q", str(base), "/f")
+    fs(h1, "h1", "cat", "/f")  # (and read back through h1)
+    stale = tmp_path / "stale"
+    stale.write_bytes(b"S" * 300_000)
+    # h2 writes, and before its flush delay is over, its link goes down.
+    sdb("fs", "--node", "h2", str(h2.dir), "put", "-q", str(stale), "/f", prefix=h2.prefix(),
+        check=True, cwd=h2.dir)
+    h2.link(False)
+    try:
+        cp.wait_log("LOST unwritten data of node h2: /f bytes 0-1048576", timeout=15)
+        newer = tmp_path / "newer"
+        newer.write_bytes(b"N" * 200_000)
+        fs(h1, "h1", "put", "-q", str(newer), "/f")
+        assert fs(h1, "h1", "cat", "/f").stdout == "N" * 200_000
+    finally:
+        h2.link(True)
+    # h2 comes back, rejoins, and drops what it had (logging it), never writing it.
+    wait_for(lambda: "rejoined the same coordinator; cache dropped" in
+             (h2.dir / "logs" / "node-h2.log").read_text(), 20, "h2 to rejoin")
+    node_log = (h2.dir / "logs" / "node-h2.log").read_text()
+    assert "LOST unwritten data of inode" in node_log
+    out = fs(h2, "h2", "cat", "/f").stdout
+    assert out == "N" * 200_000
+    cp.flush()
+    assert fs(h1, "h1", "cat", "/f").stdout == "N" * 200_000
+    for p in cp.nodes.values():
+        assert p.stop() == 0
+    assert cp.coordinator is not None and cp.coordinator.stop() == 0
+    r = sdb("fsck", str(cp.dir))
+    assert r.returncode == 0, r.stdout + r.stderr
