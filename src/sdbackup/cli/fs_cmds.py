@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from sdbackup.cli.progress import ByteProgress
-from sdbackup.cluster.local import open_cluster
+from sdbackup.cluster.access import open_fs
 from sdbackup.errors import FsError, UsageError
 from sdbackup.fs import transfer
 from sdbackup.fs.filesystem import FileSystem
@@ -29,14 +29,18 @@ def register(cli: click.Group) -> None:
 @click.argument("cluster_dir", type=click.Path(path_type=Path))
 @click.option("--wait", default=10.0, show_default=True,
               help="Seconds to wait while another sdbackup command holds the cluster.")
+@click.option("--node", "node_name", metavar="NAME",
+              help="Go through this running node agent (and its cache).")
 @click.pass_context
-def fs(ctx: click.Context, cluster_dir: Path, wait: float) -> None:
+def fs(ctx: click.Context, cluster_dir: Path, wait: float, node_name: str | None) -> None:
     """Copy files in and out of the cluster file system and inspect it.
 
-    Paths inside the cluster are absolute ('/dir/file'). With no coordinator running,
-    the command opens the cluster itself and holds its lock until it is done.
+    Paths inside the cluster are absolute ('/dir/file'). With a coordinator running,
+    the command joins it as a short-lived client (coherent with every node's cache);
+    with --node NAME it goes through that node agent; with no coordinator running, it
+    opens the cluster itself and holds its lock until it is done.
     """
-    ctx.obj = {"dir": cluster_dir, "wait": wait}
+    ctx.obj = {"dir": cluster_dir, "wait": wait, "node": node_name}
 
 
 def _set_wait(ctx: click.Context, _param: click.Parameter, value: float | None) -> None:
@@ -51,10 +55,21 @@ _wait_option = click.option(
     "(default 10).")
 
 
+def _set_node(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.obj["node"] = value
+
+
+# The same --node on every subcommand ('fs DIR ls --node n1'), like --wait.
+_node_option = click.option(
+    "--node", type=str, default=None, expose_value=False, callback=_set_node,
+    metavar="NAME", help="Go through this running node agent (and its cache).")
+
+
 @contextmanager
 def _fs(ctx: click.Context) -> Iterator[FileSystem]:
-    with open_cluster(ctx.obj["dir"], wait=ctx.obj["wait"]) as c:
-        yield c.fs
+    with open_fs(ctx.obj["dir"], node=ctx.obj["node"], wait=ctx.obj["wait"]) as f:
+        yield f
 
 
 @fs.command()
@@ -62,6 +77,7 @@ def _fs(ctx: click.Context) -> Iterator[FileSystem]:
 @click.argument("dest")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @_wait_option
+@_node_option
 @click.pass_context
 def put(ctx: click.Context, src: tuple[Path, ...], dest: str, quiet: bool) -> None:
     """Copy local files or trees SRC... to cluster path DEST (like cp -a)."""
@@ -87,6 +103,7 @@ def _local_size(p: Path) -> int:
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @_wait_option
+@_node_option
 @click.pass_context
 def get(ctx: click.Context, src: tuple[str, ...], dest: Path, quiet: bool) -> None:
     """Copy cluster paths SRC... to local DEST (like cp -a)."""
@@ -112,6 +129,7 @@ def _ls_line(name: str, a: Attr) -> str:
 @click.argument("path", default="/")
 @click.option("-l", "long", is_flag=True, help="Long listing (mode, links, owner, size, time).")
 @_wait_option
+@_node_option
 @click.pass_context
 def ls(ctx: click.Context, path: str, long: bool) -> None:
     """List a directory (or show one file)."""
@@ -130,6 +148,7 @@ def ls(ctx: click.Context, path: str, long: bool) -> None:
 @fs.command()
 @click.argument("path")
 @_wait_option
+@_node_option
 @click.pass_context
 def cat(ctx: click.Context, path: str) -> None:
     """Write a file's contents to standard output."""
@@ -153,6 +172,7 @@ def cat(ctx: click.Context, path: str) -> None:
 @click.option("-p", "--parents", is_flag=True, help="Create parents; no error if it exists.")
 @click.option("-m", "--mode", default="755", show_default=True, help="Octal mode.")
 @_wait_option
+@_node_option
 @click.pass_context
 def mkdir(ctx: click.Context, path: str, parents: bool, mode: str) -> None:
     """Create a directory."""
@@ -182,6 +202,7 @@ def mkdir(ctx: click.Context, path: str, parents: bool, mode: str) -> None:
 @click.option("-r", "--recursive", is_flag=True, help="Remove directories and their contents.")
 @click.option("-f", "--force", is_flag=True, help="No error when a path does not exist.")
 @_wait_option
+@_node_option
 @click.pass_context
 def rm(ctx: click.Context, paths: tuple[str, ...], recursive: bool, force: bool) -> None:
     """Remove files (and with -r, directories)."""
@@ -216,6 +237,7 @@ def _rmtree(f: FileSystem, parent: int, name: bytes) -> None:
 @click.argument("src")
 @click.argument("dest")
 @_wait_option
+@_node_option
 @click.pass_context
 def mv(ctx: click.Context, src: str, dest: str) -> None:
     """Rename or move SRC to DEST (atomically replaces an existing file)."""
@@ -238,6 +260,7 @@ def mv(ctx: click.Context, src: str, dest: str) -> None:
 @click.argument("path")
 @click.option("--extents", is_flag=True, help="Also list the file's extents (disk block runs).")
 @_wait_option
+@_node_option
 @click.pass_context
 def stat_cmd(ctx: click.Context, path: str, extents: bool) -> None:
     """Show a file's attributes (and where its blocks are)."""
@@ -250,6 +273,6 @@ def stat_cmd(ctx: click.Context, path: str, extents: bool) -> None:
         if a.is_link:
             click.echo(f"target    {os.fsdecode(f.readlink(a.ino))}")
         if extents and a.is_reg:
-            names = f.disks.names
             for e in f.meta.map_read(a.ino, 0, (a.size + f.bs - 1) // f.bs):
-                click.echo(f"extent    file {e.fblock}+{e.length} -> {names[e.disk]}:{e.dblock}")
+                disk = f.disks.names.get(e.disk, str(e.disk))
+                click.echo(f"extent    file {e.fblock}+{e.length} -> {disk}:{e.dblock}")
