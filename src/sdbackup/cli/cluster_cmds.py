@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
+from sdbackup.cluster.access import try_coordinator_client
+from sdbackup.cluster.config import load_config
 from sdbackup.cluster.local import DiskSpec, init_cluster, open_cluster, open_store
 from sdbackup.errors import EXIT_CHECK_FAILED, UsageError
 from sdbackup.meta import fsck as fsck_mod
@@ -56,6 +59,15 @@ def _human(n: float) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def info(cluster_dir: Path, as_json: bool) -> None:
     """Show disks, block size, blocks used/free per disk, files and directories."""
+    rc = try_coordinator_client(cluster_dir)
+    if rc is not None:
+        with rc:
+            data = rc.call("info")[0]
+        for d in data["disks"]:
+            d["free"] = d["blocks"] - d["used"]
+        data.update(cluster_dir=str(cluster_dir), cluster_id=load_config(cluster_dir).cluster_id)
+        _print_info(cluster_dir, data, as_json)
+        return
     with open_cluster(cluster_dir) as c:
         bs = c.config.block_size
         disks: list[dict[str, object]] = []
@@ -69,12 +81,19 @@ def info(cluster_dir: Path, as_json: bool) -> None:
         links = int(c.store.get_val("SELECT COUNT(*) FROM inodes WHERE (mode & 61440) = 40960"))
         data = {"cluster_dir": str(c.dir), "cluster_id": c.config.cluster_id, "block_size": bs,
                 "disks": disks, "files": files, "directories": dirs, "symlinks": links}
+    _print_info(cluster_dir, data, as_json)
+
+
+def _print_info(cluster_dir: Path, data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
+    bs = int(data["block_size"])
+    disks = data["disks"]
     click.echo(f"cluster     {data['cluster_id']}  ({cluster_dir})")
     click.echo(f"block size  {bs}")
-    click.echo(f"files       {files}   directories {dirs}   symlinks {links}")
+    click.echo(f"files       {data['files']}   directories {data['directories']}   "
+               f"symlinks {data['symlinks']}")
     click.echo(f"{'disk':<12} {'blocks':>12} {'used':>12} {'free':>12}  {'size':>10}  path")
     for row in disks:
         nb = int(str(row["blocks"]))
@@ -94,9 +113,17 @@ def blocks(cluster_dir: Path, disk_name: str | None, used: bool, as_json: bool) 
     This is the list a full backup copies (the seed's Fig. 19), in runs of contiguous
     blocks (Fig. 24).
     """
-    with open_cluster(cluster_dir) as c:
-        wanted = [c.config.disk(disk_name)] if disk_name else c.config.disks
-        out = {d.name: c.meta.used_runs(d.id) for d in wanted}
+    rc = try_coordinator_client(cluster_dir)
+    if rc is not None:
+        cfg = load_config(cluster_dir)
+        wanted = [cfg.disk(disk_name)] if disk_name else cfg.disks
+        with rc:
+            out = {d.name: [tuple(r) for r in rc.call("used_runs", {"disk": d.name})[0]["runs"]]
+                   for d in wanted}
+    else:
+        with open_cluster(cluster_dir) as c:
+            wanted = [c.config.disk(disk_name)] if disk_name else c.config.disks
+            out = {d.name: c.meta.used_runs(d.id) for d in wanted}
     if as_json:
         click.echo(json.dumps(out))
         return
@@ -116,8 +143,13 @@ def fsck(cluster_dir: Path, as_json: bool) -> None:
     extents, directory entries and link counts are right, and every directory is
     reachable from the root.
     """
-    with open_store(cluster_dir) as store:  # not open_cluster: it would purge orphans first
-        problems = fsck_mod.check_all(store)
+    rc = try_coordinator_client(cluster_dir)
+    if rc is not None:  # the running coordinator checks its own store
+        with rc:
+            problems = [fsck_mod.Problem(c, m) for c, m in rc.call("fsck")[0]["problems"]]
+    else:
+        with open_store(cluster_dir) as store:  # not open_cluster: it would purge orphans
+            problems = fsck_mod.check_all(store)
     if as_json:
         click.echo(json.dumps([{"check": p.check, "message": p.message} for p in problems]))
     else:

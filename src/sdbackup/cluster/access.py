@@ -81,22 +81,33 @@ def _try_client(cluster_dir: str | os.PathLike[str]) -> ClusterClient | None:
         return None
 
 
-@contextmanager
-def coordinator_client(cluster_dir: str | os.PathLike[str]) -> Iterator[RpcClient]:
-    """A joined admin connection to the running coordinator (for status, flush...)."""
+def try_coordinator_client(cluster_dir: str | os.PathLike[str]) -> RpcClient | None:
+    """A joined admin connection to the running coordinator, or None if none runs."""
     addr = read_addr(cluster_dir)
-    missing = RemoteError(f"no coordinator is running for {cluster_dir}: start one with "
-                          f"'sdbackup coordinator {cluster_dir}'")
     if addr is None:
-        raise missing
+        return None
     secret = load_secret(Path(cluster_dir) / "secret")
     try:
         client = RpcClient.connect(addr[0], addr[1], secret, name=f"admin-{os.getpid()}")
     except ConnectFailed:
-        raise missing from None
+        return None
     try:
         client.call("join", {"name": f"admin-{os.getpid()}", "kind": "client",
                              "host": "localhost", "pid": os.getpid()})
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+@contextmanager
+def coordinator_client(cluster_dir: str | os.PathLike[str]) -> Iterator[RpcClient]:
+    """A joined admin connection to the running coordinator (for status, flush...)."""
+    client = try_coordinator_client(cluster_dir)
+    if client is None:
+        raise RemoteError(f"no coordinator is running for {cluster_dir}: start one with "
+                          f"'sdbackup coordinator {cluster_dir}'")
+    try:
         yield client
     finally:
         client.close()
