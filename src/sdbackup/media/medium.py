@@ -434,8 +434,8 @@ class DiskMedium:
             return out
         for name in sorted(os.listdir(gdir)):
             path = gdir / name
-            if not GEN_ID_RE.match(name) or not path.is_dir():
-                continue
+            if not GEN_ID_RE.match(name) or path.is_symlink() or not path.is_dir():
+                continue  # not a generation (a symlink is never followed, nor removed)
             mpath = path / MANIFEST
             if not mpath.exists():
                 out.append(GenerationEntry(name, path, None))
