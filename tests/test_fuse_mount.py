@@ -400,6 +400,20 @@ def test_unlinked_open_file_lives_until_last_close(work: tuple[Path, Path]) -> N
     assert os.listdir(d2) == []
 
 
+def test_big_directory_listing_and_rm_rf(work: tuple[Path, Path]) -> None:
+    """More entries than one answer of the coordinator, listed while it changes."""
+    d1, d2 = work
+    names = {f"entry-{i:05d}-{'x' * (i % 40)}" for i in range(1100)}
+    for n in names:
+        os.close(os.open(d1 / n, os.O_CREAT | os.O_WRONLY, 0o644))
+    assert set(os.listdir(d2)) == names
+    assert len(sh("ls", "-l", d2).stdout.splitlines()) == 1100 + 1  # plus "total"
+    sh("rm", "-rf", d2)
+    assert not d1.exists()
+    d1.mkdir()  # for the fixture's next user of the name (none): keep the tree tidy
+    d1.rmdir()
+
+
 # -- POSIX details through one mount ----------------------------------------------------------
 def test_errno_values(work: tuple[Path, Path]) -> None:
     d, _ = work
@@ -499,10 +513,22 @@ def test_umount_fusermount_and_sigterm_stop_the_agent_cleanly(cluster: Cluster) 
     assert node.proc.wait(timeout=30) == 0 and not mounted(node.mp)
     cluster.nodes.pop("n3")
 
+    # SIGTERM while a program holds a file open that another node unlinked: the agent
+    # unmounts (lazily), closes the file at the coordinator, and the file is freed
+    # (fsck at the end of the module finds no orphan).
     node = cluster.start_node("n3")
+    (node.mp / "held").write_bytes(b"h" * 100_000)
+    holder = subprocess.Popen(["sh", "-c", 'exec 3<"$1"; exec sleep 60', "sh",
+                               str(node.mp / "held")])
+    wait_for(lambda: any(os.readlink(f"/proc/{holder.pid}/fd/{fd}").endswith("held")
+                         for fd in os.listdir(f"/proc/{holder.pid}/fd")), 10, "the holder")
+    os.unlink(cluster.nodes["n1"].mp / "held")
     assert cluster.stop_node("n3") == 0
+    holder.kill()
+    holder.wait()
     assert not mounted(node.mp)
     assert log_problems(node.log) == []
+    assert "closed 1 file(s) that were still open" in node.log.read_text()
     r = sh(*SDB, "umount", node.mp, check=False)
     assert r.returncode == 4 and "nothing is mounted" in r.stderr
 

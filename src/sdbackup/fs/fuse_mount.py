@@ -42,9 +42,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("sdbackup.fuse")
 
 FSTYPE = "fuse.sdbackup"
-# Readahead window of a mount (KiB): one maximal FUSE request (max_pages = 256).
-READAHEAD_KIB = 1024
+# Readahead window of a mount (KiB): four maximal FUSE requests (max_pages = 256), so
+# that a sequential reader keeps several requests in flight.
+READAHEAD_KIB = 4096
 _DEAD = (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
+
+
+class _QuietInterrupted(logging.Filter):
+    """pyfuse3 logs an ERROR when the kernel no longer waits for a reply (ENOENT): the
+    request was interrupted, or the mount is going away with a release still queued.
+    Nothing is lost (the handler ran); keep it at debug level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "fuse_reply_" in msg and "No such file or directory" in msg:
+            log.debug("pyfuse3: %s", msg)
+            return False
+        return True
 
 
 def check_fuse() -> None:
@@ -175,6 +189,7 @@ def serve(fs: FileSystem, mountpoint: str | os.PathLike[str], *, name: str = "no
     from sdbackup.fs.fuse_ops import MAX_WORKERS, FuseOperations
 
     mp = check_mountpoint(mountpoint)
+    logging.getLogger("pyfuse3").addFilter(_QuietInterrupted())
     ops = FuseOperations(fs)
     options = {"default_permissions", f"fsname=sdbackup-{name}", "subtype=sdbackup"}
     if os.getuid() == 0:
@@ -183,7 +198,6 @@ def serve(fs: FileSystem, mountpoint: str | os.PathLike[str], *, name: str = "no
         pyfuse3.init(ops, mp, options)
     except RuntimeError as e:
         raise UsageError(f"cannot mount {mp}: {e}") from None
-    _tune_readahead(mp)
     hooked = hasattr(fs, "on_drop")
     if hooked:
         fs.on_drop = ops.segment_dropped  # type: ignore[attr-defined]
@@ -198,17 +212,20 @@ def serve(fs: FileSystem, mountpoint: str | os.PathLike[str], *, name: str = "no
         # After an external unmount the kernel has closed the connection: unmounting
         # again could hit whatever is mounted there by now.
         pyfuse3.close(unmount=reason != "unmounted")
+        left = ops.release_all()
+        if left:
+            log.info("%s: closed %d file(s) that were still open at the unmount", mp, left)
     log.info("%s: %s", mp, "unmounted" if reason == "unmounted" else f"stopped ({reason})")
     return reason
 
 
 def _tune_readahead(mp: str, kib: int = READAHEAD_KIB) -> None:
-    """Raise the mount's readahead from the kernel's 128 KiB to one full request.
+    """Raise the mount's readahead from the kernel's 128 KiB to ``kib`` (1 MiB requests).
 
     FUSE mounts get their own backing device (``/sys/class/bdi/0:MINOR``); with the
     default window a sequential read arrives as 128 KiB requests, each paying the
     node's per-request costs. Root only; without it reads still work, in smaller
-    requests. (No stat of the mount point here: nobody serves it yet.)
+    requests. Called after INIT: the kernel sets the window from INIT's answer.
     """
     dev = None
     with open("/proc/self/mountinfo") as f:
@@ -243,10 +260,22 @@ async def _main(ops: FuseOperations, mp: str, on_ready: Callable[[str], None] | 
                 pyfuse3.terminate()
                 return
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(watch_signals)
+    async def when_served() -> None:
+        # A stat of the mount point returns once the kernel's INIT has been answered
+        # (by the loop below): the mount is usable, and INIT has set the readahead,
+        # which may be raised now.
+        try:
+            await trio.to_thread.run_sync(os.stat, mp)
+        except OSError as e:
+            log.warning("%s: the new mount does not answer: %s", mp, e)
+            return
+        _tune_readahead(mp)
         if on_ready is not None:
             on_ready(mp)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch_signals)
+        nursery.start_soon(when_served)
         await pyfuse3.main(min_tasks=2, max_tasks=max_tasks)
         nursery.cancel_scope.cancel()
     return reason

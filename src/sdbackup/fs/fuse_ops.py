@@ -66,7 +66,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -74,7 +74,7 @@ import trio
 
 from sdbackup.errors import FsError, SdbError
 from sdbackup.fs.filesystem import FileSystem
-from sdbackup.meta.types import Attr
+from sdbackup.meta.types import Attr, DirEntry
 
 log = logging.getLogger("sdbackup.fuse")
 
@@ -105,6 +105,13 @@ class OpenFile:
     @property
     def append(self) -> bool:
         return bool(self.flags & os.O_APPEND)
+
+
+@dataclass(eq=False)
+class OpenDir:
+    ino: int
+    after: int = 0  # the batch below holds the entries with cookies after this one
+    batch: list[DirEntry] = field(default_factory=list)
 
 
 class KernelNotifier:
@@ -187,6 +194,7 @@ class FuseOperations(pyfuse3.Operations):
         self.limiter = trio.CapacityLimiter(workers)
         self._mu = threading.Lock()
         self._files: dict[int, OpenFile] = {}
+        self._dirs: dict[int, OpenDir] = {}
         self._next_fh = 1
         self._cached_opens: dict[int, int] = {}  # ino -> read-only opens using the page cache
         self._append_locks = [threading.Lock() for _ in range(64)]
@@ -202,6 +210,23 @@ class FuseOperations(pyfuse3.Operations):
         n, self.notifier = self.notifier, None
         if n is not None:
             n.stop()
+
+    def release_all(self) -> int:
+        """Close what the kernel left open (the mount went away with files open).
+
+        Without this the coordinator would count those files open for good, and an
+        unlinked one would never be freed. Returns how many were closed.
+        """
+        with self._mu:
+            files = list(self._files.values())
+            self._files.clear()
+            self._cached_opens.clear()
+        for of in files:
+            try:
+                self.fs.release(of.ino)
+            except Exception as e:  # the others still get closed
+                log.warning("closing inode %d after the unmount failed: %s", of.ino, e)
+        return len(files)
 
     def segment_dropped(self, ino: int) -> None:
         """Hook for the node's cache: it no longer holds a right on a segment of ``ino``.
@@ -369,12 +394,26 @@ class FuseOperations(pyfuse3.Operations):
         attr = await self._run("opendir", inode, self.fs.getattr, inode)
         if not attr.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
+        with self._mu:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._dirs[fh] = OpenDir(inode)
+        return fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        d = self._dirs.get(fh)
+        if d is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
         after = start_id
         while True:
-            batch = await self._run("readdir", fh, self.fs.readdir, fh, after)
+            # The kernel asks for one page of entries at a time; the coordinator
+            # answers in batches of many pages. Keep the rest of a batch for the next
+            # call (cookies are increasing), instead of fetching it again.
+            if d.batch and d.after < after < d.batch[-1].cookie:
+                batch = [e for e in d.batch if e.cookie > after]
+            else:
+                batch = await self._run("readdir", d.ino, self.fs.readdir, d.ino, after)
+                d.after, d.batch = after, batch
             if not batch:
                 return
             for ent in batch:
@@ -383,10 +422,13 @@ class FuseOperations(pyfuse3.Operations):
                 after = ent.cookie
 
     async def releasedir(self, fh: int) -> None:
-        return None
+        with self._mu:
+            self._dirs.pop(fh, None)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await self._run("fsyncdir", fh, self.fs.fsync, fh)
+        d = self._dirs.get(fh)
+        ino = d.ino if d is not None else fh
+        await self._run("fsyncdir", ino, self.fs.fsync, ino)
 
     # -- files -----------------------------------------------------------------------------------
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
