@@ -478,6 +478,10 @@ class DiskMedium:
         if gen is None or gen == "latest":
             good = [e.manifest for e in entries if e.manifest is not None]
             if not good:
+                bad = [e.problem for e in entries if e.problem is not None]
+                if bad:  # say why rather than "nothing there"
+                    raise CorruptError(f"backup medium {self.root} holds no usable "
+                                       f"generation: {bad[-1]}")
                 raise NotFoundError(f"backup medium {self.root} holds no committed generation")
             return good[-1]
         hits = [e for e in entries if e.id == gen] or [e for e in entries if e.id.startswith(gen)]
