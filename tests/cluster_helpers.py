@@ -310,9 +310,17 @@ def _worker(spec: dict[str, Any]) -> int:
     seq = int(spec.get("seq0", 0))
     errors = 0
     with open(spec["out"], "a", buffering=1) as out, _open(spec) as fs:
-        inos = [fs.resolve(f).ino for f in files]
+        while True:  # a node may be reconnecting (tests that restart the coordinator)
+            try:
+                inos = [fs.resolve(f).ino for f in files]
+                break
+            except SdbError:
+                if time.monotonic() > end or not spec.get("max_errors"):
+                    raise
+                time.sleep(0.1)
         ops = 0
-        while time.monotonic() < end and ops < max_ops:
+        stop = Path(spec["stop"]) if spec.get("stop") else None
+        while time.monotonic() < end and ops < max_ops and not (stop and stop.exists()):
             ops += 1
             fidx = rng.randrange(len(files))
             first = rng.choice(slots)
