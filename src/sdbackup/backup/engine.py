@@ -21,19 +21,25 @@ kills the process with SIGKILL at that point (crash tests).
 from __future__ import annotations
 
 import errno
+import json
 import os
+import shutil
 import signal
 import sqlite3
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from sdbackup import __version__
+from sdbackup.backup.bilog import BiEntry, read_entries
 from sdbackup.backup.copy import BATCH_BYTES, GAP_BYTES, RECORD_BYTES, Copier, CopyResult
 from sdbackup.backup.plan import Plan, make_plan
-from sdbackup.backup.source import BackupSource, Snapshot
-from sdbackup.errors import CorruptError, NoSpaceError, UsageError
+from sdbackup.backup.source import BackupSource, Snapshot, SourceConfig
+from sdbackup.backup.window import LOG_MODES
+from sdbackup.blocks.blockset import BlockSet
+from sdbackup.errors import CorruptError, NoSpaceError, SdbError, UsageError
 from sdbackup.media.index import make_entries, write_index
 from sdbackup.media.medium import (
     INDEX,
@@ -46,7 +52,7 @@ from sdbackup.media.medium import (
     file_digest,
     stream_name,
 )
-from sdbackup.media.records import Compression, Kind, RecordWriter
+from sdbackup.media.records import Compression, Kind, RecordReader, RecordWriter, StreamDigest
 from sdbackup.media.snapshot import SnapshotMeta
 
 CRASH_ENV = "SDBACKUP_TEST_CRASH_AT"
@@ -77,6 +83,13 @@ def parse_compression(text: str) -> tuple[Compression, int]:
 class BackupOptions:
     compression: Compression = "zstd"
     level: int = 1
+    # Online backup (issue 6): None holds writes for the whole copy; a log mode freezes
+    # only at T0 and logs before images (see backup/window.py).
+    log_mode: str | None = None
+    log_medium: Path | None = None  # separate mode: where the log goes
+    overlay: bool = False  # bring a separate log into the generation at the end
+    pre_freeze: str | None = None  # shell command run right before the freeze
+    post_thaw: str | None = None  # shell command run right after the thaw
     threads: int | None = None  # compression threads (default: CPUs, at most 8)
     batch_bytes: int = BATCH_BYTES
     record_bytes: int = RECORD_BYTES
@@ -114,6 +127,7 @@ class BackupResult:
             "rate_bytes_per_second": round(self.raw_bytes / self.seconds) if self.seconds else 0,
             "disks": [{"name": d.name, "id": d.id, "nblocks": d.nblocks, "blocks": d.blocks}
                       for d in m.disks],
+            **({"log": m.extra["log"]} if "log" in m.extra else {}),
         }
 
 
@@ -156,6 +170,20 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
     gdir = pending.path
     label = {"kind": "data", "cluster": cfg.cluster_id, "generation": pending.id,
              "medium": medium.medium_id, "stream": 0, "block_size": cfg.block_size}
+    online = opts.log_mode is not None
+    arm = getattr(source, "arm", None)
+    log_path: Path | None = None
+    work = gdir / "bilog-work"
+    if online:
+        if opts.log_mode not in LOG_MODES:
+            raise UsageError(f"unknown log mode {opts.log_mode!r}: use one of "
+                             f"{', '.join(LOG_MODES)}")
+        if opts.log_mode == "separate":
+            log_path = _log_medium_file(opts.log_medium, pending.id, cfg)
+        else:
+            log_path = gdir / stream_name(1)
+        work.mkdir()
+    _run_hook("pre-freeze", opts.pre_freeze)
     t_freeze = time.monotonic()
     with source.freeze(gdir / META) as snap:
         # T0: the snapshot is written; list the used blocks at the same instant.
@@ -163,16 +191,71 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
         _crash_point("after-snapshot")
         if on_plan is not None:
             on_plan(plan)
-        # The copy. Writes are held for the whole backup until online backup lands.
-        t_copy = time.monotonic()
-        copied, stream = _copy(source, plan, gdir / stream_name(0), label, opts, progress)
-        copy_s = time.monotonic() - t_copy
+        _dump_t0_image(source, plan, pending.id)
+        if online and arm is not None:
+            assert log_path is not None and opts.log_mode is not None
+            arm(pending.id, opts.log_mode, plan.disks, log_path, work)
+        if not online:
+            # Offline: writes are held for the whole copy.
+            t_copy = time.monotonic()
+            copied, stream = _copy(source, plan.disks, gdir / stream_name(0), label, opts,
+                                   progress)
+            copy_s = time.monotonic() - t_copy
     freeze_s = time.monotonic() - t_freeze
+    _run_hook("post-thaw", opts.post_thaw)
+    streams = []
+    log_info: dict[str, object] = {}
+    bi_entries: list[BiEntry] = []
+    to_copy = plan.disks
+    if online:
+        logged = getattr(source, "logged", None)
+        if opts.log_mode == "inline" and logged is not None:
+            # a.4: the copy skips the addresses already in the log control file.
+            to_copy = {d: b - logged(d) for d, b in plan.disks.items()}
+        t_copy = time.monotonic()
+        try:
+            copied, stream = _copy(source, to_copy, gdir / stream_name(0), label, opts,
+                                   progress)
+        finally:
+            disarm = getattr(source, "disarm", None)
+            stats = disarm(log_path if opts.log_mode == "merged" else None, work) \
+                if disarm is not None and arm is not None else {"failed": None}
+        copy_s = time.monotonic() - t_copy
+        if stats.get("failed"):
+            raise BackupFailed(f"backup {pending.id} failed and was not committed: "
+                               f"{stats['failed']}")
+        assert log_path is not None
+        log_info = {"mode": opts.log_mode, "bi_runs": stats.get("bi_runs", 0)}
+        if log_path.exists():
+            bi_entries = read_entries(log_path)
+            log_file = stream_file_entry(log_path)
+            log_info.update(records=log_file.records, bytes=log_file.bytes,
+                            blocks=sum(e.count for e in bi_entries))
+            if opts.log_mode == "separate" and not opts.overlay:
+                log_info.update(medium=str(log_path.parent), file=log_path.name,
+                                digest=f"{log_file.digest:016x}", overlaid=False)
+                bi_entries = []
+            elif opts.log_mode == "separate":
+                shutil.copyfile(log_path, gdir / stream_name(1))
+                _fsync_file(gdir / stream_name(1))
+                log_info.update(overlaid=True)
+            if bi_entries:
+                streams.append(stream_file_entry(gdir / stream_name(1)))
+        else:
+            log_info.update(records=0, bytes=0, blocks=0)
+        shutil.rmtree(work, ignore_errors=True)
+    streams.insert(0, stream)
+    log_info["freeze_flush_seconds"] = round(getattr(source, "freeze_flush_seconds", 0.0), 6)
 
     meta = _finish_snapshot(snap, cfg.cluster_id)
-    _check_copied(plan, copied)
-    entries = make_entries(copied.disk, copied.start, copied.count, copied.offset,
-                           [0] * copied.records, [int(Kind.DATA)] * copied.records)
+    _check_copied(to_copy, copied)
+    nb = len(bi_entries)
+    entries = make_entries(copied.disk + [e.disk for e in bi_entries],
+                           copied.start + [e.start for e in bi_entries],
+                           copied.count + [e.count for e in bi_entries],
+                           copied.offset + [e.offset for e in bi_entries],
+                           [0] * copied.records + [1] * nb,
+                           [int(Kind.DATA)] * copied.records + [int(Kind.BI)] * nb)
     isize, irecs, idigest = write_index(
         gdir / INDEX, entries, {"cluster": cfg.cluster_id, "generation": pending.id,
                                 "medium": medium.medium_id})
@@ -183,21 +266,23 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
         t0_logical=snap.logical_time, committed_ns=time.time_ns(),
         disks=tuple(DiskEntry(d.id, d.name, d.nblocks, len(plan.disks[d.id]))
                     for d in cfg.disks),
-        streams=(stream,), index=FileEntry(INDEX, isize, idigest, irecs),
+        streams=tuple(streams), index=FileEntry(INDEX, isize, idigest, irecs),
         index_entries=int(entries.size), meta=meta, compression=opts.compression_text,
         freeze_seconds=freeze_s, copy_seconds=copy_s,
         extra={"writer": f"sdbackup {__version__}",
                "copy": {"read_bytes": copied.read_bytes, "records": copied.records,
                         "batches": copied.batches, "runs": plan.runs(),
                         "batch_bytes": opts.batch_bytes, "record_bytes": opts.record_bytes,
-                        "gap_bytes": opts.gap_bytes}},
+                        "gap_bytes": opts.gap_bytes},
+               **({"log": log_info} if online else {})},
     )
     pending.commit(manifest)
     return BackupResult(manifest, medium, copied.read_bytes, copied.records, plan.runs(),
                         time.monotonic() - started)
 
 
-def _copy(source: BackupSource, plan: Plan, path: Path, label: dict[str, object],
+def _copy(source: BackupSource, disks: dict[int, BlockSet], path: Path,
+          label: dict[str, object],
           opts: BackupOptions, progress: Callable[[int], None] | None
           ) -> tuple[CopyResult, FileEntry]:
     writer = RecordWriter.create(path, label=label, compress=opts.compression,
@@ -211,7 +296,7 @@ def _copy(source: BackupSource, plan: Plan, path: Path, label: dict[str, object]
         copier = Copier(source.disks, source.config.block_size, writer,
                         batch_bytes=opts.batch_bytes, record_bytes=opts.record_bytes,
                         gap_bytes=opts.gap_bytes, progress=progress, after_batch=after_batch)
-        copied = copier.copy(plan.disks)
+        copied = copier.copy(disks)
         size = writer.close()  # END record, fsync
     except BaseException:
         writer.abort()
@@ -252,11 +337,84 @@ def _finish_snapshot(snap: Snapshot, cluster_id: str) -> FileEntry:
     return FileEntry(META, size, digest)
 
 
-def _check_copied(plan: Plan, copied: CopyResult) -> None:
+def _check_copied(disks: dict[int, BlockSet], copied: CopyResult) -> None:
     """Every planned block is in exactly one record (a cheap count check)."""
-    if copied.blocks != plan.blocks or sum(copied.count) != plan.blocks:
+    want = sum(len(b) for b in disks.values())
+    if copied.blocks != want or sum(copied.count) != want:
         raise RuntimeError(f"copier stored {copied.blocks} blocks, the plan has "
-                           f"{plan.blocks} (a bug: please report it)")
+                           f"{want} (a bug: please report it)")
+
+
+class BackupFailed(SdbError):
+    """The backup could not be made consistent (e.g. a node took its log with it)."""
+
+    exit_code = 1
+
+
+T0_IMAGE_ENV = "SDBACKUP_TEST_T0_IMAGE_DIR"
+
+
+def _dump_t0_image(source: BackupSource, plan: Plan, gen_id: str) -> None:
+    """Test hook: while frozen, write the used blocks of every disk to
+    ``$SDBACKUP_TEST_T0_IMAGE_DIR/<generation>/<disk>.img`` (the exact T0 image that a
+    restore must reproduce)."""
+    root = os.environ.get(T0_IMAGE_ENV)
+    if not root:
+        return
+    out = Path(root) / gen_id
+    out.mkdir(parents=True, exist_ok=True)
+    bs = source.config.block_size
+    for d in source.config.disks:
+        with open(out / f"{d.name}.img", "wb") as f:
+            f.truncate(d.nblocks * bs)
+            for start, count in plan.disks[d.id].runs():
+                f.seek(start * bs)
+                f.write(source.disks.read(d.name, start, count))
+
+
+def _run_hook(name: str, cmd: str | None) -> None:
+    """Run a --pre-freeze/--post-thaw command; a failing pre-freeze aborts the backup."""
+    if not cmd:
+        return
+    r = subprocess.run(cmd, shell=True, check=False)
+    if r.returncode != 0:
+        raise UsageError(f"the {name} hook {cmd!r} failed with status {r.returncode}; "
+                         + ("the backup was aborted before the freeze" if name == "pre-freeze"
+                            else "the backup went on"))
+
+
+def _log_medium_file(log_medium: Path | None, gen_id: str, cfg: SourceConfig) -> Path:
+    """Where a separate-mode log goes: LOG_MEDIUM/<generation>.bilog."""
+    if log_medium is None:
+        raise UsageError("--log-mode separate needs --log-medium DIR (a directory on "
+                         "another medium than the backup)")
+    log_medium.mkdir(parents=True, exist_ok=True)
+    label = log_medium / "sdbackup-logmedium.json"
+    if not label.exists():
+        label.write_text(json.dumps({"format": "sdbackup-log-medium", "version": 1,
+                                     "cluster_id": cfg.cluster_id}) + "\n")
+    return log_medium / f"{gen_id}.bilog"
+
+
+def stream_file_entry(path: Path) -> FileEntry:
+    """Size, record count and header digest of a finished record stream."""
+    digest = StreamDigest()
+    n = 0
+    end = 0
+    with RecordReader(path) as r:
+        for rec in r.scan(payloads=False):
+            digest.update(rec.header)
+            n += 1
+            end = rec.offset + rec.header.record_len
+    return FileEntry(path.name, end, digest.intdigest(), n)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _is_no_space(e: BaseException, where: Path) -> bool:

@@ -96,7 +96,9 @@ def verify_generation(gen: Generation, progress: Callable[[int], None] | None = 
     # -- coverage --------------------------------------------------------------------
     if index is not None:
         for d in m.disks:
-            de = index.for_disk(d.id)
+            # DATA and before images together hold the T0 image (an inline copy skips
+            # blocks whose before images were logged first).
+            de = np.concatenate([index.for_disk(d.id), index.for_disk(d.id, int(Kind.BI))])
             have_set = BlockSet.from_runs(np.stack([de["start"].astype(np.int64),
                                                     de["count"].astype(np.int64)], axis=1))
             if len(have_set) != d.blocks:

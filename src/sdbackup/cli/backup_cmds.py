@@ -17,8 +17,9 @@ from sdbackup.backup.plan import Plan
 from sdbackup.backup.source import LocalClusterSource
 from sdbackup.backup.verify import verify_generation
 from sdbackup.cli.progress import ByteProgress
+from sdbackup.cluster.access import try_coordinator_client
 from sdbackup.cluster.local import open_cluster
-from sdbackup.errors import EXIT_CHECK_FAILED, EXIT_CORRUPT, BusyError, UsageError
+from sdbackup.errors import EXIT_CHECK_FAILED, EXIT_CORRUPT, UsageError
 from sdbackup.media.generation import Generation, GenerationReader
 from sdbackup.media.medium import DiskMedium, Manifest, iso_utc, looks_like_generation
 from sdbackup.restore.files import restore_files
@@ -79,27 +80,56 @@ def _progress(label: str, quiet: bool) -> Iterator[_LazyProgress]:
               metavar="none|zstd[:LEVEL]", help="Compression of the copied blocks.")
 @click.option("--wait", default=10.0, show_default=True,
               help="Seconds to wait while another sdbackup command holds the cluster.")
+@click.option("--log-mode", type=click.Choice(["merged", "central", "inline", "separate"]),
+              help="Online backup: freeze only at T0 and let writes go on, logging before "
+                   "images: merged (each node's own log, merged by logical time), central "
+                   "(sent to the coordinator at once), inline (into the backup medium; the "
+                   "copy skips logged blocks), separate (on --log-medium; the backup medium "
+                   "is written sequentially only).")
+@click.option("--log-medium", type=click.Path(path_type=Path),
+              help="Directory of the separate log medium (with --log-mode separate).")
+@click.option("--overlay", is_flag=True,
+              help="With --log-mode separate: bring the log into the generation at the end.")
+@click.option("--pre-freeze", metavar="CMD",
+              help="Shell command run right before the freeze; if it fails, no backup.")
+@click.option("--post-thaw", metavar="CMD", help="Shell command run right after the thaw.")
 @JSON
 @QUIET
 def backup(cluster_dir: Path, medium: Path, full: bool, compress: str, wait: float,
-           as_json: bool, quiet: bool) -> None:
+           log_mode: str | None, log_medium: Path | None, overlay: bool,
+           pre_freeze: str | None, post_thaw: str | None, as_json: bool, quiet: bool) -> None:
     """Back up the cluster's disks to a new generation on the medium DIR.
 
     Copies the blocks in use at one instant T0 (from the allocation bitmap), in large
     sequential batches that take blocks of many files at once, with the metadata
     snapshot taken at T0, an index, and a manifest written last (the commit).
 
-    NOTE: until online backup lands, writes to the cluster are held for the whole
-    backup (the cluster is locked while it runs), not only at T0.
+    Without --log-mode, writes are held for the whole backup. With --log-mode, the
+    cluster is frozen only for the instant T0 (every node's dirty cache is written back,
+    the metadata is snapshotted) and writes go on during the copy: whoever overwrites a
+    block the backup still needs saves its before image first, and the generation holds
+    exactly the data at T0. With a coordinator running, the coordinator runs the backup.
     """
     comp, level = parse_compression(compress)
-    opts = BackupOptions(compression=comp, level=level or 1)
-    try:
-        cluster = open_cluster(cluster_dir, wait=wait)
-    except BusyError as e:
-        raise BusyError(f"{e.message} (a running coordinator holds the cluster: stop it "
-                        "for the backup; backup through the coordinator comes with online "
-                        "backup)") from None
+    if log_medium is not None and log_mode != "separate":
+        raise UsageError("--log-medium goes with --log-mode separate")
+    if overlay and log_mode != "separate":
+        raise UsageError("--overlay goes with --log-mode separate (other modes keep the log "
+                         "in the generation already)")
+    opts = BackupOptions(compression=comp, level=level or 1, log_mode=log_mode,
+                         log_medium=log_medium.absolute() if log_medium else None,
+                         overlay=overlay, pre_freeze=pre_freeze, post_thaw=post_thaw)
+    rc = try_coordinator_client(cluster_dir)
+    if rc is not None:
+        with rc:
+            s = rc.call("backup", {"medium": str(medium.absolute()), "compression": comp,
+                                   "level": opts.level, "log_mode": log_mode,
+                                   "log_medium": str(opts.log_medium) if opts.log_medium
+                                   else None, "overlay": overlay, "pre_freeze": pre_freeze,
+                                   "post_thaw": post_thaw}, timeout=None)[0]
+        _print_backup(s, medium, as_json)
+        return
+    cluster = open_cluster(cluster_dir, wait=wait)
     with cluster, _progress("backup", quiet) as prog:
         source = LocalClusterSource(cluster)
 
@@ -107,7 +137,10 @@ def backup(cluster_dir: Path, medium: Path, full: bool, compress: str, wait: flo
             prog.start(plan.blocks * source.config.block_size)
 
         result = run_backup(source, medium, opts, on_plan=on_plan, progress=prog.advance)
-    s = result.summary()
+    _print_backup(result.summary(), medium, as_json)
+
+
+def _print_backup(s: dict[str, Any], medium: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
@@ -119,7 +152,12 @@ def backup(cluster_dir: Path, medium: Path, full: bool, compress: str, wait: flo
                f"{s['records']} records; stored {_human(stored)}"
                + (f" ({stored / raw:.0%} of raw, {s['compression']})" if raw else ""))
     click.echo(f"  {secs:.2f} s, {_human(raw / secs if secs else 0)}/s; writes held "
-               f"{float(str(s['freeze_seconds'])):.2f} s")
+               f"{float(str(s['freeze_seconds'])):.3f} s")
+    log = s.get("log")
+    if isinstance(log, dict):
+        click.echo(f"  online ({log['mode']}): {log.get('blocks', 0)} before-image blocks "
+                   f"logged in {log.get('records', 0)} records"
+                   + (f" on {log['medium']}" if log.get("medium") else ""))
 
 
 # -- generations -----------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def try_coordinator_client(cluster_dir: str | os.PathLike[str]) -> RpcClient | N
     except ConnectFailed:
         return None
     try:
-        client.call("join", {"name": f"admin-{os.getpid()}", "kind": "client",
+        client.call("join", {"name": f"admin-{os.getpid()}", "kind": "admin",
                              "host": "localhost", "pid": os.getpid()})
     except BaseException:
         client.close()

@@ -103,6 +103,7 @@ class Coordinator:
                                 max_workers=64)
         self._monitor: threading.Thread | None = None
         self.window: BackupWindow | None = None
+        self.backup_lock = threading.Lock()
         self._own_log: BiLog | None = None  # merged mode: the coordinator's own writes
 
     # -- life cycle -----------------------------------------------------------------------
@@ -157,7 +158,7 @@ class Coordinator:
         return s
 
     def join(self, conn: Connection, name: str, kind: str, host: str, pid: int) -> Session:
-        if kind not in ("node", "client"):
+        if kind not in ("node", "client", "admin"):
             raise UsageError(f"unknown session kind {kind!r}")
         with self._mu:
             for s in self.sessions.values():
@@ -338,7 +339,9 @@ class Coordinator:
                      log_path: Path, work_dir: Path) -> BackupWindow:
         """Arm before-image logging (call while frozen: no write-back is in flight)."""
         bs = self.config.block_size
-        label = {"cluster": self.config.cluster_id, "generation": gen_id}
+        # The log becomes stream 1 of the generation (or, in separate mode, can be
+        # brought into it by 'sdbackup overlay'), so it is labelled as that stream.
+        label = {"cluster": self.config.cluster_id, "generation": gen_id, "stream": 1}
         central = mode != "merged"
         w = BackupWindow(gen_id, mode, blocks,
                          BiLog(log_path, block_size=bs, label=label, dedup=True)
@@ -348,7 +351,8 @@ class Coordinator:
                                   dedup=True)
         self.window = w
         with self._mu:
-            nodes = [s for s in self.sessions.values() if s.state == "up"]
+            nodes = [s for s in self.sessions.values()
+                     if s.state == "up" and s.kind != "admin"]
         for sess in nodes:
             try:
                 sess.conn.call("backup_begin", {"gen": gen_id, "mode": mode}, timeout=self.lease)
@@ -383,14 +387,16 @@ class Coordinator:
                 if w.failed is None and out_log is not None:
                     m = merge_logs(inputs, out_log, block_size=self.config.block_size,
                                    label={"cluster": self.config.cluster_id,
-                                          "generation": w.gen_id, "merged": len(inputs)})
+                                          "generation": w.gen_id, "stream": 1,
+                                          "merged": len(inputs)})
                     stats.update(records_in=m.records_in, records_out=m.records_out,
                                  log_blocks=m.blocks_out)
         finally:
             self.window = None
             self._own_log = None
             with self._mu:
-                nodes = [s for s in self.sessions.values() if s.state == "up"]
+                nodes = [s for s in self.sessions.values()
+                     if s.state == "up" and s.kind != "admin"]
             for sess in nodes:
                 try:
                     sess.conn.call("backup_end", {"gen": w.gen_id}, timeout=self.lease)
@@ -701,6 +707,31 @@ class _Handler(BaseHandler):
                 "cluster_id": self.c.config.cluster_id, "hostname": socket.gethostname(),
                 "nodes": self.c.node_reports(), "disks": disks,
                 "frozen": self.c.rights.frozen, "clock": self.c.rights.clock}
+
+    def rpc_backup(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                   ) -> dict[str, Any]:
+        """Run a backup here, in the coordinator (the seed's management computer)."""
+        self._s(conn)
+        from sdbackup.backup.engine import BackupOptions, run_backup
+        from sdbackup.cluster.backup_source import CoordinatorSource
+
+        lm = a.get("log_medium")
+        opts = BackupOptions(compression=a.get("compression", "zstd"),
+                             level=int(a.get("level", 1)), log_mode=a.get("log_mode"),
+                             log_medium=Path(lm) if lm else None,
+                             overlay=bool(a.get("overlay")), pre_freeze=a.get("pre_freeze"),
+                             post_thaw=a.get("post_thaw"))
+        if not self.c.backup_lock.acquire(blocking=False):
+            raise BusyError("a backup of this cluster is running already; wait for it")
+        try:
+            log.info("backup to %s started (log mode %s)", a["medium"], opts.log_mode)
+            result = run_backup(CoordinatorSource(self.c), str(a["medium"]), opts)
+            s = result.summary()
+            log.info("backup %s committed (writes held %.3f s)", s["generation"],
+                     s["freeze_seconds"])
+            return s
+        finally:
+            self.c.backup_lock.release()
 
     def rpc_used_runs(self, conn: Connection, a: dict[str, Any], blob: bytes | None
                       ) -> dict[str, Any]:

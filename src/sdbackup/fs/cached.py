@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import signal
 import threading
 import time
 from collections import OrderedDict
@@ -73,6 +75,17 @@ class Seg:
     recalls: int = 0
     dropped: bool = False
     lock: threading.RLock = field(default_factory=threading.RLock)
+
+
+CRASH_ENV = "SDBACKUP_TEST_NODE_CRASH_AT"
+
+
+def _crash_point(name: str) -> None:
+    """Test hook: die here, as kill -9 would (after-bi-log: the before image is durable
+    but the overwrite has not happened; after-bi-write: the overwrite is on disk but
+    not committed)."""
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _runs(mask: int) -> list[tuple[int, int]]:
@@ -380,10 +393,13 @@ class CachedFileSystem(FileSystem):
         for start, count in _runs(o.dirty):
             runs = self.meta.map_write(o.ino, fb0 + start, count)
             try:
-                self._log_before_images(runs)
+                if self._log_before_images(runs):
+                    _crash_point("after-bi-log")
                 for r in runs:
                     lo = (r.fblock - fb0) * bs
                     self.disks.device(r.disk).write(r.dblock, mv[lo : lo + r.length * bs])
+                if any(r.bi_time for r in runs):
+                    _crash_point("after-bi-write")
             except BaseException:
                 self.meta.abort_write(runs)
                 raise
@@ -394,13 +410,13 @@ class CachedFileSystem(FileSystem):
         self.stats["writebacks"] += 1
         self.rights.set_dirty(o.ino, [o.seg], False)
 
-    def _log_before_images(self, runs: list[WriteRun]) -> None:
+    def _log_before_images(self, runs: list[WriteRun]) -> bool:
         """Write-ahead rule: save the old contents of blocks the running backup still
         needs, durably, before they are overwritten. They are read while this node
         holds the write right on the segment, so nobody changes them in between."""
         need = [r for r in runs if r.bi_time]
         if not need:
-            return
+            return False
         sink = self.bi_sink
         if sink is None:
             raise RemoteError("a backup needs before images of these blocks, but this node "
@@ -409,6 +425,7 @@ class CachedFileSystem(FileSystem):
                   r.bi_time) for r in need]
         sink.log(items)
         self.stats["bi_runs"] = self.stats.get("bi_runs", 0) + len(items)
+        return True
 
     def _maybe_evict(self) -> None:
         if self._cached <= self.cache_bytes:

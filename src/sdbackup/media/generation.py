@@ -154,7 +154,8 @@ class GenerationReader:
     Thread-safe.
     """
 
-    def __init__(self, gen: Generation, *, cache_records: int = 16) -> None:
+    def __init__(self, gen: Generation, *, cache_records: int = 16,
+                 log_medium: str | os.PathLike[str] | None = None) -> None:
         self.gen = gen
         self.manifest = gen.manifest
         self._index = gen.index()
@@ -163,6 +164,24 @@ class GenerationReader:
         self._nblocks = {d.id: d.nblocks for d in self.manifest.disks}
         self._readers = [RecordReader(gen.stream_path(n), medium=str(gen.stream_path(n)))
                          for n in range(len(self.manifest.streams))]
+        ext = external_log(gen, log_medium)
+        if ext is not None:
+            # c.5: a before-image log that was not overlaid is read first (BI entries
+            # win over DATA), from its own medium.
+            from sdbackup.backup.bilog import read_entries
+            from sdbackup.media.index import make_entries
+
+            ents = read_entries(ext)
+            n = len(self._readers)
+            self._readers.append(RecordReader(ext, medium=str(ext)))
+            e = self._index.entries
+            self._index = BlockIndex(make_entries(
+                np.concatenate([e["disk"], [x.disk for x in ents]]),
+                np.concatenate([e["start"], [x.start for x in ents]]),
+                np.concatenate([e["count"], [x.count for x in ents]]),
+                np.concatenate([e["offset"], [x.offset for x in ents]]),
+                np.concatenate([e["stream"], [n] * len(ents)]),
+                np.concatenate([e["kind"], [int(Kind.BI)] * len(ents)])))
         self._cache: collections.OrderedDict[tuple[int, int], bytes] = collections.OrderedDict()
         self._cache_max = cache_records
         self._lock = threading.Lock()
@@ -260,12 +279,13 @@ class GenerationReader:
                 out[(lo - block) * bs : (hi - block) * bs] = data[(lo - s) * bs : (hi - s) * bs]
         return bytes(out)
 
-    def records(self, disk: str | int, *, threads: int = 2,
-                ahead: int = 8) -> Iterator[tuple[int, int, bytes]]:
-        """Every DATA record of a disk as (start, count, data), in medium order, read and
-        verified ``ahead`` records in advance by ``threads`` threads (for images)."""
+    def records(self, disk: str | int, *, threads: int = 2, ahead: int = 8,
+                kind: int = int(Kind.DATA)) -> Iterator[tuple[int, int, bytes]]:
+        """Every record of ``kind`` (DATA by default) of a disk as (start, count, data),
+        in medium order, read and verified ``ahead`` records in advance by ``threads``
+        threads (for images: write DATA first, then BI, which wins)."""
         did = self.disk_id(disk)
-        entries: Entries = self._index.for_disk(did)
+        entries: Entries = self._index.for_disk(did, kind)
         entries = entries[np.lexsort((entries["offset"], entries["stream"]))]
         if entries.size == 0:
             return
@@ -284,3 +304,25 @@ class GenerationReader:
             finally:
                 for _, _, f in pending:
                     f.cancel()
+
+
+def external_log(gen: Generation, log_medium: str | os.PathLike[str] | None = None
+                 ) -> Path | None:
+    """The separate before-image log a generation still needs (not overlaid), checked
+    against the manifest; None when the generation needs no other medium."""
+    log = gen.manifest.extra.get("log")
+    if not isinstance(log, dict) or not log.get("medium") or log.get("overlaid", True):
+        return None
+    from sdbackup.errors import NotFoundError
+
+    path = Path(log_medium or str(log["medium"])) / str(log["file"])
+    if not path.exists():
+        raise NotFoundError(
+            f"generation {gen.id} was backed up with its before-image log on a separate "
+            f"log medium, and the log is not overlaid yet; {path} does not exist: give "
+            "--log-medium DIR, or run 'sdbackup overlay' while the log medium is there")
+    size = path.stat().st_size
+    if size != int(log.get("bytes", -1)):
+        raise CorruptError(f"generation {gen.id}: before-image log {path} has {size} bytes, "
+                           f"the manifest says {log.get('bytes')}")
+    return path

@@ -40,6 +40,7 @@ from sdbackup.cluster.config import (
 )
 from sdbackup.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
 from sdbackup.media.generation import Generation, GenerationReader
+from sdbackup.media.records import Kind
 from sdbackup.meta import fsck as fsck_mod
 from sdbackup.meta.store import MetaStore
 
@@ -102,12 +103,14 @@ def restore_image(
         if not is_blk:
             os.ftruncate(fd, 0)  # every old byte goes: unused blocks become holes
             os.ftruncate(fd, size)
-        for start, count, data in reader.records(d.id):
-            _pwrite_all(fd, data, start * bs)
-            stats.blocks += count
-            stats.bytes += len(data)
-            if progress is not None:
-                progress(len(data))
+        for kind in (Kind.DATA, Kind.BI):  # before images (T0 contents) win: last
+            for start, count, data in reader.records(d.id, kind=int(kind)):
+                _pwrite_all(fd, data, start * bs)
+                if kind == Kind.DATA:
+                    stats.blocks += count
+                stats.bytes += len(data)
+                if progress is not None:
+                    progress(len(data))
         os.fsync(fd)
     except BaseException as e:
         os.close(fd)
