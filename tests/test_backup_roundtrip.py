@@ -237,7 +237,7 @@ def test_empty_cluster_and_bad_options(tmp_path: Path) -> None:
     assert sorted(GEN_ID_RE.match(new_generation_id()) is not None for _ in range(3)) == [True] * 3
 
 
-def test_help_says_writes_are_held() -> None:
+def test_help_says_when_writes_are_held() -> None:
     r = cli("backup", "--help")
     assert r.code == 0
-    assert "writes to the cluster are held for the whole" in " ".join(r.out.split())
+    assert "Without --log-mode, writes are held for the whole backup" in " ".join(r.out.split())
