@@ -172,7 +172,7 @@ class Coordinator:
 
     def fail_session(self, s: Session, why: str) -> None:
         with self._mu:
-            if s.state != "up":
+            if s.state != "up" or self._stop.is_set():  # stopping: see _cleanup
                 return
             s.state = "failed"
         log.warning("node %s failed: %s", s.name, why)
@@ -187,9 +187,7 @@ class Coordinator:
             return
         if s.state == "up":
             s.state = "left"
-            # A node that goes because this coordinator stops keeps its dirty data and
-            # reclaims it from the next one: nothing is lost, so nothing is logged so.
-            lost = self.rights.holds(s.name) and not self._stop.is_set()
+            lost = self.rights.holds(s.name)
             self._cleanup(s, failed=lost)
         log.info("%s %s left", s.kind, s.name)
 
@@ -203,12 +201,17 @@ class Coordinator:
             w.failed = (f"node {s.name} failed during the backup and took its before-image "
                         "log with it (merged mode)")
             log.error("backup %s: %s", w.gen_id, w.failed)
+        # A node that goes (or stops answering) because this coordinator stops keeps its
+        # dirty data and reclaims it from the next coordinator: nothing is lost.
+        failed = failed and not self._stop.is_set()
         lost = self.rights.node_failed(s.name, "disconnected") if failed else []
         for e in lost:
             log.error("LOST unwritten data of node %s: %s bytes %d-%d (inode %d)", s.name,
                       self.path_of(e.ino), e.offset, e.offset + e.size, e.ino)
 
     def _node_failed_log(self, node: str, why: str) -> None:
+        if self._stop.is_set():  # calls to nodes fail because we stop: see _cleanup
+            return
         log.warning("node %s dropped from the cache table: %s", node, why)
         with self._mu:
             sess = [s for s in self.sessions.values() if s.name == node and s.state == "up"]
@@ -464,6 +467,10 @@ class _Handler(BaseHandler):
                 time.sleep(wait)  # let restarted nodes reclaim their dirty areas first
         self.c.meta.getattr(ino)  # ENOENT for a deleted inode
         seq = self.c.rights.acquire(s.name, ino, segs, mode)
+        if self.c._stop.is_set():
+            # Recalls fail while we stop; a grant made on that basis must not reach a
+            # node, whose data would then meet the recalled node's at the next start.
+            raise RemoteError("the coordinator is stopping; try again when it is back")
         return {"seq": seq}
 
     def rpc_release_rights(self, conn: Connection, a: dict[str, Any], blob: bytes | None
@@ -643,7 +650,10 @@ class _Handler(BaseHandler):
         self._s(conn)
         w = self.c.window
         if w is None or not w.central or a.get("gen") != w.gen_id:
-            raise RemoteError("no backup needs before images now (the window closed)")
+            # The window closed after the copy finished: this overwrite needs no before
+            # image any more. (A write-back cannot span two windows: the next freeze
+            # recalls the write right, which waits for the write-back to finish.)
+            return {"stored": 0}
         data = memoryview(blob or b"")
         bs = self.c.config.block_size
         items = []
