@@ -57,6 +57,7 @@ from sdbackup.media.snapshot import SnapshotMeta
 
 CRASH_ENV = "SDBACKUP_TEST_CRASH_AT"
 CRASH_POINTS = ("after-snapshot", "mid-copy", "before-manifest")
+COPY_DELAY_ENV = "SDBACKUP_TEST_COPY_DELAY"
 
 
 def _crash_point(name: str) -> None:
@@ -288,7 +289,11 @@ def _copy(source: BackupSource, disks: dict[int, BlockSet], path: Path,
     writer = RecordWriter.create(path, label=label, compress=opts.compression,
                                  level=max(opts.level, 1), threads=opts.threads)
     try:
+        delay = float(os.environ.get(COPY_DELAY_ENV, "0") or 0)
+
         def after_batch(n: int) -> None:
+            if delay:
+                time.sleep(delay)  # test hook: a slow copy, so writers overlap it
             if n == 1 and os.environ.get(CRASH_ENV) == "mid-copy":
                 writer.flush(fsync=True)
                 _crash_point("mid-copy")

@@ -33,6 +33,8 @@ QUIET = click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 
 
 def register(cli: click.Group) -> None:
+    cli.add_command(overlay)
+    cli.add_command(log)
     for cmd in (backup, generations, verify, gc, restore, restore_image_cmd,
                 restore_cluster_cmd):
         cli.add_command(cmd)
@@ -273,10 +275,17 @@ def gc(medium: Path, dry_run: bool, as_json: bool) -> None:
 # -- restores -------------------------------------------------------------------------------
 
 @contextmanager
-def _open_gen(medium: Path, gen: str | None) -> Iterator[tuple[Generation, GenerationReader]]:
+def _open_gen(medium: Path, gen: str | None, log_medium: Path | None = None
+             ) -> Iterator[tuple[Generation, GenerationReader]]:
     g = Generation.open(medium, gen)
-    with GenerationReader(g) as reader:
+    with GenerationReader(g, log_medium=log_medium) as reader:
         yield g, reader
+
+
+LOG_MEDIUM = click.option(
+    "--log-medium", type=click.Path(path_type=Path),
+    help="Where a separate before-image log is (default: where the backup wrote it); "
+         "needed only for a generation made with --log-mode separate and not overlaid.")
 
 
 def _echo_json_or(as_json: bool, data: dict[str, Any], lines: Callable[[], None]) -> None:
@@ -291,10 +300,11 @@ def _echo_json_or(as_json: bool, data: dict[str, Any], lines: Callable[[], None]
 @click.argument("args", nargs=-1, metavar="[GEN] [PATTERN]...")
 @click.option("--to", "dest", required=True, type=click.Path(path_type=Path),
               help="A new or empty directory to restore into.")
+@LOG_MEDIUM
 @JSON
 @QUIET
-def restore(medium: Path, args: tuple[str, ...], dest: Path, as_json: bool,
-            quiet: bool) -> None:
+def restore(medium: Path, args: tuple[str, ...], dest: Path, log_medium: Path | None,
+            as_json: bool, quiet: bool) -> None:
     """Restore files of generation GEN (default: the newest) under --to DIR.
 
     PATTERNs are paths inside the cluster, with shell wildcards per component
@@ -308,7 +318,8 @@ def restore(medium: Path, args: tuple[str, ...], dest: Path, as_json: bool,
     patterns = list(args)
     if patterns and (looks_like_generation(patterns[0]) or patterns[0] == "latest"):
         gen = patterns.pop(0)
-    with _open_gen(medium, gen) as (g, reader), _progress("restore", quiet) as prog:
+    with _open_gen(medium, gen, log_medium) as (g, reader), \
+            _progress("restore", quiet) as prog:
         stats = restore_files(g, reader, dest, patterns, on_total=prog.start,
                               progress=prog.advance)
     for w in stats.warnings:
@@ -327,16 +338,17 @@ def restore(medium: Path, args: tuple[str, ...], dest: Path, as_json: bool,
 @click.option("--to", "dest", required=True, type=click.Path(path_type=Path),
               help="Image file to create (or an empty file, or a device with --force).")
 @click.option("--force", is_flag=True, help="Overwrite a file or device that holds data.")
+@LOG_MEDIUM
 @JSON
 @QUIET
 def restore_image_cmd(medium: Path, gen: str | None, disk: str, dest: Path, force: bool,
-                      as_json: bool, quiet: bool) -> None:
+                      log_medium: Path | None, as_json: bool, quiet: bool) -> None:
     """Rebuild disk NAME of generation GEN (default: the newest) as an image at PATH.
 
     Blocks unused at T0 are holes in a new image file. The image is the disk as it was
     at T0, its label included.
     """
-    with _open_gen(medium, gen) as (g, reader):
+    with _open_gen(medium, gen, log_medium) as (g, reader):
         d = g.manifest.disk(disk)
         with ByteProgress("restore-image", d.blocks * g.block_size, quiet=quiet) as prog:
             stats = restore_image(reader, disk, dest, force=force, progress=prog.advance)
@@ -354,10 +366,12 @@ def restore_image_cmd(medium: Path, gen: str | None, disk: str, dest: Path, forc
 @click.option("--disk", "disks", multiple=True, metavar="NAME=PATH",
               help="Where to put disk NAME (default: NEW_CLUSTER_DIR/NAME.img). Repeat.")
 @click.option("--force", is_flag=True, help="Overwrite disk files or devices that hold data.")
+@LOG_MEDIUM
 @JSON
 @QUIET
 def restore_cluster_cmd(medium: Path, gen: str | None, dest: Path, disks: tuple[str, ...],
-                        force: bool, as_json: bool, quiet: bool) -> None:
+                        force: bool, log_medium: Path | None, as_json: bool,
+                        quiet: bool) -> None:
     """Disaster recovery: a new cluster from generation GEN (default: the newest).
 
     Its disks and metadata equal the backup at T0. It gets a new cluster id (disk labels
@@ -366,7 +380,7 @@ def restore_cluster_cmd(medium: Path, gen: str | None, dest: Path, disks: tuple[
     checked with fsck before the command succeeds.
     """
     paths = parse_disk_paths(disks)
-    with _open_gen(medium, gen) as (g, reader):
+    with _open_gen(medium, gen, log_medium) as (g, reader):
         total = g.manifest.blocks * g.block_size
         with ByteProgress("restore-cluster", total, quiet=quiet) as prog:
             res = restore_cluster(g, reader, dest, paths, force=force, progress=prog.advance)
@@ -379,3 +393,72 @@ def restore_cluster_cmd(medium: Path, gen: str | None, dest: Path, disks: tuple[
         click.echo(f"  fsck: consistent ({res.fsck_checks} checks passed)")
 
     _echo_json_or(as_json, res.to_dict(), lines)
+
+
+# -- before-image logs (issue 6) --------------------------------------------------------------
+
+@click.command()
+@MEDIUM
+@click.argument("gen", required=False)
+@click.option("--log-medium", type=click.Path(path_type=Path),
+              help="Where the separate log is (default: where the backup wrote it).")
+@JSON
+def overlay(medium: Path, gen: str | None, log_medium: Path | None, as_json: bool) -> None:
+    """Write a generation's separate before-image log into it (a.6).
+
+    Afterwards the generation needs no log medium: its before images are part of it and
+    win over the copied data, so every reader gets the data at T0 from one medium.
+    """
+    from sdbackup.backup.overlay import overlay_generation
+
+    g = Generation.open(medium, gen)
+    r = overlay_generation(g, log_medium)
+    _echo_json_or(as_json, r, lambda: click.echo(
+        f"generation {g.id}: overlaid {r['bi_blocks']} before-image blocks from {r['from']}"
+        if r["overlaid"] else f"generation {g.id}: nothing to overlay ({r['why']})"))
+
+
+@click.group()
+def log() -> None:
+    """Before-image logs of online backups."""
+
+
+@log.command("apply")
+@click.option("--log-medium", required=True, type=click.Path(path_type=Path),
+              help="The log medium directory (or one log file).")
+@click.option("--to", "image", required=True, type=click.Path(path_type=Path),
+              help="A restored disk image to bring back to T0.")
+@click.option("--generation", "gen", help="Which generation's log (default: the only one).")
+@click.option("--disk-id", type=int,
+              help="The disk id the image is (default: the only disk in the log).")
+def log_apply(log_medium: Path, image: Path, gen: str | None, disk_id: int | None) -> None:
+    """Apply a before-image log onto a disk image, with no other file (a.7).
+
+    Each record of the log says which disk, where and how many blocks; the oldest
+    before image of each block is written over the image.
+    """
+    from sdbackup.backup.bilog import apply_log, read_entries
+
+    if log_medium.is_dir():
+        logs = sorted(log_medium.glob("*.bilog"))
+        if gen is not None:
+            logs = [p for p in logs if p.stem.startswith(gen)]
+        if len(logs) != 1:
+            raise UsageError(f"{log_medium} holds {len(logs)} matching logs "
+                             f"({', '.join(p.stem for p in logs) or 'none'}): name one with "
+                             "--generation GEN")
+        path = logs[0]
+    elif log_medium.exists():
+        path = log_medium
+    else:
+        raise UsageError(f"log medium {log_medium} does not exist")
+    if not image.is_file():
+        raise UsageError(f"--to {image} is not an image file")
+    disks = sorted({e.disk for e in read_entries(path)})
+    if disk_id is None:
+        if len(disks) > 1:
+            raise UsageError(f"the log holds disks {disks}: say which one the image is with "
+                             "--disk-id")
+        disk_id = disks[0] if disks else 0
+    n = apply_log(path, image, disk_id=disk_id)
+    click.echo(f"applied {n} before-image blocks of disk {disk_id} from {path} to {image}")

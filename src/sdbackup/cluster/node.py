@@ -237,8 +237,8 @@ class ClusterClient:
             if lg is None or self._bi_gen != gen:
                 raise RemoteError(f"node {self.name} holds no before-image log of backup {gen}")
             if not self._bi_closed:
-                # Appending ends here: a write-back that still wants to log fails and
-                # keeps its data dirty (it would come after the copy anyway).
+                # Appending ends here: the copy is finished before logs are gathered,
+                # so later overwrites need no before images.
                 self.fs.bi_sink = ClosedBiSink()
                 lg.close()
                 self._bi_closed = True
@@ -308,8 +308,11 @@ class RemoteBiSink:
 
 
 class ClosedBiSink:
+    """After the coordinator started gathering this node's log: the copy is finished,
+    so no overwrite from now on needs a before image."""
+
     def log(self, items: list[tuple[int, int, bytes, int]]) -> None:
-        raise RemoteError("the backup's before-image log is closed; retry the write later")
+        pass
 
 
 class NodeAgent(ClusterClient):

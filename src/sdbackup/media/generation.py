@@ -23,7 +23,7 @@ import numpy as np
 
 from sdbackup.errors import CorruptError, SdbError, UsageError
 from sdbackup.media.index import BlockIndex, Entries, read_index
-from sdbackup.media.medium import INDEX, META, DiskMedium, Manifest, file_digest, stream_name
+from sdbackup.media.medium import META, DiskMedium, Manifest, file_digest, stream_name
 from sdbackup.media.records import Kind, RecordReader
 
 
@@ -53,7 +53,7 @@ class Generation:
 
     @property
     def index_path(self) -> Path:
-        return self.dir / INDEX
+        return self.dir / self.manifest.index.name
 
     @property
     def meta_path(self) -> Path:

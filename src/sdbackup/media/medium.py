@@ -48,6 +48,9 @@ MANIFEST_FORMAT = "sdbackup-generation"
 MANIFEST_VERSION = 1
 META = "meta.db"
 INDEX = "index"
+INDEX_NAME_RE = re.compile(r"^index(\.\d+)?$")
+"""The index file: ``index``, or ``index.N`` after N rewrites (overlay): a rewrite
+writes a new file and then the manifest, so the commit stays one atomic rename."""
 LOCK = ".lock"
 
 GEN_ID_RE = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{8}$")
@@ -272,7 +275,7 @@ class Manifest:
         names = [s.name for s in m.streams]
         if names != [stream_name(i) for i in range(len(names))]:
             raise bad(f"stream names {names} are not stream-0.sdr, stream-1.sdr, ...")
-        if m.index.name != INDEX or m.meta.name != META:
+        if not INDEX_NAME_RE.match(m.index.name) or m.meta.name != META:
             raise bad("unexpected index or snapshot file name")
         ids = [x.id for x in m.disks]
         if len(set(ids)) != len(ids) or len({x.name for x in m.disks}) != len(ids):
