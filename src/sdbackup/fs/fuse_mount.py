@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -191,7 +192,8 @@ def serve(fs: FileSystem, mountpoint: str | os.PathLike[str], *, name: str = "no
     mp = check_mountpoint(mountpoint)
     logging.getLogger("pyfuse3").addFilter(_QuietInterrupted())
     ops = FuseOperations(fs)
-    options = {"default_permissions", f"fsname=sdbackup-{name}", "subtype=sdbackup"}
+    label = re.sub(r"[^A-Za-z0-9._@-]", "_", name)  # no commas or spaces in the options
+    options = {"default_permissions", f"fsname=sdbackup-{label}", "subtype=sdbackup"}
     if os.getuid() == 0:
         options.add("allow_other")
     try:
