@@ -154,6 +154,9 @@ def run_backup(
     pending = medium.begin()
     try:
         return _backup(source, medium, pending, opts, started, on_plan, progress)
+    except BackupFailed as e:
+        pending.fail(e.message)
+        raise
     except BaseException as e:
         pending.discard()
         if isinstance(e, NoSpaceError):

@@ -21,7 +21,7 @@ from sdbackup.cluster.access import try_coordinator_client
 from sdbackup.cluster.local import open_cluster
 from sdbackup.errors import EXIT_CHECK_FAILED, EXIT_CORRUPT, UsageError
 from sdbackup.media.generation import Generation, GenerationReader
-from sdbackup.media.medium import DiskMedium, Manifest, iso_utc, looks_like_generation
+from sdbackup.media.medium import FAILED, DiskMedium, Manifest, iso_utc, looks_like_generation
 from sdbackup.restore.files import restore_files
 from sdbackup.restore.image import parse_disk_paths, restore_cluster, restore_image
 
@@ -201,9 +201,13 @@ def generations(medium: Path, as_json: bool) -> None:
                        f"{_human(r['stored_bytes']):>10}  {r['state']}")
         for e in bad:
             click.echo(f"sdbackup: warning: {e.problem}", err=True)
+        for e in entries:
+            if e.unfinished and (e.path / FAILED).exists():
+                reason = (e.path / FAILED).read_text().strip()
+                click.echo(f"failed generation {e.id} (not committed): {reason}", err=True)
         if unfinished:
-            click.echo(f"({unfinished} unfinished generation(s) not listed: run 'sdbackup gc "
-                       f"--medium {medium}' to remove them)", err=True)
+            click.echo(f"({unfinished} unfinished or failed generation(s) not listed: run "
+                       f"'sdbackup gc --medium {medium}' to remove them)", err=True)
     if bad:
         sys.exit(EXIT_CORRUPT)
 

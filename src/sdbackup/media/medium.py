@@ -52,6 +52,7 @@ INDEX_NAME_RE = re.compile(r"^index(\.\d+)?$")
 """The index file: ``index``, or ``index.N`` after N rewrites (overlay): a rewrite
 writes a new file and then the manifest, so the commit stays one atomic rename."""
 LOCK = ".lock"
+FAILED = "FAILED"
 
 GEN_ID_RE = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{8}$")
 """Generation ids: UTC time of the backup's start to the microsecond, then 32 random
@@ -610,6 +611,17 @@ class PendingGeneration:
             os.unlink(self.path / LOCK)
         except OSError:
             pass
+        self.release()
+
+    def fail(self, reason: str) -> None:
+        """Keep the generation's directory as a record that this backup failed (with
+        ``FAILED`` holding the reason) but none of its data: it is never committed,
+        never listed as a generation, and ``gc`` removes it."""
+        for child in self.path.iterdir():
+            if child.name != LOCK:
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() \
+                    else child.unlink(missing_ok=True)
+        write_atomic(self.path / FAILED, (reason + "\n").encode())
         self.release()
 
     def discard(self) -> None:
