@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
-
-from sdbackup.cluster.launch import start_coordinator, start_node
-from tests.test_online_backup import (
+from test_online_backup import (
     Cluster,
     _check_restores_t0,
     _seed,
     sdb,
 )
+
+from sdbackup.cluster.launch import start_coordinator, start_node
 
 WRITER = r"""
 import os, random, sys
