@@ -34,7 +34,9 @@ kernel keep, and why:
   node's write can see the old data for the few milliseconds the helper needs.
   Writable shared mappings (``MAP_SHARED`` + ``PROT_WRITE``) need a file opened for
   writing, hence ``direct_io``, hence ``ENODEV``: such a mapping would be a dirty
-  cache in the kernel that the coordinator cannot see or freeze.
+  cache in the kernel that the coordinator cannot see or freeze. (So SQLite's WAL
+  mode, which maps its ``-shm`` file, fails with "disk I/O error", as on network file
+  systems; the default rollback journal works, from several nodes in turn.)
 - **Names: not cached** (entry timeout 0). Another node may create, rename or unlink
   a name at any moment and nothing tells this node's kernel, so every path walk asks
   again (one ``lookup`` per component, negative answers included). The coordinator's
@@ -48,6 +50,13 @@ kernel keep, and why:
   NFS. With 0, every ``stat`` would cost three round trips instead of one (the
   parent's attributes for the permission check, the lookup, the target's
   attributes).
+
+``close()`` of a file opened for writing writes this node's dirty data back to the
+shared disks before it returns (FUSE ``flush``): a write-back error such as ENOSPC
+(blocks are allocated at write-back) reaches the program, and a node killed after a
+close loses nothing that was closed. Other nodes do not need it: their reads recall
+the data anyway. Files still open when the mount goes away are closed at the
+coordinator by :meth:`FuseOperations.release_all`.
 
 Developer notes (steps that must stay adjacent):
 
