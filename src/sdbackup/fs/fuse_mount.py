@@ -15,8 +15,8 @@ running as root (a shared file system is for every user of the host), ``fsname``
 kernel's ``writeback_cache`` is never enabled.
 
 :func:`unmount` is ``sdbackup umount MOUNTPOINT``: ``fusermount3 -u``; when the mount
-is dead (its agent was killed: every access fails with ``ENOTCONN``) or the caller
-asks for it, a lazy unmount (``fusermount3 -uz``, then ``umount -l``). It then waits
+is dead (its agent was killed: every access fails with ``ENOTCONN``), hangs, or the
+caller asks for it, a lazy unmount (``fusermount3 -uz``, then ``umount -l``). It then waits
 for the agent that served the mount point to finish writing its cache back and exit.
 """
 
@@ -29,6 +29,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -114,13 +115,26 @@ def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:
     return _norm(mountpoint) in mounts()
 
 
-def is_dead(mountpoint: str | os.PathLike[str]) -> bool:
-    """True when the mount point's FUSE connection is gone (its agent died)."""
-    try:
-        os.stat(_norm(mountpoint))
-    except OSError as e:
-        return e.errno in _DEAD
-    return False
+def is_dead(mountpoint: str | os.PathLike[str], timeout: float = 5.0) -> bool:
+    """True when the mount point's FUSE connection is gone (its agent died) or its
+    agent does not answer a ``stat`` within ``timeout`` seconds (it hangs)."""
+    result: list[int] = []
+
+    def probe() -> None:
+        try:
+            os.stat(_norm(mountpoint))
+            result.append(0)
+        except OSError as e:
+            result.append(e.errno or 0)
+
+    # A hung agent blocks the stat in the kernel: ask from a thread, wait a while.
+    t = threading.Thread(target=probe, name="sdb-umount-probe", daemon=True)
+    t.start()
+    t.join(timeout)
+    if not result:
+        log.warning("%s does not answer (its node agent hangs?)", mountpoint)
+        return True
+    return result[0] in _DEAD
 
 
 def agent_pids(mountpoint: str | os.PathLike[str]) -> list[int]:
