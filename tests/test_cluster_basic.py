@@ -12,7 +12,25 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_helpers import ClusterProcs, embedded_file, read_file_via, sdb, write_file_via
+
+try:  # tests/ as a plain directory of modules...
+    from cluster_helpers import (
+        ClusterProcs,
+        embedded_file,
+        read_file_via,
+        sdb,
+        wait_for,
+        write_file_via,
+    )
+except ModuleNotFoundError:  # ...or as a package (with tests/__init__.py)
+    from tests.cluster_helpers import (
+        ClusterProcs,
+        embedded_file,
+        read_file_via,
+        sdb,
+        wait_for,
+        write_file_via,
+    )
 
 from sdbackup.cluster.access import open_fs
 
@@ -121,8 +139,6 @@ def test_dirty_data_is_written_on_node_stop_and_after_the_flush_delay(cp: Cluste
     write_file_via(cp.dir, "n1", "/one", data1, fsync=False)
     write_file_via(cp.dir, "n2", "/two", data2, fsync=False)
     # n2 writes back by itself after its flush delay; n1 keeps its data dirty.
-    from cluster_helpers import wait_for
-
     wait_for(lambda: {r["node"] for r in _dirty(cp.cache_table())} == {"n1"}, 10,
              "n2's delayed write-back")
     # n1 writes its dirty data back when it is stopped.

@@ -13,19 +13,35 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_helpers import (
-    RECORD,
-    ClusterProcs,
-    check_final,
-    check_reads,
-    embedded_file,
-    initial_content,
-    read_file_via,
-    read_log,
-    start_worker,
-    write_file_via,
-    writes_by_slot,
-)
+
+try:  # tests/ as a plain directory of modules...
+    from cluster_helpers import (
+        RECORD,
+        ClusterProcs,
+        check_final,
+        check_reads,
+        embedded_file,
+        initial_content,
+        read_file_via,
+        read_log,
+        start_worker,
+        write_file_via,
+        writes_by_slot,
+    )
+except ModuleNotFoundError:  # ...or as a package (with tests/__init__.py)
+    from tests.cluster_helpers import (
+        RECORD,
+        ClusterProcs,
+        check_final,
+        check_reads,
+        embedded_file,
+        initial_content,
+        read_file_via,
+        read_log,
+        start_worker,
+        write_file_via,
+        writes_by_slot,
+    )
 
 SEG_RECORDS = (1 << 20) // RECORD
 

@@ -14,22 +14,41 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_helpers import (
-    RECORD,
-    ClusterProcs,
-    check_final,
-    check_reads,
-    embedded_file,
-    initial_content,
-    parse_record,
-    read_file_via,
-    read_log,
-    sdb,
-    start_worker,
-    wait_for,
-    write_file_via,
-    writes_by_slot,
-)
+
+try:  # tests/ as a plain directory of modules...
+    from cluster_helpers import (
+        RECORD,
+        ClusterProcs,
+        check_final,
+        check_reads,
+        embedded_file,
+        initial_content,
+        parse_record,
+        read_file_via,
+        read_log,
+        sdb,
+        start_worker,
+        wait_for,
+        write_file_via,
+        writes_by_slot,
+    )
+except ModuleNotFoundError:  # ...or as a package (with tests/__init__.py)
+    from tests.cluster_helpers import (
+        RECORD,
+        ClusterProcs,
+        check_final,
+        check_reads,
+        embedded_file,
+        initial_content,
+        parse_record,
+        read_file_via,
+        read_log,
+        sdb,
+        start_worker,
+        wait_for,
+        write_file_via,
+        writes_by_slot,
+    )
 
 from sdbackup.cluster.access import coordinator_client, open_fs
 

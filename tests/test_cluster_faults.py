@@ -20,7 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_helpers import ClusterProcs, read_file_via, sdb, wait_for, write_file_via
+
+try:  # tests/ as a plain directory of modules...
+    from cluster_helpers import ClusterProcs, read_file_via, sdb, wait_for, write_file_via
+except ModuleNotFoundError:  # ...or as a package (with tests/__init__.py)
+    from tests.cluster_helpers import ClusterProcs, read_file_via, sdb, wait_for, write_file_via
 
 from sdbackup.cluster.auth import client_handshake
 from sdbackup.cluster.protocol import (

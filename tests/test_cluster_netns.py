@@ -18,7 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cluster_helpers import ClusterProcs, sdb, wait_for
+
+try:  # tests/ as a plain directory of modules...
+    from cluster_helpers import ClusterProcs, sdb, wait_for
+except ModuleNotFoundError:  # ...or as a package (with tests/__init__.py)
+    from tests.cluster_helpers import ClusterProcs, sdb, wait_for
 
 MiB = 1 << 20
 
