@@ -178,6 +178,12 @@ class FileSystem:
         nb = lb - fb + 1
         runs = self.meta.map_write(ino, fb, nb)
         try:
+            # Bytes past the end of the file are never trusted: a write that failed (or
+            # a crash) before its commit may have left data there, which must not become
+            # part of the file when it grows. Zero them in the old last block.
+            old_size = self.meta.getattr(ino).size
+            if offset > old_size and old_size // bs < fb:
+                self._zero_tail(ino, old_size)
             head = offset - fb * bs
             if head == 0 and n % bs == 0:
                 buf = src
@@ -196,6 +202,9 @@ class FileSystem:
                             self.disks.device(r.disk).readinto(
                                 r.dblock + (e - r.fblock), buf[lo : lo + bs]
                             )
+                            cut = max(old_size - e * bs, 0)  # past EOF: zeros
+                            if cut < bs:
+                                buf[lo + cut : lo + bs] = bytes(bs - cut)
                 buf[head : head + n] = src
             for r in runs:
                 lo = (r.fblock - fb) * bs
@@ -206,6 +215,17 @@ class FileSystem:
         self.meta.commit_write(ino, runs, offset + n, time.time_ns())
         return n
 
+    def _zero_tail(self, ino: int, pos: int) -> None:
+        """Zero the bytes from ``pos`` to the end of its block on disk (if it is mapped)."""
+        bs = self.bs
+        if pos % bs == 0:
+            return
+        for ext in self.meta.map_read(ino, pos // bs, 1):
+            dev = self.disks.device(ext.disk)
+            block = bytearray(dev.read(ext.dblock, 1))
+            block[pos % bs :] = bytes(bs - pos % bs)
+            dev.write(ext.dblock, block)
+
     def truncate(self, ino: int, size: int) -> Attr:
         """Set the file size; the tail of a cut block is zeroed on disk first."""
         with self._locks[ino % 64]:
@@ -215,14 +235,10 @@ class FileSystem:
         attr = self.meta.getattr(ino)
         if attr.is_dir:
             raise FsError(errno.EISDIR, "is a directory")
-        bs = self.bs
-        if size < attr.size and size % bs:
-            fb = size // bs
-            for ext in self.meta.map_read(ino, fb, 1):
-                dev = self.disks.device(ext.disk)
-                block = bytearray(dev.read(ext.dblock, 1))
-                block[size % bs :] = bytes(bs - size % bs)
-                dev.write(ext.dblock, block)
+        # Zero the tail of the block holding the new end (shrinking), or the old end
+        # (growing: bytes past the old end on disk are not trusted, see _write).
+        if size != attr.size:
+            self._zero_tail(ino, min(size, attr.size))
         return self.meta.truncate(ino, size)
 
     def fsync(self, ino: int | None = None) -> None:

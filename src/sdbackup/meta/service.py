@@ -35,6 +35,7 @@ from sdbackup.types import ROOT_INODE
 
 NAME_MAX = 255
 READDIR_BATCH = 1000
+SPREAD_RUN = 1 << 16  # blocks: how far a file that ran into another one may jump ahead
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
@@ -484,7 +485,16 @@ class MetadataService:
         goal: dict[int, int] = {}
         if prev is not None:
             pf, pc, pd, pb = prev
-            goal[pd] = pb + pc + (fblock - pf - pc)
+            g = pb + pc + (fblock - pf - pc)
+            bm = self.bitmaps[pd]
+            if not bm.is_free(g, 1):
+                # Another file took the blocks after this one (two files growing side
+                # by side): go on in the middle of the next free run, so that both keep
+                # growing contiguously instead of alternating one run per write.
+                found = bm.next_free_run(g, SPREAD_RUN)
+                if found is not None and found[1] >= 2 * count:
+                    g = found[0] + found[1] // 2
+            goal[pd] = g
             order = [pd, *(d for d in sorted(self.bitmaps) if d != pd)]
         else:
             order = self._pick_disk(ino, count)
@@ -519,26 +529,31 @@ class MetadataService:
         """Commit a write whose data is on disk: new extents, allocation, size, times.
 
         ``end`` is the byte offset just after the written data; the size grows to it.
+        When the commit fails, for whatever reason, the reserved blocks are given back
+        here: the caller must not abort them again (they may be reserved anew by then).
         """
-        with self._tx():
-            self._attr_row(ino)
-            new = [WriteRun(*r) for r in runs if WriteRun(*r).new]
-            for run in new:
-                if self._extents(ino, run.fblock, run.length):
-                    # Two writers filled the same hole: the coherence protocol prevents
-                    # this across nodes; refuse rather than map a block twice.
-                    self.abort_write(new)
-                    raise FsError(errno.EAGAIN, f"concurrent write to inode {ino} "
-                                  f"block {run.fblock}; retry")
-            for run in new:
-                self._insert_extent(ino, run.fblock, run.length, run.disk, run.dblock)
-                self.bitmaps[run.disk].commit(run.dblock, run.length)
-            now = mtime_ns if mtime_ns is not None else time.time_ns()
-            self.store.execute(
-                "UPDATE inodes SET size=MAX(size, ?), mtime_ns=?, ctime_ns=? WHERE id=?",
-                (end, now, now, ino),
-            )
-            return self.getattr(ino)
+        new = [WriteRun(*r) for r in runs if WriteRun(*r).new]
+        try:
+            with self._tx():
+                self._attr_row(ino)
+                for run in new:
+                    if self._extents(ino, run.fblock, run.length):
+                        # Two writers filled the same hole: the coherence protocol
+                        # prevents this across nodes; refuse rather than map a block twice.
+                        raise FsError(errno.EAGAIN, f"concurrent write to inode {ino} "
+                                      f"block {run.fblock}; retry")
+                for run in new:
+                    self._insert_extent(ino, run.fblock, run.length, run.disk, run.dblock)
+                    self.bitmaps[run.disk].commit(run.dblock, run.length)
+                now = mtime_ns if mtime_ns is not None else time.time_ns()
+                self.store.execute(
+                    "UPDATE inodes SET size=MAX(size, ?), mtime_ns=?, ctime_ns=? WHERE id=?",
+                    (end, now, now, ino),
+                )
+                return self.getattr(ino)
+        except BaseException:
+            self.abort_write(new)
+            raise
 
     def _insert_extent(self, ino: int, fblock: int, count: int, disk: int, dblock: int) -> None:
         """Insert a run, merging it with the neighbours it continues on disk."""
