@@ -421,7 +421,7 @@ def test_unknown_protocol_version(server: RpcServer, caplog: pytest.LogCaptureFi
         message = reply[HEADER.size:HEADER.size + jlen].decode()
         assert "protocol version 99" in message and f"version {PROTOCOL_VERSION}" in message
         assert wait_for(lambda: logged(caplog, "refused connection: 127.0.0.1:",
-                                       "version 99, we speak version 1"))
+                                       f"version 99, we speak version {PROTOCOL_VERSION}"))
     still_serves(server)
 
 
@@ -431,14 +431,15 @@ def test_client_refuses_a_server_of_another_version() -> None:
     def fake_server() -> None:
         conn, _ = listener.accept()
         conn.recv(4096)
-        conn.sendall(MAGIC + struct.pack(">H", 2) + bytes(34))
+        conn.sendall(MAGIC + struct.pack(">H", PROTOCOL_VERSION + 1) + bytes(34))
         conn.recv(4096)
         conn.close()
 
     t = threading.Thread(target=fake_server)
     t.start()
-    with pytest.raises(ProtocolError, match="speaks sdbackup protocol version 2, this "
-                                            "program speaks version 1"):
+    with pytest.raises(ProtocolError,
+                       match=f"speaks sdbackup protocol version {PROTOCOL_VERSION + 1}, this "
+                             f"program speaks version {PROTOCOL_VERSION}"):
         host, port = listener.getsockname()[:2]
         RpcClient.connect(host, port, SECRET, timeout=5)
     t.join()

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from sdbackup.cluster.access import coordinator_client
-from sdbackup.cluster.config import parse_size
+from sdbackup.cluster.config import load_config, parse_size
 from sdbackup.errors import UsageError
 
 
@@ -74,6 +74,7 @@ def coordinator(cluster_dir: Path, listen: str, lease: float) -> None:
         port_n = int(port)
     except ValueError:
         raise UsageError(f"bad --listen {listen!r}: use HOST:PORT, e.g. 0.0.0.0:7070") from None
+    load_config(cluster_dir)  # a clear error for a wrong path, before logs/ is made
     _log_to(cluster_dir / "logs" / "coordinator.log")
     c = Coordinator(cluster_dir, host=host or "127.0.0.1", port=port_n, lease=lease)
     h, p = c.start()
@@ -111,6 +112,8 @@ def node(cluster_dir: Path | None, name: str, cache_size: str, flush_delay: floa
 
     if cluster_dir is None and coord is None:
         raise UsageError("give CLUSTER_DIR, or --coordinator HOST:PORT with --secret-file")
+    if cluster_dir is not None:
+        load_config(cluster_dir)  # a clear error for a wrong path, before logs/ is made
     if mountpoint is not None:
         from sdbackup.fs import fuse_mount
 

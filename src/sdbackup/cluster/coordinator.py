@@ -234,10 +234,10 @@ class Coordinator:
 
     def flush_writers(self, ino: int, exclude: str | None) -> None:
         """Make every other node holding a write right on ``ino`` write its data back."""
-        for entry in self.rights.table():
-            if entry.ino != ino or entry.mode != "w" or entry.node == exclude:
+        for node in self.rights.writers(ino):
+            if node == exclude:
                 continue
-            s = self._by_name(entry.node)
+            s = self._by_name(node)
             if s is not None:
                 try:
                     s.conn.call("flush_inode", {"ino": ino}, timeout=self.lease)

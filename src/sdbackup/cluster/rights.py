@@ -231,6 +231,13 @@ class RightsManager:
                     st.dirty = dirty
             self._cond.notify_all()
 
+    def writers(self, ino: int) -> list[str]:
+        """Nodes holding a write right on any segment of ``ino`` (one dict lookup: this
+        runs on every getattr)."""
+        with self._cond:
+            return sorted({st.writer for st in self._table.get(ino, {}).values()
+                           if st.writer is not None})
+
     def dirty_holders(self, ino: int, exclude: str | None = None) -> list[str]:
         with self._cond:
             return sorted({st.writer for st in self._table.get(ino, {}).values()

@@ -78,6 +78,8 @@ class Seg:
 
 
 CRASH_ENV = "SDBACKUP_TEST_NODE_CRASH_AT"
+READ_AHEAD_MIN = 64 << 10
+READ_AHEAD_SEGMENTS = 4
 
 
 def _crash_point(name: str) -> None:
@@ -233,16 +235,22 @@ class CachedFileSystem(FileSystem):
             raise FsError(errno.EINVAL, "negative offset or size")
         if size == 0:
             return b""
-        attr = self.getattr(ino)
-        if attr.is_dir:
-            raise FsError(errno.EISDIR, "is a directory")
-        size = min(size, max(0, attr.size - offset)) if attr.size >= offset else 0
-        # The size may have grown on another node: ask for the rights, then re-read it.
-        segs = self._segs_of(offset, max(size, 1))
+        segs = self._segs_of(offset, size)
+        if size >= READ_AHEAD_MIN:
+            # Sequential reads: take the read rights of the next segments in the same
+            # round trip (harmless past the end of the file).
+            with self._mu:
+                held = all((ino, s) in self._segs for s in segs)
+            if not held:
+                segs += range(segs[-1] + 1, segs[-1] + 1 + READ_AHEAD_SEGMENTS)
         while True:
             objs = self._hold(ino, segs, "r")
+            # The size is read after the rights are held: a writer elsewhere has written
+            # its data back by then (the coordinator flushes writers on getattr).
             attr = self.getattr(ino)
-            end = min(attr.size, offset + max(size, 0))
+            if attr.is_dir:
+                raise FsError(errno.EISDIR, "is a directory")
+            end = min(attr.size, offset + size)
             if end <= offset:
                 return b""
             out = bytearray(end - offset)
