@@ -676,12 +676,9 @@ class _Handler(BaseHandler):
         runs = wire.dec_write_runs(a["runs"])
         mine = self._unreserve(s, runs)
         mt = a.get("mtime_ns")
-        try:
-            return self._attr(self.c.meta.commit_write(int(a["ino"]), mine, int(a["end"]),
-                                                       None if mt is None else int(mt)))
-        except FsError:
-            self.c.meta.abort_write(mine)
-            raise
+        # On failure commit_write gives the reserved blocks back itself (once).
+        return self._attr(self.c.meta.commit_write(int(a["ino"]), mine, int(a["end"]),
+                                                   None if mt is None else int(mt)))
 
     def rpc_truncate(self, conn: Connection, a: dict[str, Any], blob: bytes | None
                      ) -> dict[str, Any]:
