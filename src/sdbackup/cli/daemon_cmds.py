@@ -112,7 +112,7 @@ def node(cluster_dir: Path | None, name: str, cache_size: str, flush_delay: floa
 
     if cluster_dir is None and coord is None:
         raise UsageError("give CLUSTER_DIR, or --coordinator HOST:PORT with --secret-file")
-    if cluster_dir is not None:
+    if cluster_dir is not None and coord is None:
         load_config(cluster_dir)  # a clear error for a wrong path, before logs/ is made
     if mountpoint is not None:
         from sdbackup.fs import fuse_mount
