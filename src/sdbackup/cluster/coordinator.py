@@ -67,6 +67,7 @@ class Session:
     joined: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
     reservations: dict[tuple[int, int], WriteRun] = field(default_factory=dict)
+    opens: dict[int, int] = field(default_factory=dict)  # files this session has open
     dirty_n: dict[tuple[int, int], int] = field(default_factory=dict)
     state: str = "up"
 
@@ -196,6 +197,15 @@ class Coordinator:
         s.reservations.clear()
         if runs:
             self.meta.abort_write(runs)
+        # Files the session still had open are closed for it, so that an unlinked file
+        # it held open is freed (open counts are cluster-wide, per session here).
+        opens, s.opens = s.opens, {}
+        for ino, n in opens.items():
+            for _ in range(n):
+                try:
+                    self.release_inode(ino)
+                except Exception as err:  # keep cleaning up the others
+                    log.warning("closing inode %d for %s failed: %s", ino, s.name, err)
         w = self.window
         if w is not None and not w.central and s.name in w.asked and w.failed is None:
             w.failed = (f"node {s.name} failed during the backup and took its before-image "
@@ -305,6 +315,19 @@ class Coordinator:
     def may_free(self, ino: int) -> Any:
         """Context: recall every right on ``ino`` before an operation that may free it."""
         return self.rights.exclusive(ino)
+
+    def release_inode(self, ino: int) -> None:
+        """One close of ``ino``; the last close of an unlinked file frees it, after
+        every node's rights on it were recalled."""
+        try:
+            last = self.meta.getattr(ino).nlink == 0
+        except FsError:
+            last = False
+        if last:
+            with self.may_free(ino):
+                self.meta.release(ino)
+        else:
+            self.meta.release(ino)
 
     def truncate(self, ino: int, size: int) -> Attr:
         # The store lock is held across the disk write too, so that a backup's freeze
@@ -596,21 +619,24 @@ class _Handler(BaseHandler):
         return {"statfs": wire.enc_statfs(self.c.meta.statfs())}
 
     def rpc_open(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
-        self._s(conn)
-        self.c.meta.open(int(a["ino"]))
+        s = self._s(conn)
+        ino = int(a["ino"])
+        self.c.meta.open(ino)
+        with self.c._mu:
+            s.opens[ino] = s.opens.get(ino, 0) + 1
 
     def rpc_release(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
-        self._s(conn)
+        s = self._s(conn)
         ino = int(a["ino"])
-        try:
-            last = self.c.meta.getattr(ino).nlink == 0
-        except FsError:
-            last = False
-        if last:
-            with self.c.may_free(ino):
-                self.c.meta.release(ino)
-        else:
-            self.c.meta.release(ino)
+        with self.c._mu:
+            n = s.opens.get(ino, 0)
+            if n <= 0:
+                raise UsageError(f"release of inode {ino}, which this node has not open")
+            if n == 1:
+                del s.opens[ino]
+            else:
+                s.opens[ino] = n - 1
+        self.c.release_inode(ino)
 
     def rpc_map_read(self, conn: Connection, a: dict[str, Any], blob: bytes | None
                      ) -> dict[str, Any]:
