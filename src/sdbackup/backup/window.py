@@ -45,6 +45,7 @@ class BackupWindow:
         self.log = log  # the log manager's log (None in merged mode)
         self.asked: set[str] = set()  # merged: nodes that were told to log something
         self.failed: str | None = None
+        self.closed = False
         self.lock = threading.Lock()
         self.bi_runs = 0
 
@@ -98,11 +99,22 @@ class BackupWindow:
             raise ValueError("no log manager in merged mode")
         stored = 0
         with self.lock:
+            if self.closed:
+                return 0  # the copy is finished: later overwrites need no before image
             for disk, start, data, ltime in items:
                 for _, n in self.log.append(disk, start, data, ltime):
                     stored += n
             self.log.sync()
         return stored
+
+
+    def close(self) -> None:
+        """End of the window (after the copy): the log is closed; puts still in flight
+        are accepted and dropped, as their overwrites come after the copy."""
+        with self.lock:
+            self.closed = True
+            if self.log is not None:
+                self.log.close()
 
 
 def _piece(r: WriteRun, dblock: int, n: int, bi_time: int) -> WriteRun:

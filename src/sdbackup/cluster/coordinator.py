@@ -356,7 +356,7 @@ class Coordinator:
             return
         if w.central:
             w.put([(disk, block, old, need[0].bi_time)])
-        elif self._own_log is not None:
+        elif self._own_log is not None:  # under the store lock (see truncate)
             self._own_log.append(disk, block, old, need[0].bi_time)
             self._own_log.sync()
 
@@ -392,16 +392,19 @@ class Coordinator:
         if w is None:
             raise UsageError("no backup window is open")
         stats: dict[str, Any] = {"mode": w.mode, "bi_runs": w.bi_runs}
+        self.window = None  # no more before images are asked for: the copy is done
         try:
             if w.central:
                 assert w.log is not None
-                w.log.close()
+                w.close()
                 stats["log_bytes"] = w.log.bytes
             else:
                 inputs: list[Path] = []
-                if self._own_log is not None:
-                    self._own_log.close()
-                    inputs.append(self._own_log.path)
+                own, self._own_log = self._own_log, None
+                if own is not None:
+                    with self.store.lock:  # _own_before_image appends under this lock
+                        own.close()
+                    inputs.append(own.path)
                 for name in sorted(w.asked - {"coordinator"}):
                     sess = self._by_name(name)
                     if sess is None:
