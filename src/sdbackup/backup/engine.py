@@ -39,6 +39,7 @@ from sdbackup.backup.plan import Plan, make_plan
 from sdbackup.backup.source import BackupSource, Snapshot, SourceConfig
 from sdbackup.backup.window import LOG_MODES
 from sdbackup.blocks.blockset import BlockSet
+from sdbackup.cluster.config import fsync_path
 from sdbackup.errors import CorruptError, NoSpaceError, SdbError, UsageError
 from sdbackup.media.index import make_entries, write_index
 from sdbackup.media.medium import (
@@ -241,7 +242,7 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
                 bi_entries = []
             elif opts.log_mode == "separate":
                 shutil.copyfile(log_path, gdir / stream_name(1))
-                _fsync_file(gdir / stream_name(1))
+                fsync_path(gdir / stream_name(1))
                 log_info.update(overlaid=True)
             if bi_entries:
                 streams.append(stream_file_entry(gdir / stream_name(1)))
@@ -416,13 +417,6 @@ def stream_file_entry(path: Path) -> FileEntry:
             end = rec.offset + rec.header.record_len
     return FileEntry(path.name, end, digest.intdigest(), n)
 
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _is_no_space(e: BaseException, where: Path) -> bool:

@@ -18,12 +18,11 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
 from sdbackup.backup.bilog import read_entries
-from sdbackup.cluster.config import sync_dir, write_atomic
+from sdbackup.cluster.config import fsync_path, sync_dir, write_atomic
 from sdbackup.errors import CorruptError, UsageError
 from sdbackup.media.generation import Generation, external_log
 from sdbackup.media.index import make_entries, read_index, write_index
@@ -54,7 +53,7 @@ def overlay_generation(gen: Generation, log_medium: str | os.PathLike[str] | Non
                            "manifest (size or digest): it is damaged or another log")
     target = gen.dir / stream_name(n)
     shutil.copyfile(ext, target)
-    _fsync(target)
+    fsync_path(target)
     bi = read_entries(target)
     old, _, _, _ = read_index(gen.index_path, where=gen.where())
     new = make_entries(
@@ -71,7 +70,7 @@ def overlay_generation(gen: Generation, log_medium: str | os.PathLike[str] | Non
     isize, irecs, idigest = write_index(gen.dir / iname, new,
                                         {"cluster": m.cluster_id, "generation": gen.id,
                                          "medium": m.medium_id})
-    _fsync(gen.dir / iname)
+    fsync_path(gen.dir / iname)
     sync_dir(gen.dir)
     new_log = {**log, "overlaid": True}
     manifest = replace(m, streams=(*m.streams, FileEntry(target.name, entry.bytes,
@@ -85,10 +84,3 @@ def overlay_generation(gen: Generation, log_medium: str | os.PathLike[str] | Non
     return {"generation": gen.id, "overlaid": True, "bi_records": len(bi),
             "bi_blocks": sum(e.count for e in bi), "from": str(ext)}
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -123,6 +123,15 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     sync_dir(path.parent)
 
 
+def fsync_path(path: Path) -> None:
+    """fsync a file that was written and closed (by name)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
