@@ -151,12 +151,21 @@ class FileSystem:
         bs = self.bs
         fb = offset // bs
         nb = (end + bs - 1) // bs - fb
+        skip = offset - fb * bs
+        exts = self.meta.map_read(ino, fb, nb)
+        if len(exts) == 1 and exts[0].fblock == fb and exts[0].length == nb:
+            # One run, no hole (the common case): read straight into the result, with
+            # no zero-filled buffer and no second copy.
+            ext = exts[0]
+            data = self.disks.device(ext.disk).read(ext.dblock, nb)
+            if skip == 0 and len(data) == end - offset:
+                return data
+            return data[skip : skip + end - offset]
         buf = bytearray(nb * bs)
         mv = memoryview(buf)
-        for ext in self.meta.map_read(ino, fb, nb):
+        for ext in exts:
             lo = (ext.fblock - fb) * bs
             self.disks.device(ext.disk).readinto(ext.dblock, mv[lo : lo + ext.length * bs])
-        skip = offset - fb * bs
         return bytes(mv[skip : skip + end - offset])
 
     def write(self, ino: int, offset: int, data: bytes | bytearray | memoryview) -> int:
