@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdbackup.blocks.device import pwrite_all
 from sdbackup.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
 from sdbackup.media.generation import Generation, GenerationReader
 from sdbackup.media.snapshot import SnapshotMeta
@@ -324,7 +325,7 @@ def restore_files(
                     for k in range(0, max(count, 0), step):
                         c = min(step, count - k)
                         data = reader.read(disk, dblock + k, c)
-                        _pwrite_all(fd, data, (fblock + k) * bs)
+                        pwrite_all(fd, data, (fblock + k) * bs)
                 os.ftruncate(fd, n.size)
                 _attrs_fd(fd, n)
             finally:
@@ -373,13 +374,6 @@ def restore_files(
         os.close(root_fd)
     return stats
 
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    mv = memoryview(data)
-    while mv:
-        n = os.pwrite(fd, mv, offset)
-        mv = mv[n:]
-        offset += n
 
 
 def _attrs_fd(fd: int, n: _Node) -> None:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdbackup.blocks.device import holds_data
+from sdbackup.blocks.device import holds_data, pwrite_all
 from sdbackup.cluster.config import (
     CONFIG_NAME,
     ClusterConfig,
@@ -105,7 +105,7 @@ def restore_image(
             os.ftruncate(fd, size)
         for kind in (Kind.DATA, Kind.BI):  # before images (T0 contents) win: last
             for start, count, data in reader.records(d.id, kind=int(kind)):
-                _pwrite_all(fd, data, start * bs)
+                pwrite_all(fd, data, start * bs)
                 if kind == Kind.DATA:
                     stats.blocks += count
                 stats.bytes += len(data)
@@ -126,13 +126,6 @@ def restore_image(
             os.close(fd)
     return stats
 
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    mv = memoryview(data)
-    while mv:
-        n = os.pwrite(fd, mv, offset)
-        mv = mv[n:]
-        offset += n
 
 
 @dataclass
