@@ -88,8 +88,13 @@ class BiLog:
         return runs
 
     def sync(self) -> None:
-        """Make everything appended so far durable (the write-ahead rule needs it)."""
+        """Make everything appended so far durable."""
         self.writer.flush(fsync=True)
+
+    def flush(self) -> None:
+        """Hand everything appended so far to the operating system (it survives a crash
+        of this process, not of the host)."""
+        self.writer.flush(fsync=False)
 
     def close(self) -> None:
         self.writer.close(fsync=True)

@@ -93,8 +93,9 @@ class BackupWindow:
         return out
 
     def put(self, items: list[tuple[int, int, bytes, int]]) -> int:
-        """The log manager: store before images unless stored already; durable on return.
-        Returns the number of blocks stored."""
+        """The log manager: store before images unless stored already; on return they
+        are out of the writer's hands (see the comment below on durability). Returns the
+        number of blocks stored."""
         if self.log is None:
             raise ValueError("no log manager in merged mode")
         stored = 0
@@ -104,7 +105,10 @@ class BackupWindow:
             for disk, start, data, ltime in items:
                 for _, n in self.log.append(disk, start, data, ltime):
                     stored += n
-            self.log.sync()
+            # Written to the operating system, not fsynced: a crash that could lose it
+            # (of the coordinator's host) also aborts the backup, and the log is
+            # fsynced when the window closes, before the generation can commit.
+            self.log.flush()
         return stored
 
 

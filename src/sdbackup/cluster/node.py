@@ -239,8 +239,12 @@ class ClusterClient:
             if not self._bi_closed:
                 # Appending ends here: the copy is finished before logs are gathered,
                 # so later overwrites need no before images.
+                sink = self.fs.bi_sink
                 self.fs.bi_sink = ClosedBiSink()
-                lg.close()
+                if isinstance(sink, LocalBiSink):
+                    sink.close()  # under the sink's lock: no append races the close
+                else:
+                    lg.close()
                 self._bi_closed = True
             with open(lg.path, "rb") as f:
                 f.seek(offset)
@@ -253,7 +257,9 @@ class ClusterClient:
                 self._backup_end_locked()
 
     def _backup_end_locked(self) -> None:
-        self.fs.bi_sink = None
+        # Not None: a write-back mapped while the window was open may still carry
+        # before-image requests; they are no longer needed.
+        self.fs.bi_sink = ClosedBiSink()
         if self._local_log is not None:
             if not self._bi_closed:
                 self._local_log.writer.abort()
@@ -284,12 +290,23 @@ class LocalBiSink:
     def __init__(self, log: BiLog) -> None:
         self.bilog = log
         self._lock = threading.Lock()
+        self.closed = False
 
     def log(self, items: list[tuple[int, int, bytes, int]]) -> None:
         with self._lock:
+            if self.closed:
+                return  # the copy is finished (the coordinator is gathering this log)
             for disk, start, data, ltime in items:
                 self.bilog.append(disk, start, data, ltime)
-            self.bilog.sync()
+            # To the OS, not fsynced: in merged mode a crash of this node fails the
+            # backup anyway; the log is fsynced when it is closed, before it is gathered.
+            self.bilog.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if not self.closed:
+                self.closed = True
+                self.bilog.close()
 
 
 class RemoteBiSink:

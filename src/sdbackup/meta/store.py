@@ -198,21 +198,18 @@ class MetaStore:
         self.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
     def sync(self) -> None:
-        """Make every committed transaction durable (fsync the write-ahead log)."""
-        with self.lock:
-            wal = Path(str(self.path) + "-wal")
-            if wal.exists():
-                fd = os.open(wal, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            else:
-                fd = os.open(self.path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+        """Make every committed transaction durable (fsync the write-ahead log).
+
+        Not under ``self.lock``: an fsync takes milliseconds, and every metadata call of
+        every node would queue behind it; fsync covers whatever was committed before
+        it started, which is all a caller needs."""
+        wal = Path(str(self.path) + "-wal")
+        target = wal if wal.exists() else self.path
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def snapshot_to(self, dest: str | os.PathLike[str]) -> None:
         """Copy one consistent snapshot of the store to ``dest`` (SQLite backup API).
