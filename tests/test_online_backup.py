@@ -129,6 +129,26 @@ def _check_restores_t0(c: Cluster, medium: Path, gen: str, tag: str = "") -> Non
                                  f"{[b // bs for b in bad[:10]]}")
 
 
+def _check_log_apply(c: Cluster, medium: Path, gen: str, log_medium: Path) -> None:
+    from sdbackup.media.generation import Generation, GenerationReader
+    from sdbackup.media.records import Kind
+
+    g = Generation.open(medium, gen)
+    with GenerationReader(g) as reader:
+        for d in g.manifest.disks:
+            img = c.dir.parent / f"data-only-{d.name}.img"
+            with open(img, "wb") as f:
+                f.truncate(d.nblocks * g.block_size)
+                for start, _count, data in reader.records(d.id, kind=int(Kind.DATA)):
+                    f.seek(start * g.block_size)
+                    f.write(data)
+            want = (c.t0_dir / gen / f"{d.name}.img").read_bytes()
+            out = sdb("log", "apply", "--log-medium", str(log_medium), "--to", str(img),
+                      "--generation", gen, "--disk-id", str(d.id)).stdout
+            assert "applied" in out
+            assert img.read_bytes() == want, f"log apply did not bring {d.name} to T0"
+
+
 @pytest.mark.parametrize("mode", ["merged", "central", "inline", "separate"])
 def test_online_backup_restores_t0(cluster: Cluster, tmp_path: Path, mode: str) -> None:
     _seed(cluster)
@@ -150,6 +170,9 @@ def test_online_backup_restores_t0(cluster: Cluster, tmp_path: Path, mode: str) 
     assert "OK" in sdb("verify", "--medium", str(medium), gen).stdout
     _check_restores_t0(cluster, medium, gen)
     if mode == "separate":
+        # The log medium alone brings a data-only image back to T0 (a.7: its records
+        # say where they go): 'sdbackup log apply'.
+        _check_log_apply(cluster, medium, gen, tmp_path / "lm")
         # Not overlaid: the restore read the log medium first. Overlay it, then restore
         # with the log medium gone.
         sdb("overlay", "--medium", str(medium), gen)
