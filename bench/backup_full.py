@@ -44,6 +44,8 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO / "src") not in sys.path:
     sys.path.insert(0, str(_REPO / "src"))
 
+from common import drop_caches  # noqa: E402 - bench/ is the script's directory
+
 from sdbackup.backup.engine import BackupOptions, run_backup  # noqa: E402
 from sdbackup.backup.source import LocalClusterSource  # noqa: E402
 from sdbackup.blocks.blockset import BlockSet  # noqa: E402
@@ -55,16 +57,6 @@ from sdbackup.restore.image import restore_image  # noqa: E402
 MiB = 1 << 20
 GEN_DATASET = _REPO.parent / "shared" / "bench" / "gen_dataset.py"
 BS = 4096
-
-
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def timed(fn: Callable[[], Any], *, cold: bool = True) -> float:
