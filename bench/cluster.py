@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import format_table as table
+
 MiB = 1 << 20
 HERE = Path(__file__).resolve()
 
@@ -278,19 +280,6 @@ def bench_flush(root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
               f"(runs {rows[-1]['runs_s']})", file=sys.stderr)
     return rows
 
-
-def table(headers: list[str], rows: list[list[Any]]) -> str:
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}"
-        return str(v)
-
-    cells = [headers] + [[cell(v) for v in r] for r in rows]
-    w = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r))
-             for r in cells]
-    lines.insert(1, "  ".join("-" * x for x in w))
-    return "\n".join(lines)
 
 
 def main() -> None:

@@ -200,10 +200,8 @@ def maybe_profile(enabled: bool, title: str, out_dir: Path | None = None) -> Ite
 
 
 # -- output ------------------------------------------------------------------------------------
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
-                title: str | None = None, file: Any = None) -> None:
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain aligned text table; numbers right-aligned, text left-aligned."""
-    out = file or sys.stdout
     cells = [[str(h) for h in headers]] + [[_cell(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     numeric = [
@@ -215,12 +213,17 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
                  for c, w, num in zip(r, widths, numeric, strict=True)]
         return "  ".join(parts).rstrip()
 
+    out = [line(cells[0]), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in cells[1:]]
+    return "\n".join(out)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
+                title: str | None = None, file: Any = None) -> None:
+    out = file or sys.stdout
     if title:
         print(title, file=out)
-    print(line(cells[0]), file=out)
-    print("  ".join("-" * w for w in widths), file=out)
-    for r in cells[1:]:
-        print(line(r), file=out)
+    print(format_table(headers, rows), file=out)
 
 
 def _is_num(v: Any) -> bool:

@@ -45,6 +45,8 @@ _SRC = Path(__file__).resolve().parent.parent / "src"
 if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
+from common import drop_caches  # noqa: E402 - bench/ is the script's directory
+
 from sdbackup.cluster.config import parse_size  # noqa: E402
 from sdbackup.cluster.launch import Proc, start_coordinator, start_node  # noqa: E402
 from sdbackup.fs import fuse_mount  # noqa: E402
@@ -65,17 +67,7 @@ def run(*args: object, check: bool = True) -> subprocess.CompletedProcess[str]:
     return r
 
 
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
-
-# -- the two file systems -------------------------------------------------------------
-@contextlib.contextmanager
 def local_fs(scratch: Path, size: int) -> Iterator[tuple[Path, str]]:
     """ext4 on a loop device over a sparse file in ``scratch`` (or tmpfs, said so)."""
     mp = scratch / "local"

@@ -65,6 +65,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import drop_caches
+from common import format_table as table
+
 _SRC = Path(__file__).resolve().parent.parent / "src"
 if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
@@ -87,14 +90,6 @@ def loadavg() -> str:
     except OSError:
         return "?"
 
-
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def git_commit() -> str:
@@ -721,19 +716,6 @@ def breakdown(raw: dict[str, Any]) -> dict[str, Any]:
                 "calls_per_mib": 0.0, "ms_per_call": 0.0}
     return out
 
-
-def table(headers: list[str], rows: list[list[Any]]) -> str:
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
-        return str(v)
-
-    cells = [headers] + [[cell(v) for v in r] for r in rows]
-    w = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r))
-             for r in cells]
-    lines.insert(1, "  ".join("-" * x for x in w))
-    return "\n".join(lines)
 
 
 def report(out: dict[str, Any], args: argparse.Namespace) -> None:
