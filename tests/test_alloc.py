@@ -74,6 +74,7 @@ class BitmapMachine(RuleBasedStateMachine):
         self.bm: DiskBitmap
         self.C: set[int] = set()
         self.R: set[int] = set()
+        self.Q: set[int] = set()  # freed, held until the freeing transaction is durable
         self.saved: set[int] = set()
 
     def teardown(self) -> None:
@@ -101,7 +102,7 @@ class BitmapMachine(RuleBasedStateMachine):
     def reserve(self, data: st.DataObject) -> None:
         s, c = self._range(data)
         self.bm.reserve(s, c)
-        self.R |= set(range(s, s + c)) - self.C
+        self.R |= set(range(s, s + c)) - self.C - self.Q
 
     @rule(data=st.data())
     def unreserve(self, data: st.DataObject) -> None:
@@ -115,13 +116,21 @@ class BitmapMachine(RuleBasedStateMachine):
         self.bm.commit(s, c)
         self.C |= set(range(s, s + c))
         self.R -= self.C
+        self.Q -= self.C
 
     @rule(data=st.data())
     def free(self, data: st.DataObject) -> None:
+        """Freed committed blocks are held (not allocatable) until released."""
         s, c = self._range(data)
         self.bm.free(s, c)
+        self.Q |= set(range(s, s + c)) & self.C
         self.C -= set(range(s, s + c))
-        self.R -= set(range(s, s + c))
+
+    @rule()
+    def release(self) -> None:
+        """The freeing transactions became durable: held blocks are free again."""
+        self.bm.release(self.bm.take_quarantine())
+        self.Q.clear()
 
     @rule(data=st.data())
     def commit_reserved_run(self, data: st.DataObject) -> None:
@@ -138,11 +147,12 @@ class BitmapMachine(RuleBasedStateMachine):
         self.bm.commit(s, e - s + 1)
         self.C |= set(range(s, e + 1))
         self.R -= self.C
+        self.Q -= self.C
 
     @rule(count=st.integers(1, 300), goal=st.integers(0, CHUNK_BITS + 100))
     def allocate_blocks(self, count: int, goal: int) -> None:
         n = self.n
-        inuse = self.C | self.R
+        inuse = self.C | self.R | self.Q
         free_before = n - len(inuse)
         runs = allocate(self.bm, count, goal)
         got = [b for s, c in runs for b in range(s, s + c)]
@@ -184,18 +194,19 @@ class BitmapMachine(RuleBasedStateMachine):
         self.bm.reload(self.store)
         self.C = set(self.saved)
         self.R -= self.C
+        self.Q -= self.C
 
     # -- checks --------------------------------------------------------------------------
     @rule(pos=st.integers(0, CHUNK_BITS + 100), limit=st.integers(1, 500))
     def next_free_run(self, pos: int, limit: int) -> None:
-        inuse = self.C | self.R
+        inuse = self.C | self.R | self.Q
         assert self.bm.next_free_run(pos, limit) == model_next_free_run(
             inuse, self.n, pos, limit)
 
     @rule(data=st.data())
     def is_free(self, data: st.DataObject) -> None:
         s, c = self._range(data)
-        want = not (set(range(s, s + c)) & (self.C | self.R))
+        want = not (set(range(s, s + c)) & (self.C | self.R | self.Q))
         assert self.bm.is_free(s, c) == want
         assert not self.bm.is_free(self.n - c + 1, c)  # runs past the end are never free
 
@@ -204,8 +215,9 @@ class BitmapMachine(RuleBasedStateMachine):
     def matches_model(self) -> None:
         n = self.n
         assert bits_set(self.bm.committed, n) == self.C
-        assert bits_set(self.bm.inuse, n) == self.C | self.R
+        assert bits_set(self.bm.inuse, n) == self.C | self.R | self.Q
         assert self.bm.used_blocks() == len(self.C)
+        # Held blocks count as free space (they are free, only not yet durably so).
         assert self.bm.free_blocks() == n - len(self.C | self.R)
         # Padding bits past the end of the disk stay "used" in both bitmaps.
         if n & 7:

@@ -382,7 +382,7 @@ def test_init_refuses_a_disk_of_another_cluster(tmp_path: Path) -> None:
     assert sha(disk) == before and not (tmp_path / "second").exists()
     # --force takes the disk over; the first cluster then refuses to use it.
     run("init", tmp_path / "second", "--disk", f"d0={disk}", "--block-size", BS, "--force")
-    assert "does not carry this cluster's label" in fails(2, "info", first)
+    assert "belongs to another cluster" in fails(2, "info", first)
     run("info", tmp_path / "second")
 
 

@@ -456,7 +456,7 @@ class FsMachine(RuleBasedStateMachine):
         with fewer arguments first.)
         """
         if checkpoint:  # everything in the main database file, or left in the WAL
-            self.c.store.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.c.store.checkpoint()
         self.c.close()
         self.c = open_cluster(self.cdir)
         for f in self.handles:

@@ -82,3 +82,8 @@ class FsError(OSError):
     def __init__(self, err: int, what: str = "") -> None:
         super().__init__(err, f"{_errno.errorcode.get(err, err)}: {what}" if what else None)
         self.what = what
+
+
+class FencedError(RemoteError):
+    """The coordinator declared this session failed (fenced): every call it makes is
+    refused, it must drop its cache and join again as a new session."""

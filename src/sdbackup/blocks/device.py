@@ -8,15 +8,15 @@ cache; buffers are then page-aligned ``mmap`` buffers and I/O is block-aligned.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
 import stat
+import threading
 from pathlib import Path
 
 from sdbackup.errors import CorruptError, NoSpaceError, UsageError
-
-_ALIGN = 4096
 
 
 def device_size(path: str | os.PathLike[str]) -> int:
@@ -88,6 +88,18 @@ class BlockDevice:
 
     Thread-safe: positional I/O only. Short reads past the end of a sparse file read
     as zeros; a short read inside the device's size is a :class:`CorruptError`.
+
+    ``direct=True`` (every disk shared between hosts) opens with ``O_DIRECT``: no read
+    is served from, and no write lingers in, this host's page cache, so a block written
+    back by a node on another host is what the next read here returns. ``O_DIRECT``
+    needs memory, offsets and lengths aligned to the device's sector (512 or 4096
+    bytes, probed at open, :attr:`align`); callers that pass aligned buffers (the
+    node's segment buffers, the copier's ring) go straight to the disk, everything
+    else goes through one reused, aligned buffer per thread: no allocation and no
+    ``mmap`` per call on the hot path.
+
+    :meth:`datasync` is a group commit: concurrent callers share one ``fdatasync``
+    that started after each of them called, so a busy node pays one flush per batch.
     """
 
     def __init__(
@@ -116,13 +128,30 @@ class BlockDevice:
             raise UsageError(f"no permission to open disk {self.path}: run as a user "
                              "that can read and write it") from None
         except OSError as e:
+            if e.errno == errno.EROFS:
+                raise UsageError(f"disk {self.path} is read-only on this host: the "
+                                 "cluster needs to write it") from None
             if direct and e.errno == errno.EINVAL:
                 raise UsageError(f"the file system holding disk {self.path} does not "
-                                 "support O_DIRECT: put the disk elsewhere or turn "
-                                 "direct I/O off") from None
+                                 "support O_DIRECT (direct I/O): put the disk elsewhere"
+                                 ) from None
             raise
-        self.size = os.lseek(self.fd, 0, os.SEEK_END)
-        self.nblocks = self.size // block_size
+        try:
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+            self.nblocks = self.size // block_size
+            self.align = _probe_alignment(self.fd, self.path) if direct else 1
+            if direct and block_size % self.align:
+                raise UsageError(f"disk {self.path} needs direct I/O in units of "
+                                 f"{self.align} bytes, more than the block size "
+                                 f"{block_size}: use --block-size {self.align} or larger")
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._sync_cv = threading.Condition()
+        self._sync_started = 0
+        self._sync_done = 0
+        self._sync_running = False
+        self._sync_errors: dict[int, OSError] = {}
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -148,17 +177,12 @@ class BlockDevice:
         n = count * self.block_size
         off = block * self.block_size
         if self.direct:
-            buf = mmap.mmap(-1, max(n, _ALIGN))
+            view = _bounce(n)
             try:
-                with memoryview(buf) as whole:
-                    view = whole[:n]
-                    try:
-                        self._preadv_full(view, off)
-                        return bytes(view)
-                    finally:
-                        view.release()
+                self._preadv_full(view, off)
+                return bytes(view)
             finally:
-                buf.close()
+                view.release()
         data = os.pread(self.fd, n, off)
         if len(data) != n:  # a short read (the kernel caps one call below 2 GiB): go on
             parts = [data]
@@ -173,11 +197,11 @@ class BlockDevice:
             data = b"".join(parts)
         return data
 
-    def readinto(self, block: int, buf: memoryview | bytearray) -> None:
+    def readinto(self, block: int, buf: memoryview | bytearray | mmap.mmap) -> None:
         """Fill ``buf`` (a whole number of blocks) from ``block`` on.
 
-        With ``direct=True`` a buffer that is not page-aligned is filled through an
-        aligned bounce buffer (``O_DIRECT`` refuses unaligned memory with EINVAL).
+        With ``direct=True`` a buffer that is not aligned is filled through this
+        thread's aligned bounce buffer (``O_DIRECT`` refuses unaligned memory).
         """
         with memoryview(buf) as mv:
             n = mv.nbytes
@@ -185,14 +209,13 @@ class BlockDevice:
                 raise ValueError("buffer is not a whole number of blocks")
             self._check(block, n // self.block_size)
             off = block * self.block_size
-            if self.direct and n and not _aligned(mv):
-                bounce = mmap.mmap(-1, n)
+            if self.direct and n and not _aligned(mv, self.align):
+                bounce = _bounce(n)
                 try:
-                    with memoryview(bounce) as bv:
-                        self._preadv_full(bv, off)
-                        mv.cast("B")[:] = bv
+                    self._preadv_full(bounce, off)
+                    mv.cast("B")[:] = bounce
                 finally:
-                    bounce.close()
+                    bounce.release()
                 return
             self._preadv_full(mv, off)
 
@@ -215,34 +238,36 @@ class BlockDevice:
                 f"expected {want} bytes, got {got} (truncated device?)"
             )
 
-    def write(self, block: int, data: bytes | bytearray | memoryview) -> None:
+    def write(self, block: int, data: bytes | bytearray | memoryview | mmap.mmap) -> None:
         """Write whole blocks at ``block``; raises NoSpaceError if the host disk is full."""
         mv = memoryview(data)
-        if mv.nbytes % self.block_size:
-            raise ValueError("write is not a whole number of blocks")
-        self._check(block, mv.nbytes // self.block_size)
-        if mv.nbytes == 0:
-            return
-        off = block * self.block_size
-        if self.direct and not _aligned(mv):
-            buf = mmap.mmap(-1, max(mv.nbytes, _ALIGN))
-            try:
-                buf[: mv.nbytes] = mv
-                mv = memoryview(buf)[: mv.nbytes]
-                self._pwrite_all(mv, off)
-            finally:
-                mv.release()
-                buf.close()
-            return
-        self._pwrite_all(mv, off)
+        try:
+            if mv.nbytes % self.block_size:
+                raise ValueError("write is not a whole number of blocks")
+            self._check(block, mv.nbytes // self.block_size)
+            if mv.nbytes == 0:
+                return
+            off = block * self.block_size
+            if self.direct and not _aligned(mv, self.align):
+                bounce = _bounce(mv.nbytes)
+                try:
+                    bounce[:] = mv.cast("B")
+                    self._pwrite_all(bounce, off)
+                finally:
+                    bounce.release()
+                return
+            self._pwrite_all(mv, off)
+        finally:
+            mv.release()
 
     def _pwrite_all(self, mv: memoryview, off: int) -> None:
+        view = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
         done = 0
         try:
-            while done < mv.nbytes:
-                done += os.pwrite(self.fd, mv[done:], off + done)
+            while done < view.nbytes:
+                done += os.pwrite(self.fd, view[done:], off + done)
         except OSError as e:
-            if e.errno == 28:  # ENOSPC on the host file system behind a sparse disk
+            if e.errno == errno.ENOSPC:  # the host file system behind a sparse disk
                 raise NoSpaceError(
                     f"the host file system holding disk {self.path} is full: free space "
                     "there (the cluster's own allocation was fine)"
@@ -252,6 +277,44 @@ class BlockDevice:
     def fsync(self) -> None:
         os.fsync(self.fd)
 
+    def datasync(self) -> None:
+        """Return once everything written before this call is on stable storage.
+
+        Group commit: a caller waits for the first ``fdatasync`` that *starts* after it
+        called (one already running may have started before its writes ended), and
+        every caller waiting at that moment shares it. An ``fdatasync`` error reaches
+        every caller it covered.
+        """
+        cv = self._sync_cv
+        with cv:
+            want = self._sync_started + 1
+            while self._sync_done < want:
+                if self._sync_running:
+                    cv.wait()
+                    continue
+                self._sync_running = True
+                self._sync_started += 1
+                n = self._sync_started
+                cv.release()
+                err: OSError | None = None
+                try:
+                    os.fdatasync(self.fd)
+                except OSError as e:
+                    err = e
+                finally:
+                    cv.acquire()
+                    self._sync_running = False
+                    self._sync_done = n
+                    if err is not None:
+                        self._sync_errors[n] = err
+                        for old in [k for k in self._sync_errors if k < n - 64]:
+                            del self._sync_errors[old]
+                    cv.notify_all()
+            err = self._sync_errors.get(want)
+        if err is not None:
+            raise OSError(err.errno, f"flushing disk {self.path} failed: {err.strerror}; "
+                          "writes since the last flush may not be on the disk")
+
     def punch(self, block: int, count: int) -> None:
         """Give the blocks' space back to the host (sparse files); contents become zeros."""
         self._check(block, count)
@@ -260,23 +323,70 @@ class BlockDevice:
         try:
             _punch_hole(self.fd, block * self.block_size, count * self.block_size)
         except OSError:  # not supported (block device, old fs): zero instead
-            self.write(block, bytes(count * self.block_size))
+            zeros = _bounce(count * self.block_size)
+            try:
+                zeros[:] = bytes(zeros.nbytes)
+                self._pwrite_all(zeros, block * self.block_size)
+            finally:
+                zeros.release()
 
 
-def _aligned(mv: memoryview) -> bool:
-    import ctypes
+_PAGE = mmap.PAGESIZE
+_BOUNCE_KEEP = 64 << 20  # a thread keeps its bounce buffer up to this size
+_local = threading.local()
 
-    if mv.nbytes % _ALIGN:
+
+def _bounce(n: int) -> memoryview:
+    """A page-aligned view of ``n`` bytes of this thread's reused buffer.
+
+    The caller releases the view before its next call (one view per thread at a time).
+    """
+    buf: mmap.mmap | None = getattr(_local, "buf", None)
+    if buf is None or len(buf) < n:
+        size = max(1 << 20, 1 << (max(n, 1) - 1).bit_length())
+        buf = mmap.mmap(-1, size)
+        if size <= _BOUNCE_KEEP:
+            _local.buf = buf
+    return memoryview(buf)[:n]
+
+
+def aligned_buffer(size: int) -> mmap.mmap:
+    """A zero-filled, page-aligned buffer (memory ``O_DIRECT`` I/O can use as it is)."""
+    return mmap.mmap(-1, max(size, _PAGE))
+
+
+def _probe_alignment(fd: int, path: Path) -> int:
+    """The alignment ``O_DIRECT`` needs on this device: 512 or 4096 bytes.
+
+    Reads one sector at offset 0 into memory aligned to exactly 512 (not 4096): the
+    kernel refuses (EINVAL) when the device needs more.
+    """
+    buf = mmap.mmap(-1, 3 * 4096)
+    try:
+        with memoryview(buf) as mv:
+            for a in (512, 4096):
+                try:
+                    os.preadv(fd, [mv[a : 2 * a]], 0)
+                    return a
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+    finally:
+        buf.close()
+    raise UsageError(f"disk {path} refuses direct I/O of 512 and 4096 bytes")
+
+
+def _aligned(mv: memoryview, align: int) -> bool:
+    if mv.nbytes % align:
         return False
     try:
         addr = ctypes.addressof(ctypes.c_char.from_buffer(mv))
     except TypeError:  # read-only buffer
         return False
-    return addr % _ALIGN == 0
+    return addr % align == 0
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> None:
-    import ctypes
     import ctypes.util
 
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

@@ -1,4 +1,4 @@
-"""The cluster's shared disks, opened on one node: the live :class:`BlockReader`."""
+"""The cluster's shared disks, opened on one host: the live :class:`BlockReader`."""
 
 from __future__ import annotations
 
@@ -38,9 +38,14 @@ class DiskSet:
     def write(self, disk: str, block: int, data: bytes | memoryview) -> None:
         self.device(disk).write(block, data)
 
+    def datasync(self, disks: Iterable[int] | None = None) -> None:
+        """Everything written to these disks (default: all) before the call is on stable
+        storage when it returns (a group commit per disk, see BlockDevice.datasync)."""
+        for disk_id in sorted(set(self.by_id if disks is None else disks)):
+            self.by_id[disk_id].datasync()
+
     def fsync(self) -> None:
-        for dev in self.by_id.values():
-            dev.fsync()
+        self.datasync()
 
     def close(self) -> None:
         for dev in self.by_id.values():

@@ -43,7 +43,9 @@ def init(cluster_dir: Path, disks: tuple[str, ...], block_size: int, force: bool
     cfg = init_cluster(cluster_dir, specs, block_size=block_size, force=force)
     click.echo(f"created cluster {cfg.cluster_id} in {cluster_dir}")
     for d in cfg.disks:
-        click.echo(f"  disk {d.name}: {d.path}")
+        click.echo(f"  disk {d.name}: {d.path}" + ("" if d.direct else
+                   "  (single-host: its file system refuses direct I/O, so only "
+                   "processes on this host can use it)"))
 
 
 def _human(n: float) -> str:
@@ -75,7 +77,8 @@ def info(cluster_dir: Path, as_json: bool) -> None:
             bm = c.meta.bitmaps[d.id]
             used = bm.used_blocks()
             disks.append({"name": d.name, "id": d.id, "path": d.path, "blocks": bm.nblocks,
-                          "used": used, "free": bm.nblocks - used})
+                          "used": used, "free": bm.nblocks - used,
+                          "shared": c.disks.device(d.id).direct})
         files = int(c.store.get_val("SELECT COUNT(*) FROM inodes WHERE (mode & 61440) = 32768"))
         dirs = int(c.store.get_val("SELECT COUNT(*) FROM inodes WHERE (mode & 61440) = 16384"))
         links = int(c.store.get_val("SELECT COUNT(*) FROM inodes WHERE (mode & 61440) = 40960"))
@@ -94,11 +97,16 @@ def _print_info(cluster_dir: Path, data: dict[str, Any], as_json: bool) -> None:
     click.echo(f"block size  {bs}")
     click.echo(f"files       {data['files']}   directories {data['directories']}   "
                f"symlinks {data['symlinks']}")
-    click.echo(f"{'disk':<12} {'blocks':>12} {'used':>12} {'free':>12}  {'size':>10}  path")
+    click.echo(f"{'disk':<12} {'blocks':>12} {'used':>12} {'free':>12}  {'size':>10}  "
+               f"{'access':<11}  path")
     for row in disks:
         nb = int(str(row["blocks"]))
+        access = "shared" if row.get("shared", True) else "single-host"
         click.echo(f"{row['name']!s:<12} {nb:>12} {row['used']!s:>12} {row['free']!s:>12}  "
-                   f"{_human(nb * bs):>10}  {row['path']}")
+                   f"{_human(nb * bs):>10}  {access:<11}  {row['path']}")
+    if any(not row.get("shared", True) for row in disks):
+        click.echo("single-host: the disk's file system refuses direct I/O; nodes on other "
+                   "hosts cannot join")
 
 
 @click.command()

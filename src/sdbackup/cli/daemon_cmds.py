@@ -100,16 +100,25 @@ def coordinator(cluster_dir: Path, listen: str, lease: float) -> None:
               help="Mount the cluster's file system there with FUSE, for every program "
                    "on this host; the node runs until it is unmounted (sdbackup umount, "
                    "fusermount3 -u) or stopped (SIGTERM), and then unmounts itself.")
+@click.option("--disk", "disk_paths", multiple=True, metavar="NAME=PATH",
+              help="Where this host sees shared disk NAME (e.g. d0=/dev/sdc): repeat for "
+                   "each disk whose path differs from the coordinator's cluster.toml.")
 def node(cluster_dir: Path | None, name: str, cache_size: str, flush_delay: float,
-         coord: str | None, secret_file: Path | None, mountpoint: Path | None) -> None:
+         coord: str | None, secret_file: Path | None, mountpoint: Path | None,
+         disk_paths: tuple[str, ...]) -> None:
     """Run a node agent in the foreground (until SIGTERM or Ctrl-C).
 
-    The node reads and writes file data on the shared disks directly, keeps a coherent
-    write-back cache, and serves local programs: through FUSE with --mount, and
-    through its control port (sdbackup fs CLUSTER_DIR --node NAME).
+    The node reads and writes file data on the shared disks directly (O_DIRECT: never
+    through this host's page cache), keeps a coherent write-back cache, and serves
+    local programs: through FUSE with --mount, and through its control port
+    (sdbackup fs CLUSTER_DIR --node NAME). Before it joins, it opens every disk (at
+    the coordinator's path, or where --disk says) and checks its label; a missing,
+    read-only or foreign disk is an error and the node does not join.
     """
+    from sdbackup.cluster.disk_access import parse_disk_overrides
     from sdbackup.cluster.node import NodeAgent
 
+    overrides = parse_disk_overrides(disk_paths)
     if cluster_dir is None and coord is None:
         raise UsageError("give CLUSTER_DIR, or --coordinator HOST:PORT with --secret-file")
     if cluster_dir is not None and coord is None:
@@ -123,7 +132,7 @@ def node(cluster_dir: Path | None, name: str, cache_size: str, flush_delay: floa
     _log_to(log_dir / f"node-{name}.log")
     agent = NodeAgent(name, cluster_dir=cluster_dir, coordinator=coord,
                       secret_file=secret_file, cache_bytes=parse_size(cache_size),
-                      flush_delay=flush_delay)
+                      flush_delay=flush_delay, disk_paths=overrides)
     try:
         agent.start()
         click.echo(f"node {name} joined the coordinator at "

@@ -58,6 +58,9 @@ class DiskConfig:
     name: str
     path: str
     id: int
+    # True: opened with O_DIRECT, shareable between hosts. False: a single-host disk
+    # (its file system refuses O_DIRECT). None: not recorded (older clusters): probed.
+    direct: bool | None = None
 
 
 @dataclass
@@ -83,7 +86,13 @@ class ClusterConfig:
         ]
         for d in self.disks:
             lines += ["[[disk]]", f'name = "{d.name}"', f"id = {d.id}",
-                      f"path = {json.dumps(d.path)}", ""]
+                      f"path = {json.dumps(d.path)}"]
+            if d.direct is not None:
+                if not d.direct:
+                    lines.append("# single-host disk: its file system refuses O_DIRECT, so "
+                                 "nodes on other hosts cannot use it")
+                lines.append(f"direct = {'true' if d.direct else 'false'}")
+            lines.append("")
         return "\n".join(lines)
 
 
@@ -101,7 +110,8 @@ def load_config(cluster_dir: str | os.PathLike[str]) -> ClusterConfig:
                             "create one with 'sdbackup init'")
     try:
         raw = tomllib.loads(path.read_text())
-        disks = [DiskConfig(str(d["name"]), str(d["path"]), int(d["id"]))
+        disks = [DiskConfig(str(d["name"]), str(d["path"]), int(d["id"]),
+                            None if d.get("direct") is None else bool(d["direct"]))
                  for d in raw.get("disk", [])]
         cfg = ClusterConfig(str(raw["cluster_id"]), int(raw["block_size"]), disks)
     except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:

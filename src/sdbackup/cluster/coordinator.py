@@ -37,11 +37,13 @@ from sdbackup.blocks.diskset import DiskSet
 from sdbackup.cluster import wire
 from sdbackup.cluster.auth import load_secret
 from sdbackup.cluster.config import load_config, write_atomic
+from sdbackup.cluster.disk_access import disk_identity
 from sdbackup.cluster.local import ClusterLock, open_disks
 from sdbackup.cluster.remote import ADDR_FILE
 from sdbackup.cluster.rights import SEGMENT_BYTES, RightsManager
 from sdbackup.cluster.rpc import BaseHandler, Connection, RpcServer
-from sdbackup.errors import BusyError, FsError, RemoteError, UsageError
+from sdbackup.errors import BusyError, FencedError, FsError, RemoteError, UsageError
+from sdbackup.fs.filesystem import zero_tail
 from sdbackup.meta import fsck as fsck_mod
 from sdbackup.meta.service import MetadataService
 from sdbackup.meta.store import MetaStore
@@ -57,19 +59,29 @@ with a grace period for their reclaims, as after a crash."""
 
 @dataclass
 class Session:
-    """One connected node (or a short-lived command acting as a client)."""
+    """One connected node (or a short-lived command acting as a client).
 
+    ``key`` names the session in the rights table: a node that is fenced and joins
+    again is a new session, so the old one's rights (dropped only when its lease has
+    certainly run out) never mix with the new one's.
+    """
+
+    key: str
     name: str
-    kind: str  # "node" or "client"
+    kind: str  # "node", "client" or "admin"
     host: str
     pid: int
     conn: Connection
     joined: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
+    # When the coordinator last renewed the lease (join, heartbeat): the node counts
+    # its own lease from before it sent that request, so it stops writing earlier.
+    renewed: float = field(default_factory=time.monotonic)
     reservations: dict[tuple[int, int], WriteRun] = field(default_factory=dict)
     opens: dict[int, int] = field(default_factory=dict)  # files this session has open
     dirty_n: dict[tuple[int, int], int] = field(default_factory=dict)
-    state: str = "up"
+    state: str = "up"  # up -> left | fenced -> gone
+    cleaned: threading.Event = field(default_factory=threading.Event)
 
 
 class Coordinator:
@@ -85,6 +97,10 @@ class Coordinator:
             self.store = MetaStore(self.dir / "meta.db")
             self.meta = MetadataService(self.store)
             self.disks: DiskSet = open_disks(self.config)
+            # Single-host disks (no O_DIRECT): which file they are on this kernel.
+            self.disk_identities = {d.id: disk_identity(self.disks.device(d.id).path)
+                                    for d in self.config.disks
+                                    if not self.disks.device(d.id).direct}
         except BaseException:
             self.lock.release()
             raise
@@ -96,8 +112,14 @@ class Coordinator:
         # reclaim them before anyone else is granted anything.
         restarted = (self.dir / ADDR_FILE).exists() or (self.dir / RECLAIM_FILE).exists()
         self.grace_until = time.monotonic() + (lease if restarted else 0.0)
-        self.rights = RightsManager(self._recall, on_node_failed=self._node_failed_log)
+        self.rights = RightsManager(self._recall, self._fence_key)
         self.sessions: dict[Connection, Session] = {}
+        self._keys: dict[str, Session] = {}  # every session not yet cleaned up, by key
+        self._serial = 0
+        # How long after a lease has run out (at the coordinator) before the node's
+        # rights and blocks may go to others: covers a node's check-then-write, and
+        # clocks of two hosts that do not tick at exactly the same rate.
+        self.fence_margin = max(0.2, lease * 0.25)
         self._mu = threading.Lock()
         self._stop = threading.Event()
         self.server = RpcServer(lambda conn: _Handler(self), self.secret, host=host, port=port,
@@ -142,19 +164,54 @@ class Coordinator:
 
     def _lease_loop(self) -> None:
         while not self._stop.wait(min(1.0, self.lease / 4)):
+            if any(bm.quarantine for bm in self.meta.bitmaps.values()):
+                try:  # blocks freed by unlink/truncate become allocatable once durable
+                    self.meta.sync()
+                except Exception as e:
+                    log.error("syncing the metadata store failed: %s", e)
             now = time.monotonic()
             with self._mu:
                 late = [s for s in self.sessions.values()
-                        if s.kind == "node" and now - s.last_seen > self.lease and s.state == "up"]
+                        if s.kind != "admin" and now - s.renewed > self.lease
+                        and s.state == "up"]
             for s in late:
-                self.fail_session(s, f"its lease of {self.lease:g} s ran out")
+                threading.Thread(target=self.fence, name="sdb-fence", daemon=True,
+                                 args=(s, f"its lease of {self.lease:g} s ran out")).start()
+
+    def cluster_info(self) -> dict[str, Any]:
+        cfg = self.config
+        return {"cluster_id": cfg.cluster_id, "block_size": cfg.block_size,
+                "disks": [{"id": d.id, "name": d.name, "path": d.path,
+                           "direct": self.disks.device(d.id).direct,
+                           "identity": self.disk_identities.get(d.id)} for d in cfg.disks],
+                "epoch": self.epoch, "lease": self.lease, "segment_bytes": SEGMENT_BYTES}
+
+    def check_disk_views(self, views: Any, who: str) -> None:
+        """A node may use a single-host disk only if it sees the very same file on the
+        very same kernel (its page cache is the coordinator's)."""
+        views = views if isinstance(views, dict) else {}
+        for d in self.config.disks:
+            want = self.disk_identities.get(d.id)
+            if want is None:
+                continue
+            got = views.get(d.name)
+            if got != want:
+                raise UsageError(
+                    f"disk {d.name} is a single-host disk (its file system at {d.path} "
+                    f"refuses direct I/O) and node {who} does not see the same file on "
+                    "the same host: run the node on the coordinator's host, or move the "
+                    "disk to storage that supports O_DIRECT")
 
     # -- sessions ---------------------------------------------------------------------------
     def session(self, conn: Connection) -> Session:
+        """The caller's session; a fenced one gets FencedError (and nothing is done)."""
         with self._mu:
             s = self.sessions.get(conn)
         if s is None:
             raise RemoteError("join first: this connection has not joined the cluster")
+        if s.state != "up":
+            raise FencedError(f"session {s.key} of {s.kind} {s.name} was declared failed "
+                              "(fenced); drop the cache and join again")
         s.last_seen = time.monotonic()
         return s
 
@@ -166,93 +223,140 @@ class Coordinator:
                 if s.name == name and s.state == "up":
                     raise UsageError(f"a node named {name!r} is already connected (from "
                                      f"{s.host}, pid {s.pid}); choose another --name")
-            sess = Session(name, kind, host, pid, conn)
+            self._serial += 1
+            sess = Session(f"{name}#{self._serial}", name, kind, host, pid, conn)
             self.sessions[conn] = sess
-        log.info("%s %s joined from %s (pid %d)", kind, name, host, pid)
+            self._keys[sess.key] = sess
+        log.info("%s %s joined from %s (pid %d, session %s)", kind, name, host, pid, sess.key)
         return sess
 
-    def fail_session(self, s: Session, why: str) -> None:
+    def renew(self, s: Session) -> None:
+        """A heartbeat: the session's lease runs again from now."""
         with self._mu:
-            if s.state != "up" or self._stop.is_set():  # stopping: see _cleanup
-                return
-            s.state = "failed"
-        log.warning("node %s failed: %s", s.name, why)
-        self._cleanup(s, failed=True)
+            if s.state != "up":
+                raise FencedError(f"session {s.key} was fenced; join again")
+            s.renewed = time.monotonic()
+
+    def fence(self, s: Session, why: str) -> None:
+        """Declare a session failed; return once it can certainly no longer write.
+
+        Fencing, as GPFS and the Linux DLM do it: from now on every call of the session
+        is refused and its connection is closed; then, and only once its lease has
+        certainly run out (the last renewal + lease + margin: the node stops writing at
+        0.9 of a lease counted from before its renewal was sent), its rights are
+        dropped and its reserved blocks freed. Nothing it held is given to another
+        before that. Called from several threads at once, all return together.
+        """
+        with self._mu:
+            first = s.state == "up"
+            if first:
+                s.state = "fenced"
+        if not first:
+            s.cleaned.wait()
+            return
+        log.warning("%s %s (session %s) failed: %s; fenced", s.kind, s.name, s.key, why)
         if not s.conn.closed:
-            s.conn.close(reason=why, timeout=1.0)
+            s.conn.close(reason=f"fenced: {why}", timeout=1.0)
+        wait = s.renewed + self.lease + self.fence_margin - time.monotonic()
+        if wait > 0 and s.kind != "admin" and not self._stop.is_set():
+            self._stop.wait(wait)
+        self._cleanup(s, failed=True)
+
+    def _fence_key(self, key: str, why: str) -> None:
+        with self._mu:
+            s = self._keys.get(key)
+        if s is not None:
+            self.fence(s, why)
 
     def leave(self, conn: Connection) -> None:
+        """The connection closed. A session that still holds rights or reserved blocks
+        did not leave cleanly: it is fenced (it may be alive behind a broken link)."""
         with self._mu:
             s = self.sessions.pop(conn, None)
         if s is None:
             return
         if s.state == "up":
+            if self.rights.holds(s.key) or s.reservations:
+                threading.Thread(target=self.fence, args=(s, "its connection closed"),
+                                 name="sdb-fence", daemon=True).start()
+                return
             s.state = "left"
-            lost = self.rights.holds(s.name)
-            self._cleanup(s, failed=lost)
+            self._cleanup(s, failed=False)
         log.info("%s %s left", s.kind, s.name)
 
+    def goodbye(self, s: Session) -> None:
+        """A clean leave: the session wrote everything back and gives up its rights."""
+        with self._mu:
+            if s.state != "up":
+                return
+            s.state = "left"
+        self._cleanup(s, failed=False)
+
     def _cleanup(self, s: Session, *, failed: bool) -> None:
-        runs = list(s.reservations.values())
-        s.reservations.clear()
+        """Drop the session's rights and reservations (it can no longer write), then
+        close the files it had open."""
+        with self._mu:
+            runs = list(s.reservations.values())
+            s.reservations.clear()
+            opens, s.opens = s.opens, {}
         if runs:
             self.meta.abort_write(runs)
-        # Files the session still had open are closed for it, so that an unlinked file
-        # it held open is freed (open counts are cluster-wide, per session here).
-        opens, s.opens = s.opens, {}
+        w = self.window
+        if w is not None and not w.central and s.key in w.asked and w.failed is None:
+            w.failed = (f"node {s.name} failed during the backup and took its before-image "
+                        "log with it (merged mode)")
+            log.error("backup %s: %s", w.gen_id, w.failed)
+        # A node that goes (or stops answering) because this coordinator stops keeps its
+        # dirty data and reclaims it from the next coordinator: nothing is lost.
+        lost = self.rights.node_failed(s.key)
+        if failed and not self._stop.is_set():
+            for e in lost:
+                log.error("LOST unwritten data of node %s: %s bytes %d-%d (inode %d)", s.name,
+                          self.path_of(e.ino), e.offset, e.offset + e.size, e.ino)
+        with self._mu:
+            if s.state == "fenced":
+                s.state = "gone"
+            if self._keys.get(s.key) is s:
+                del self._keys[s.key]
+        s.cleaned.set()
+        # After the rights are gone (an acquire may be waiting for them, holding the
+        # inode): files the session still had open are closed for it, so that an
+        # unlinked file it held open is freed (open counts are per session here).
         for ino, n in opens.items():
             for _ in range(n):
                 try:
                     self.release_inode(ino)
                 except Exception as err:  # keep cleaning up the others
                     log.warning("closing inode %d for %s failed: %s", ino, s.name, err)
-        w = self.window
-        if w is not None and not w.central and s.name in w.asked and w.failed is None:
-            w.failed = (f"node {s.name} failed during the backup and took its before-image "
-                        "log with it (merged mode)")
-            log.error("backup %s: %s", w.gen_id, w.failed)
-        # A node that goes (or stops answering) because this coordinator stops keeps its
-        # dirty data and reclaims it from the next coordinator: nothing is lost.
-        failed = failed and not self._stop.is_set()
-        lost = self.rights.node_failed(s.name, "disconnected") if failed else []
-        for e in lost:
-            log.error("LOST unwritten data of node %s: %s bytes %d-%d (inode %d)", s.name,
-                      self.path_of(e.ino), e.offset, e.offset + e.size, e.ino)
 
-    def _node_failed_log(self, node: str, why: str) -> None:
-        if self._stop.is_set():  # calls to nodes fail because we stop: see _cleanup
-            return
-        log.warning("node %s dropped from the cache table: %s", node, why)
+    def by_key(self, key: str) -> Session | None:
         with self._mu:
-            sess = [s for s in self.sessions.values() if s.name == node and s.state == "up"]
-        for s in sess:
-            threading.Thread(target=self.fail_session, args=(s, why), daemon=True).start()
-
-    def _by_name(self, node: str) -> Session | None:
-        with self._mu:
-            for s in self.sessions.values():
-                if s.name == node and s.state == "up":
-                    return s
-        return None
+            s = self._keys.get(key)
+        return s if s is not None and s.state == "up" else None
 
     # -- calls to nodes ---------------------------------------------------------------------------
-    def _recall(self, node: str, ino: int, segs: list[int], keep: str | None) -> None:
-        s = self._by_name(node)
+    def _recall(self, key: str, ino: int, segs: list[int], keep: str | None) -> None:
+        with self._mu:
+            s = self._keys.get(key)
         if s is None:
-            return  # gone already: nothing cached there any more
+            return  # cleaned up already: nothing cached there any more
+        if s.state != "up":
+            # Fenced, or gone without a goodbye: its rights go once it cannot write.
+            self.fence(s, "recalled while fenced")
+            return
         s.conn.call("recall", {"ino": ino, "segs": segs, "keep": keep}, timeout=self.lease)
 
     def flush_writers(self, ino: int, exclude: str | None) -> None:
         """Make every other node holding a write right on ``ino`` write its data back."""
-        for node in self.rights.writers(ino):
-            if node == exclude:
+        for key in self.rights.writers(ino):
+            if key == exclude:
                 continue
-            s = self._by_name(node)
+            s = self.by_key(key)
             if s is not None:
                 try:
                     s.conn.call("flush_inode", {"ino": ino}, timeout=self.lease)
                 except RemoteError as e:
-                    self.fail_session(s, f"did not answer a flush: {e}")
+                    self.fence(s, f"did not answer a flush: {e}")
 
     def flush_all(self, timeout: float = 60.0) -> dict[str, Any]:
         """Cluster-wide flush (Fig. 3): every node writes its dirty areas back."""
@@ -296,11 +400,12 @@ class Coordinator:
 
     def node_reports(self) -> list[dict[str, Any]]:
         with self._mu:
-            sessions = list(self.sessions.values())
+            sessions = list({id(s): s for s in [*self.sessions.values(),
+                                                *self._keys.values()]}.values())
         out = []
         for s in sessions:
             row: dict[str, Any] = {"name": s.name, "kind": s.kind, "host": s.host, "pid": s.pid,
-                                   "state": s.state,
+                                   "state": s.state, "session": s.key,
                                    "last_seen_s": round(time.monotonic() - s.last_seen, 1)}
             if s.kind == "node" and s.state == "up":
                 try:
@@ -334,15 +439,14 @@ class Coordinator:
         # (which snapshots under that lock) sees this truncate wholly before or after T0.
         with self.rights.exclusive(ino), self.store.lock:
             attr = self.meta.getattr(ino)
-            bs = self.meta.block_size
-            if attr.is_reg and size < attr.size and size % bs:
-                for ext in self.meta.map_read(ino, size // bs, 1):
-                    dev = self.disks.device(ext.disk)
-                    old = dev.read(ext.dblock, 1)
-                    self._own_before_image(ext.disk, ext.dblock, old)
-                    block = bytearray(old)
-                    block[size % bs:] = bytes(bs - size % bs)
-                    dev.write(ext.dblock, block)
+            if attr.is_reg and size != attr.size:
+                # Shrinking: the cut block's tail; growing: the old last block's tail
+                # (bytes past the end on disk are never trusted). On disk before the
+                # metadata that exposes them.
+                disk = zero_tail(self.meta, self.disks, ino, min(size, attr.size),
+                                 self._own_before_image)
+                if disk is not None:
+                    self.disks.datasync([disk])
             return self.meta.truncate(ino, size)
 
     def _own_before_image(self, disk: int, block: int, old: bytes) -> None:
@@ -383,7 +487,9 @@ class Coordinator:
             try:
                 sess.conn.call("backup_begin", {"gen": gen_id, "mode": mode}, timeout=self.lease)
             except RemoteError as e:
-                self.fail_session(sess, f"did not arm before-image logging: {e}")
+                # Fenced before the thaw: a node that logs no before images must not
+                # write while the window is open.
+                self.fence(sess, f"did not arm before-image logging: {e}")
         return w
 
     def end_window(self, out_log: Path | None, work_dir: Path) -> dict[str, Any]:
@@ -405,12 +511,13 @@ class Coordinator:
                     with self.store.lock:  # _own_before_image appends under this lock
                         own.close()
                     inputs.append(own.path)
-                for name in sorted(w.asked - {"coordinator"}):
-                    sess = self._by_name(name)
+                for key in sorted(w.asked - {"coordinator"}):
+                    sess = self.by_key(key)
                     if sess is None:
-                        w.failed = w.failed or f"node {name} left before its log was gathered"
+                        w.failed = w.failed or (f"node session {key} left before its log "
+                                                "was gathered")
                         continue
-                    path = work_dir / f"node-{name}.bilog"
+                    path = work_dir / f"node-{sess.name}.bilog"
                     self._fetch_log(sess, w.gen_id, path)
                     inputs.append(path)
                 if w.failed is None and out_log is not None:
@@ -462,21 +569,35 @@ class _Handler(BaseHandler):
         return self.c.session(conn)
 
     # membership ---------------------------------------------------------------------------
+    def rpc_cluster_info(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                         ) -> dict[str, Any]:
+        """What a node needs to open the disks before it joins (no session yet)."""
+        return self.c.cluster_info()
+
     def rpc_join(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> dict[str, Any]:
-        self.c.join(conn, str(a["name"]), str(a.get("kind", "node")), str(a.get("host", "?")),
-                    int(a.get("pid", 0)))
-        cfg = self.c.config
-        return {"cluster_id": cfg.cluster_id, "block_size": cfg.block_size,
-                "disks": [{"id": d.id, "name": d.name, "path": d.path} for d in cfg.disks],
-                "epoch": self.c.epoch, "lease": self.c.lease, "segment_bytes": SEGMENT_BYTES,
+        self.c.check_disk_views(a.get("disks"), str(a.get("name", "?")))
+        s = self.c.join(conn, str(a["name"]), str(a.get("kind", "node")),
+                        str(a.get("host", "?")), int(a.get("pid", 0)))
+        return {**self.c.cluster_info(), "session": s.key,
                 "grace": max(0.0, self.c.grace_until - time.monotonic()),
                 "backup": None if self.c.window is None else
                 {"gen": self.c.window.gen_id, "mode": self.c.window.mode}}
 
     def rpc_heartbeat(self, conn: Connection, a: dict[str, Any], blob: bytes | None
                       ) -> dict[str, Any]:
-        self._s(conn)
+        self.c.renew(self._s(conn))
         return {"epoch": self.c.epoch}
+
+    def rpc_goodbye(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
+        """A node or client that stops cleanly: everything written back, rights go now."""
+        self.c.goodbye(self._s(conn))
+
+    def rpc_paths(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+                  ) -> dict[str, Any]:
+        """One path per inode, for messages (a fenced node naming what it lost)."""
+        self._s(conn)
+        inos = [int(i) for i in a["inos"]][:10000]
+        return {"paths": {str(i): self.c.path_of(i) for i in inos}}
 
     # coherence ------------------------------------------------------------------------------------
     def rpc_acquire(self, conn: Connection, a: dict[str, Any], blob: bytes | None
@@ -492,7 +613,12 @@ class _Handler(BaseHandler):
             if wait > 0:
                 time.sleep(wait)  # let restarted nodes reclaim their dirty areas first
         self.c.meta.getattr(ino)  # ENOENT for a deleted inode
-        seq = self.c.rights.acquire(s.name, ino, segs, mode)
+        seq = self.c.rights.acquire(s.key, ino, segs, mode)
+        if s.state != "up":
+            # Fenced while it waited: its cleanup may have run already, so this grant
+            # is dropped here (if not, the cleanup drops it; either way it goes).
+            self.c.rights.released(s.key, ino, segs)
+            raise FencedError(f"session {s.key} was fenced; join again")
         if self.c._stop.is_set():
             # Recalls fail while we stop; a grant made on that basis must not reach a
             # node, whose data would then meet the recalled node's at the next start.
@@ -502,7 +628,7 @@ class _Handler(BaseHandler):
     def rpc_release_rights(self, conn: Connection, a: dict[str, Any], blob: bytes | None
                            ) -> None:
         s = self._s(conn)
-        self.c.rights.released(s.name, int(a["ino"]), [int(x) for x in a["segs"]])
+        self.c.rights.released(s.key, int(a["ino"]), [int(x) for x in a["segs"]])
 
     def rpc_dirty(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
         s = self._s(conn)
@@ -513,7 +639,7 @@ class _Handler(BaseHandler):
                 if s.dirty_n.get((ino, seg), 0) < n:
                     s.dirty_n[(ino, seg)] = n
                     segs.append(seg)
-        self.c.rights.set_dirty(s.name, ino, segs, dirty)
+        self.c.rights.set_dirty(s.key, ino, segs, dirty)
 
     # metadata ------------------------------------------------------------------------
     def _attr(self, attr: Attr) -> dict[str, Any]:
@@ -523,7 +649,7 @@ class _Handler(BaseHandler):
                     ) -> dict[str, Any]:
         s = self._s(conn)
         ino = int(a["ino"])
-        self.c.flush_writers(ino, s.name)
+        self.c.flush_writers(ino, s.key)
         return self._attr(self.c.meta.getattr(ino))
 
     def rpc_lookup(self, conn: Connection, a: dict[str, Any], blob: bytes | None
@@ -531,7 +657,7 @@ class _Handler(BaseHandler):
         s = self._s(conn)
         attr = self.c.meta.lookup(int(a["parent"]), wire.dec_name(a["name"]))
         if attr.is_reg:
-            self.c.flush_writers(attr.ino, s.name)
+            self.c.flush_writers(attr.ino, s.key)
             attr = self.c.meta.getattr(attr.ino)
         return self._attr(attr)
 
@@ -653,17 +779,24 @@ class _Handler(BaseHandler):
         runs = self.c.meta.map_write(int(a["ino"]), int(a["fblock"]), int(a["count"]))
         w = self.c.window
         if w is not None:
-            runs = w.split(s.name, runs, self.c.rights.tick)
+            runs = w.split(s.key, runs, self.c.rights.tick)
         with self.c._mu:
-            for r in runs:
-                if r.new:
-                    s.reservations[(r.disk, r.dblock)] = r
+            fenced = s.state != "up"
+            if not fenced:
+                for r in runs:
+                    if r.new:
+                        s.reservations[(r.disk, r.dblock)] = r
+        if fenced:  # its cleanup may have run: these blocks must not stay reserved
+            self.c.meta.abort_write(runs)
+            raise FencedError(f"session {s.key} was fenced; join again")
         return {"runs": wire.enc_runs(runs)}
 
     def _unreserve(self, s: Session, runs: list[WriteRun]) -> list[WriteRun]:
         """Only runs this session really reserved count (a node cannot free others')."""
         mine = []
         with self.c._mu:
+            if s.state != "up":  # its reservations belong to the cleanup now
+                raise FencedError(f"session {s.key} was fenced; join again")
             for r in runs:
                 if r.new:
                     got = s.reservations.pop((r.disk, r.dblock), None)
@@ -722,7 +855,8 @@ class _Handler(BaseHandler):
     def rpc_cache_table(self, conn: Connection, a: dict[str, Any], blob: bytes | None
                         ) -> dict[str, Any]:
         self._s(conn)
-        rows = [{"node": e.node, "ino": e.ino, "path": self.c.path_of(e.ino),
+        rows = [{"node": e.node.partition("#")[0], "session": e.node, "ino": e.ino,
+                 "path": self.c.path_of(e.ino),
                  "offset": e.offset, "size": e.size, "mode": e.mode, "dirty": e.dirty}
                 for e in self.c.rights.table()]
         return {"entries": rows}
@@ -793,7 +927,8 @@ class _Handler(BaseHandler):
                  for k, v in (("files", 32768), ("directories", 16384), ("symlinks", 40960))}
         disks = [{"name": d.name, "id": d.id, "path": d.path,
                   "blocks": self.c.meta.bitmaps[d.id].nblocks,
-                  "used": self.c.meta.bitmaps[d.id].used_blocks()} for d in self.c.config.disks]
+                  "used": self.c.meta.bitmaps[d.id].used_blocks(),
+                  "shared": self.c.disks.device(d.id).direct} for d in self.c.config.disks]
         return {"disks": disks, "block_size": self.c.config.block_size, **count}
 
 

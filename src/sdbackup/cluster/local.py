@@ -35,6 +35,7 @@ from sdbackup.cluster.config import (
     read_label,
     write_atomic,
 )
+from sdbackup.cluster.disk_access import DiskPlace, open_disk_set, supports_direct
 from sdbackup.errors import BusyError, CorruptError, SdbError, UsageError
 from sdbackup.fs.filesystem import FileSystem
 from sdbackup.meta.alloc import DiskBitmap
@@ -176,6 +177,10 @@ def init_cluster(cluster_dir: str | os.PathLike[str], disks: list[DiskSpec], *,
                         dev.write(0, make_label(cfg.cluster_id, dc.name, dc.id, block_size,
                                                 nblocks))
                         dev.fsync()
+                    dc.direct = supports_direct(dc.path)
+                    if dc.direct:
+                        # O_DIRECT I/O in units of the block size must work here.
+                        BlockDevice(dc.path, block_size, direct=True).close()
             store.sync()
         finally:
             store.close()
@@ -245,25 +250,24 @@ class ClusterLock:
             self.fd = -1
 
 
-def open_disks(cfg: ClusterConfig, *, direct: bool = False) -> DiskSet:
-    devs = []
+def disk_places(cfg: ClusterConfig) -> list[DiskPlace]:
+    """Where this host sees the disks (cluster.toml), and whether each is shared."""
+    return [DiskPlace(d.name, d.id, d.path,
+                      d.direct if d.direct is not None else _probe_direct(d.path))
+            for d in cfg.disks]
+
+
+def _probe_direct(path: str) -> bool:
     try:
-        for d in cfg.disks:
-            devs.append((d.id, d.name, BlockDevice(d.path, cfg.block_size, direct=direct)))
-            label = read_label(d.path)
-            if label is None or label.get("cluster_id") != cfg.cluster_id:
-                raise UsageError(f"disk {d.name} at {d.path} does not carry this cluster's "
-                                 "label: the path in cluster.toml points at another disk")
-            if label.get("disk_id") != d.id:
-                raise UsageError(f"disk {d.name} at {d.path} carries the label of this "
-                                 f"cluster's disk {label.get('disk')!s} (id "
-                                 f"{label.get('disk_id')!s}): the disk paths in cluster.toml "
-                                 "are mixed up")
-    except BaseException:
-        for _, _, dev in devs:
-            dev.close()
-        raise
-    return DiskSet(cfg.block_size, devs)
+        return supports_direct(path)
+    except FileNotFoundError:
+        return True  # open_disk names the missing disk
+
+
+def open_disks(cfg: ClusterConfig) -> DiskSet:
+    """Open the cluster's disks as cluster.toml places them, labels checked."""
+    return open_disk_set(disk_places(cfg), cluster_id=cfg.cluster_id,
+                         block_size=cfg.block_size)
 
 
 class LocalCluster:
@@ -279,7 +283,9 @@ class LocalCluster:
             self.meta = MetadataService(self.store)
             self.disks = open_disks(self.config)
             check_disk_sizes(self.store, self.disks)
-            self.fs = FileSystem(self.meta, self.disks)
+            # Data before metadata, one disk flush per group of commits (MetaStore).
+            self.store.group_commits(self.disks.datasync)
+            self.fs = FileSystem(self.meta, self.disks, sync_before_commit=False)
         except BaseException:
             self.lock.release()
             raise

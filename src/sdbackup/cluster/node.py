@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from sdbackup.backup.bilog import BiLog
-from sdbackup.blocks.device import BlockDevice
 from sdbackup.blocks.diskset import DiskSet
 from sdbackup.cluster import wire
 from sdbackup.cluster.auth import load_secret
-from sdbackup.cluster.config import read_label, write_atomic
+from sdbackup.cluster.config import write_atomic
+from sdbackup.cluster.disk_access import DiskPlace, disk_identity, open_disk_set
 from sdbackup.cluster.protocol import Blob
 from sdbackup.cluster.remote import RemoteMeta, RemoteRights, read_addr
 from sdbackup.cluster.rpc import (
@@ -95,14 +95,20 @@ def coordinator_address(cluster_dir: str | os.PathLike[str] | None,
 
 
 class ClusterClient:
-    """A connection to the coordinator plus a coherent file system over the shared disks."""
+    """A connection to the coordinator plus a coherent file system over the shared disks.
+
+    Opens and checks the disks before it joins (``disk_paths``: where this host sees
+    each disk, by name; the coordinator's paths otherwise), renews its lease with
+    heartbeats, and writes to the disks only while the lease certainly holds.
+    """
 
     kind = "client"
 
     def __init__(self, name: str, *, cluster_dir: str | os.PathLike[str] | None = None,
                  coordinator: str | None = None, secret_file: str | os.PathLike[str] | None
                  = None, cache_bytes: int = 16 << 20, flush_delay: float = 5.0,
-                 connect_timeout: float = 10.0) -> None:
+                 connect_timeout: float = 10.0, disk_paths: dict[str, str] | None = None
+                 ) -> None:
         self.name = name
         self.cluster_dir = Path(cluster_dir) if cluster_dir else None
         self.address = coordinator_address(cluster_dir, coordinator)
@@ -114,72 +120,153 @@ class ClusterClient:
         self.connect_timeout = connect_timeout
         self.ref = _Ref()
         self.epoch = ""
+        self.session = ""
         self.lease = 10.0
         self.last_ok = time.monotonic()
         self._joined_at = self.last_ok
         self._closing = False
-        info = self._connect()
-        self.block_size = int(info["block_size"])
-        self.cluster_id = str(info["cluster_id"])
-        self.disks = self._open_disks(info["disks"])
+        self._stop = threading.Event()
+        self._renew_lock = threading.Lock()
+        self._renewable = False
+        self.session_gen = 0
+        client = self._dial()
+        try:
+            info, _ = client.call("cluster_info", {})
+            self.block_size = int(info["block_size"])
+            self.cluster_id = str(info["cluster_id"])
+            self.disks = self._open_disks(info["disks"], disk_paths or {})
+        except BaseException:
+            client.close()
+            raise
+        try:
+            info = self._join(client)
+        except BaseException:
+            self.disks.close()
+            raise
         self.meta = RemoteMeta(self.ref, self.block_size)
         self.rights = RemoteRights(self.ref)
         self.fs = CachedFileSystem(self.meta, self.disks, self.rights, cache_bytes=cache_bytes,
                                    flush_delay=flush_delay)
         self.fs.can_write = self.lease_valid
+        self.fs.session_of = lambda: self.session_gen
         self._bi_lock = threading.Lock()
         self._local_log: BiLog | None = None
         self._bi_closed = False
         self._bi_gen: str | None = None
         if info.get("backup"):
             self._backup_begin(str(info["backup"]["gen"]), str(info["backup"]["mode"]))
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="sdb-heartbeat",
+                                           daemon=True)
+        self._heartbeat.start()
 
     # -- connection ------------------------------------------------------------------------
-    def _connect(self, renew: bool = True) -> dict[str, Any]:
-        """Connect and join; ``renew=False``: the lease does not count yet (a rejoin
-        must first drop what the coordinator may have given away meanwhile)."""
+    def _dial(self) -> RpcClient:
         host, port = self.address
-        client = RpcClient.connect(host, port, self.secret, self._callback,
-                                   timeout=self.connect_timeout, on_lost=self._lost,
-                                   name=self.name, max_workers=32)
+        return RpcClient.connect(host, port, self.secret, self._callback,
+                                 timeout=self.connect_timeout, on_lost=self._lost,
+                                 name=self.name, max_workers=32)
+
+    def _join(self, client: RpcClient, renew: bool = True) -> dict[str, Any]:
+        """Join on a connected client; ``renew=False``: the lease does not count yet (a
+        rejoin must first drop what the coordinator may have given away meanwhile)."""
         t = time.monotonic()  # a lease runs from the request's sending, not its answer
         try:
             info, _ = client.call("join", {"name": self.name, "kind": self.kind,
-                                           "host": socket.gethostname(), "pid": os.getpid()})
+                                           "host": socket.gethostname(), "pid": os.getpid(),
+                                           "disks": self._disk_views})
         except BaseException:
             client.close()
             raise
+        # The new session's lease counts only once it may write: a heartbeat answered
+        # on the new connection must not renew it before the caller says so.
+        self._renewable = False
+        self.session_gen += 1
         self.ref.client = client
         self.epoch = str(info["epoch"])
+        self.session = str(info.get("session", ""))
         self.lease = float(info["lease"])
         self._joined_at = t
         if renew:
             self.last_ok = t
+            self._renewable = True
         return info
 
-    def _open_disks(self, disks: list[dict[str, Any]]) -> DiskSet:
-        devs: list[tuple[int, str, BlockDevice]] = []
-        for d in disks:
-            path = str(d["path"])
-            label = read_label(path)
-            if label is None or label.get("cluster_id") != self.cluster_id:
-                for _, _, dev in devs:
-                    dev.close()
-                raise UsageError(f"disk {d['name']} at {path} is not this cluster's disk on "
-                                 "this host; the node needs the same disk at the same path")
-            devs.append((int(d["id"]), str(d["name"]), BlockDevice(path, self.block_size)))
-        return DiskSet(self.block_size, devs)
+    def _connect(self, renew: bool = True) -> dict[str, Any]:
+        return self._join(self._dial(), renew)
+
+    def _open_disks(self, disks: list[dict[str, Any]], paths: dict[str, str]) -> DiskSet:
+        """Open every disk where this host sees it, labels checked, before joining."""
+        known = {str(d["name"]) for d in disks}
+        for name in paths:
+            if name not in known:
+                raise UsageError(f"--disk {name}: the cluster has no disk {name!r} (disks: "
+                                 f"{', '.join(sorted(known))})")
+        places = [DiskPlace(str(d["name"]), int(d["id"]),
+                            paths.get(str(d["name"]), str(d["path"])), bool(d.get("direct", True)))
+                  for d in disks]
+        self._disk_views: dict[str, str] = {}
+        for p, d in zip(places, disks, strict=True):
+            if p.direct:
+                continue
+            try:
+                mine = disk_identity(p.path)
+            except OSError:
+                mine = "missing"
+            if mine != d.get("identity"):
+                raise UsageError(f"disk {p.name} is a single-host disk (its file system "
+                                 f"refuses direct I/O) and {p.path} on this host is not the "
+                                 "coordinator's file on the coordinator's host: this node "
+                                 "cannot use it")
+            self._disk_views[p.name] = mine
+        return open_disk_set(places, cluster_id=self.cluster_id, block_size=self.block_size)
 
     def lease_valid(self) -> bool:
-        """False when the lease may have run out: then the node must not write disks.
+        """False when the lease may have run out: then this process must not write disks.
 
-        Only node agents renew a lease (heartbeats); the coordinator never lets a
-        short-lived client's lease run out, it drops a client with its connection.
+        The lease counts from the sending of the last heartbeat the coordinator answered
+        (earlier than the coordinator's own count, which starts when it answered), and
+        ends at 0.9 of it here; the coordinator reassigns nothing before a whole lease
+        plus a margin. Called before every write to a shared disk. Past half the lease
+        it renews the lease itself (one heartbeat), so that a write-back is not refused
+        merely because the heartbeat thread was slow.
         """
-        if self.kind != "node":
-            c = self.ref.client
-            return c is not None and not c.closed
+        if time.monotonic() - self.last_ok < self.lease * 0.5:
+            return True
+        self._renew(self.lease / 4)
         return time.monotonic() - self.last_ok < self.lease * 0.9
+
+    def _renew(self, timeout: float) -> bool:
+        """One heartbeat; False when the session is lost (fenced, or a new epoch)."""
+        if not self._renew_lock.acquire(timeout=timeout):
+            return True  # another thread is renewing
+        try:
+            gen, renewable = self.session_gen, self._renewable
+            t = time.monotonic()  # the coordinator renews on receipt: later than t
+            body, _ = self.ref.call("heartbeat", {}, timeout=timeout)
+            if body.get("epoch") != self.epoch:
+                return False
+            # Only a heartbeat sent and answered within one session that may write
+            # renews its lease.
+            if renewable and self._renewable and gen == self.session_gen:
+                self.last_ok = max(self.last_ok, t)
+            return True
+        finally:
+            self._renew_lock.release()
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(max(0.2, self.lease / 4)):
+            try:
+                ok = self._renew(self.lease / 2)
+                why = "the coordinator restarted"
+            except RemoteError as e:
+                ok, why = False, str(e)
+            if not ok and not self._stop.is_set():
+                self._on_lost_session(why)
+
+    def _on_lost_session(self, why: str) -> None:
+        """A short-lived client does not rejoin: its calls fail from now on."""
+        if not self._closing:
+            log.error("%s %s lost its session: %s", self.kind, self.name, why)
 
     def _lost(self, error: RemoteError) -> None:
         if not self._closing:
@@ -269,9 +356,16 @@ class ClusterClient:
         self._bi_gen = None
 
     def close(self) -> None:
+        """Write everything back, give the rights up (goodbye), disconnect."""
         self._closing = True
+        self._stop.set()
         try:
             self.fs.close()
+            if self.ref.client is not None and not self.ref.client.closed:
+                try:
+                    self.ref.call("goodbye", {}, timeout=self.lease)
+                except RemoteError as e:
+                    log.warning("leaving the cluster: %s", e)
         finally:
             if self.ref.client is not None:
                 self.ref.client.close()
@@ -338,17 +432,12 @@ class NodeAgent(ClusterClient):
     kind = "node"
 
     def __init__(self, name: str, **kw: Any) -> None:
-        super().__init__(name, **kw)
-        self._stop = threading.Event()
         self._reconnecting = threading.Lock()
         self.control: RpcServer | None = None
-        self._threads: list[threading.Thread] = []
+        super().__init__(name, **kw)
 
     def start(self, control_host: str = "127.0.0.1", control_port: int = 0) -> None:
         self.fs.start_flusher()
-        t = threading.Thread(target=self._heartbeat_loop, name="sdb-heartbeat", daemon=True)
-        t.start()
-        self._threads.append(t)
         self.control = RpcServer(lambda conn: _ControlHandler(self), self.secret,
                                  host=control_host, port=control_port, max_workers=32)
         self.control.start()
@@ -363,19 +452,16 @@ class NodeAgent(ClusterClient):
         assert self.cluster_dir is not None
         return self.cluster_dir / "nodes" / f"{self.name}.addr"
 
-    def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(max(0.2, self.lease / 4)):
-            try:
-                t = time.monotonic()  # the coordinator renews on receipt: later than t
-                body, _ = self.ref.call("heartbeat", {}, timeout=self.lease / 2)
-                if body.get("epoch") != self.epoch:
-                    self._reconnect()
-                else:
-                    self.last_ok = t
-            except RemoteError:
-                self._reconnect()
+    def _on_lost_session(self, why: str) -> None:
+        log.warning("lost the session with the coordinator (%s); joining again", why)
+        self._reconnect()
 
     def _reconnect(self) -> None:
+        """Join again as a new session. After a coordinator restart (new epoch): reclaim
+        the dirty segments. Fenced by the same coordinator: the cache is dropped first
+        (its rights were, or will be, given to others) and what was lost is logged by
+        path and byte range; only then may this node write again."""
+        self._renewable = False  # the lost session's lease must not be renewed now
         if self._stop.is_set() or not self._reconnecting.acquire(blocking=False):
             return
         try:
@@ -396,17 +482,32 @@ class NodeAgent(ClusterClient):
             if self._stop.is_set():
                 return
             if self.epoch != old_epoch:
+                # Nothing was given away: a new coordinator grants only reclaims first.
+                self._renewable = True
                 self.last_ok = self._joined_at
                 self._reclaim()
             else:
-                lost = self.fs.drop_all()
-                for ino, segs in lost.items():
-                    log.error("LOST unwritten data of inode %d, segments %s: the coordinator "
-                              "dropped this node while it was unreachable", ino, segs)
-                log.warning("rejoined the same coordinator; cache dropped")
-                self.last_ok = self._joined_at  # only now may it write again
+                self._log_lost(self.fs.drop_all(), "this node was fenced (declared failed "
+                               "by the coordinator) before it could write it back")
+                log.warning("joined the same coordinator again as session %s; cache dropped",
+                            self.session)
+            self._renewable = True
+            self.last_ok = self._joined_at  # only now may it write again
         finally:
             self._reconnecting.release()
+
+    def _log_lost(self, lost: dict[int, list[tuple[int, int]]], why: str) -> None:
+        if not lost:
+            return
+        try:
+            body, _ = self.ref.call("paths", {"inos": sorted(lost)}, timeout=self.lease)
+            paths = {int(k): str(v) for k, v in body["paths"].items()}
+        except RemoteError:
+            paths = {}
+        for ino, ranges in sorted(lost.items()):
+            for lo, hi in ranges:
+                log.error("LOST unwritten data of %s bytes %d-%d (inode %d): %s",
+                          paths.get(ino, f"<inode {ino}>"), lo, hi, ino, why)
 
     def _reclaim(self) -> None:
         """After a coordinator restart: take back the write rights of dirty segments."""

@@ -45,6 +45,10 @@ log = logging.getLogger("sdbackup.cluster")
 # recall(node, ino, segs, keep) asks one node to write back the segments and keep
 # only right ``keep`` ("r") or nothing (None). It raises when the node cannot answer.
 RecallFn = Callable[[str, int, list[int], str | None], None]
+# fence(node, why) declares a node that did not answer failed and returns only once
+# it can certainly no longer write (its lease ran out) and its rights were dropped
+# (by a call to node_failed). Until then nothing it holds may be given to another.
+FenceFn = Callable[[str, str], None]
 
 
 @dataclass
@@ -74,10 +78,9 @@ class FrozenError(SdbError):
 class RightsManager:
     """The table of rights and the grant/recall protocol."""
 
-    def __init__(self, recall: RecallFn, *, on_node_failed: Callable[[str, str], None]
-                 | None = None) -> None:
+    def __init__(self, recall: RecallFn, fence: FenceFn) -> None:
         self._recall = recall
-        self._on_node_failed = on_node_failed
+        self._fence = fence
         self._cond = threading.Condition()
         self._table: dict[int, dict[int, SegState]] = {}
         self._busy: set[int] = set()
@@ -166,7 +169,9 @@ class RightsManager:
             try:
                 self._recall(node, ino, segs, keep)
             except Exception as e:  # any failure: the node is gone
-                self.node_failed(node, f"did not answer a recall of inode {ino}: {e}")
+                # Fencing first: its rights go only once it certainly cannot write.
+                self._fence(node, f"did not answer a recall of inode {ino}: {e}")
+                self.node_failed(node)
                 return
             self.released(node, ino, segs, keep=keep)
 
@@ -257,8 +262,10 @@ class RightsManager:
                 self._cond.wait(left)
             return True
 
-    def node_failed(self, node: str, why: str) -> list[CacheEntry]:
-        """Drop every right of a failed node; returns (and logs) the areas it had dirty."""
+    def node_failed(self, node: str) -> list[CacheEntry]:
+        """Drop every right of a failed (fenced) node; returns the areas it had dirty.
+
+        Only for a node that can no longer write (see FenceFn); idempotent."""
         lost = [e for e in self.table() if e.node == node and e.dirty]
         with self._cond:
             for ino in list(self._table):
@@ -274,8 +281,6 @@ class RightsManager:
                 if not table:
                     del self._table[ino]
             self._cond.notify_all()
-        if self._on_node_failed:
-            self._on_node_failed(node, why)
         return lost
 
     def holds(self, node: str) -> bool:

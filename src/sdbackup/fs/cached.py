@@ -13,7 +13,16 @@ Guarantees:
   so no other node caches those segments at that moment;
 - a recall writes the segment's dirty blocks back (ordered: data, then commit) before
   the node answers, so the next holder reads the latest acknowledged data from disk;
-- a write-back that fails keeps the data dirty (and logs why) instead of dropping it.
+- a write-back that fails keeps the data dirty (and logs why) instead of dropping it;
+- data before metadata (ext4's data=ordered, across power loss too): the blocks of a
+  write-back are on stable storage (``fdatasync``, one per batch of segments, shared
+  by concurrent write-backs) before the ``commit_write`` that makes them reachable is
+  sent, so no commit can reach the disk before the data it points at;
+- the lease is checked right before every write to a shared disk: a node that may
+  have been fenced never writes;
+- bytes past the end of a file are never trusted: a write past the end (or an
+  append) zeroes the old last block's tail in the cache first, and the new size is
+  published under the segment locks, before any write-back can see the data.
 
 Developer notes (steps that must stay adjacent):
 
@@ -21,13 +30,15 @@ Developer notes (steps that must stay adjacent):
   write-back RPCs (map_write/commit_write), which never wait for a recall.
 - ``Seg.recalls`` is read before an acquire and compared after it under the segment
   lock: a recall that overtook the grant's reply means the right is already gone.
-- Lock order: a segment's ``lock`` before ``self._mu``; never the other way round.
+- Lock order: the inode's write lock (``self._locks``), then segment locks in
+  (inode, segment) order, then ``self._mu``; never the other way round.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import signal
 import threading
@@ -68,7 +79,7 @@ class Seg:
     seg: int
     mode: str | None = None  # None: not held (yet)
     seq: int = 0
-    buf: bytearray | None = None
+    buf: memoryview | None = None  # SEGMENT_BYTES of page-aligned memory (O_DIRECT)
     valid: int = 0  # bit i: block i of the segment is in buf
     dirty: int = 0  # bit i: block i differs from disk
     dirty_since: float = 0.0
@@ -78,16 +89,27 @@ class Seg:
 
 
 CRASH_ENV = "SDBACKUP_TEST_NODE_CRASH_AT"
+STOP_ENV = "SDBACKUP_TEST_NODE_STOP_AT"
 READ_AHEAD_MIN = 64 << 10
 READ_AHEAD_SEGMENTS = 4
+FLUSH_BATCH = 64  # segments written back per disk flush (64 MiB)
+_stopped_once: set[str] = set()
 
 
 def _crash_point(name: str) -> None:
-    """Test hook: die here, as kill -9 would (after-bi-log: the before image is durable
-    but the overwrite has not happened; after-bi-write: the overwrite is on disk but
-    not committed)."""
+    """Test hooks at named points of a write-back: die here, as kill -9 would
+    (``SDBACKUP_TEST_NODE_CRASH_AT``), or stop here once, as SIGSTOP would
+    (``SDBACKUP_TEST_NODE_STOP_AT``; the test sends SIGCONT). Points: after-bi-log
+    (the before image is durable, the overwrite has not happened), after-bi-write
+    (the overwrite is on disk, not committed), mapped (map_write answered, nothing
+    written yet)."""
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(STOP_ENV) == name and name not in _stopped_once:
+        _stopped_once.add(name)
+        # To this very thread: a signal sent to the process may be taken by another
+        # thread while this one goes on for a moment.
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
 
 
 def _runs(mask: int) -> list[tuple[int, int]]:
@@ -103,6 +125,9 @@ def _runs(mask: int) -> list[tuple[int, int]]:
         mask >>= ones
         pos += ones
     return out
+
+
+_ZERO_SEGMENT = bytes(SEGMENT_BYTES)
 
 
 def _mask(lo: int, hi: int) -> int:
@@ -123,12 +148,16 @@ class CachedFileSystem(FileSystem):
         self._mu = threading.Lock()
         self._segs: OrderedDict[tuple[int, int], Seg] = OrderedDict()
         self._sizes: dict[int, int] = {}  # file sizes as this node's writes left them
+        self._pool: list[memoryview] = []  # segment buffers to reuse (aligned, zeroed)
         self._cached = 0
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
         self.stats = {"writebacks": 0, "acquires": 0, "recalls": 0}
-        # Self-fencing: the node agent says False when its lease may have run out.
+        # Self-fencing: the node agent says False when its lease may have run out, and
+        # numbers its sessions: a write-back mapped in one session never writes in
+        # another (the first one's rights may have gone to others meanwhile).
         self.can_write: Callable[[], bool] = lambda: True
+        self.session_of: Callable[[], int] = lambda: 0
         # Called (ino) whenever this node stops caching a segment (recall, eviction,
         # truncate, reconnect). A FUSE mount uses it to drop the kernel's pages of the
         # file, which are only valid while this node holds a right on them. Called
@@ -186,6 +215,8 @@ class CachedFileSystem(FileSystem):
                 del self._segs[(s.ino, s.seg)]
             if s.buf is not None:
                 self._cached -= len(s.buf)
+                if len(self._pool) * SEGMENT_BYTES < self.cache_bytes:
+                    self._pool.append(s.buf)
             s.buf = None
             s.valid = 0
             if not any(x.ino == s.ino and x.mode == "w" for x in self._segs.values()):
@@ -274,11 +305,18 @@ class CachedFileSystem(FileSystem):
         assert o.buf is not None
         out[lo - offset : hi - offset] = o.buf[lo - base : hi - base]
 
-    def _ensure_buf(self, o: Seg) -> bytearray:
+    def _ensure_buf(self, o: Seg) -> memoryview:
+        """The segment's buffer: page-aligned, so disk I/O goes to it directly with
+        O_DIRECT; reused from dropped segments (zeroed: invalid blocks read as zeros)."""
         if o.buf is None:
-            o.buf = bytearray(SEGMENT_BYTES)
             with self._mu:
+                buf = self._pool.pop() if self._pool else None
                 self._cached += SEGMENT_BYTES
+            if buf is None:
+                buf = memoryview(mmap.mmap(-1, SEGMENT_BYTES))
+            else:
+                buf[:] = _ZERO_SEGMENT
+            o.buf = buf
         return o.buf
 
     def _fill(self, o: Seg, b0: int, b1: int) -> None:
@@ -286,8 +324,7 @@ class CachedFileSystem(FileSystem):
         want = _mask(b0, b1) & ~o.valid
         if not want:
             return
-        buf = self._ensure_buf(o)
-        mv = memoryview(buf)
+        mv = self._ensure_buf(o)
         fb0 = o.seg * self.bps
         for start, count in _runs(want):
             for ext in self.meta.map_read(o.ino, fb0 + start, count):
@@ -299,32 +336,13 @@ class CachedFileSystem(FileSystem):
         o.valid |= want
 
     def write(self, ino: int, offset: int, data: bytes | bytearray | memoryview) -> int:
-        src = memoryview(data).cast("B")
-        n = src.nbytes
         if offset < 0:
             raise FsError(errno.EINVAL, "negative offset")
-        if n == 0:
+        src = memoryview(data).cast("B")
+        if src.nbytes == 0:
             return 0
-        segs = self._segs_of(offset, n)
-        done: set[int] = set()
-        attr: Attr | None = None
-        while len(done) < len(segs):
-            objs = self._hold(ino, [s for s in segs if s not in done], "w")
-            if attr is None:
-                attr = self.getattr(ino)
-                if not attr.is_reg:
-                    raise FsError(errno.EISDIR if attr.is_dir else errno.EINVAL,
-                                  "not a regular file")
-            for o in objs:
-                with o.lock:
-                    if o.dropped or o.mode != "w":
-                        continue
-                    self._apply(o, offset, src, attr.size)
-                    done.add(o.seg)
-        with self._mu:
-            self._sizes[ino] = max(self._sizes.get(ino, attr.size if attr else 0), offset + n)
-        self._maybe_evict()
-        return n
+        self._write_at(ino, src, offset)
+        return src.nbytes
 
     def append(self, ino: int, data: bytes | bytearray | memoryview) -> int:
         """Write ``data`` at the end of the file (O_APPEND); returns where it went.
@@ -338,85 +356,163 @@ class CachedFileSystem(FileSystem):
         happened first. Appends of one node to one file are serialised locally.
         """
         src = memoryview(data).cast("B")
+        if src.nbytes == 0:
+            return self.getattr(ino).size
+        return self._write_at(ino, src, None)
+
+    def _write_at(self, ino: int, src: memoryview, offset: int | None) -> int:
+        """Write at ``offset`` (None: at the end); returns the offset used.
+
+        A write that starts past the end grows the file: the bytes between the old end
+        and the end of its block are made zero in the cache (disk bytes past the end
+        are never trusted), so the old last block's segment is held too. The size that
+        decides this must not move while the rights are held: it is read again after
+        the grant (other writers of these segments were recalled, and ``getattr``
+        makes writers elsewhere write back) and the segments' recall counters are
+        checked under their locks. The new size is published under those locks, so a
+        write-back never sees the data without it.
+        """
         n = src.nbytes
+        bs = self.bs
         with self._locks[ino % 64]:
             while True:
-                end = self.getattr(ino).size
-                if n == 0:
-                    return end
-                objs = self._hold(ino, self._segs_of(end, n), "w")
-                marks = [o.recalls for o in objs]
-                # Anything appended by others before the grant is counted now: their
-                # segments were recalled, and getattr makes other writers write back.
                 attr = self.getattr(ino)
                 if not attr.is_reg:
                     raise FsError(errno.EISDIR if attr.is_dir else errno.EINVAL,
                                   "not a regular file")
-                if attr.size != end:
+                size = attr.size
+                start = size if offset is None else offset
+                grow = start > size and size % bs != 0
+                segs = self._segs_of(start, n)
+                if grow and size // SEGMENT_BYTES not in segs:
+                    segs.insert(0, size // SEGMENT_BYTES)
+                objs = self._hold(ino, segs, "w")
+                marks = [o.recalls for o in objs]
+                if (offset is None or grow) and self.getattr(ino).size != size:
                     continue
                 with ExitStack() as held:
                     for o in objs:
                         held.enter_context(o.lock)
                     if any(o.dropped or o.mode != "w" or o.recalls != m
                            for o, m in zip(objs, marks, strict=True)):
-                        continue  # a recall came in between: look at the end again
+                        continue  # a recall came in between: look again
                     for o in objs:
-                        self._apply(o, end, src, end)
+                        self._apply(o, start, src, size if grow else None)
                     with self._mu:
-                        self._sizes[ino] = max(self._sizes.get(ino, end), end + n)
-                self._maybe_evict()
-                return end
+                        self._sizes[ino] = max(self._sizes.get(ino, size), start + n)
+                break
+        self._maybe_evict()
+        return start
 
-    def _apply(self, o: Seg, offset: int, src: memoryview, file_size: int) -> None:
+    def _apply(self, o: Seg, offset: int, src: memoryview, grow_from: int | None) -> None:
+        """Copy the part of a write that falls in this segment into its buffer (caller
+        holds o.lock and the write right); with ``grow_from`` (the old size, when the
+        write starts past it), zero the old last block from there first."""
         bs = self.bs
         base = o.seg * SEGMENT_BYTES
+        buf = self._ensure_buf(o)
+        touched = 0
+        if grow_from is not None:
+            zlo = max(grow_from, base)
+            zhi = min(offset, (grow_from // bs + 1) * bs, base + SEGMENT_BYTES)
+            if zlo < zhi:
+                b = (zlo - base) // bs
+                if not (o.valid >> b) & 1:
+                    self._fill(o, b, b + 1)
+                buf[zlo - base : zhi - base] = _ZERO_SEGMENT[: zhi - zlo]
+                touched |= _mask(b, b + 1)
         lo = max(offset, base)
         hi = min(offset + src.nbytes, base + SEGMENT_BYTES)
-        b0, b1 = (lo - base) // bs, (hi - base + bs - 1) // bs
-        buf = self._ensure_buf(o)
-        # Partial edge blocks must hold their old bytes around the new data.
-        for b in {b0, b1 - 1}:
-            edge_partial = (b == b0 and lo % bs) or (b == b1 - 1 and hi % bs)
-            if edge_partial and not (o.valid >> b) & 1:
-                self._fill(o, b, b + 1)
-        buf[lo - base : hi - base] = src[lo - offset : hi - offset]
-        o.valid |= _mask(b0, b1)
+        if lo < hi:
+            b0, b1 = (lo - base) // bs, (hi - base + bs - 1) // bs
+            # Partial edge blocks must hold their old bytes around the new data.
+            for b in {b0, b1 - 1}:
+                edge_partial = (b == b0 and lo % bs) or (b == b1 - 1 and hi % bs)
+                if edge_partial and not (o.valid >> b) & 1:
+                    self._fill(o, b, b + 1)
+            buf[lo - base : hi - base] = src[lo - offset : hi - offset]
+            touched |= _mask(b0, b1)
+        if not touched:
+            return
+        o.valid |= touched
         was_clean = not o.dirty
-        o.dirty |= _mask(b0, b1)
+        o.dirty |= touched
         if was_clean:
             o.dirty_since = time.monotonic()
             self.rights.set_dirty(o.ino, [o.seg], True)
 
     def _writeback(self, o: Seg) -> None:
-        """Write the segment's dirty blocks to disk and commit them (caller holds o.lock)."""
-        if not o.dirty or o.buf is None:
-            return
-        if not self.can_write():
-            raise RemoteError("not writing back: this node's lease may have expired "
-                              "(cut off from the coordinator); the data stays dirty")
+        """Write one segment back (caller holds o.lock); see :meth:`_writeback_many`."""
+        self._writeback_many([o])
+
+    def _writeback_many(self, segs: list[Seg]) -> None:
+        """Write the segments' dirty blocks to disk, then commit them (caller holds
+        every segment's lock).
+
+        Ordered as ext4's data=ordered, across power loss: map every dirty run, write
+        its data (before images first while a backup runs), one ``fdatasync`` of the
+        disks written (a group commit shared with concurrent write-backs), and only
+        then the ``commit_write`` calls that make the new blocks reachable. The lease
+        is checked before every disk write. On any failure nothing more is committed,
+        the reserved blocks are given back, and the data stays dirty.
+        """
+        pending: list[tuple[Seg, int, int, list[WriteRun]]] = []
         bs = self.bs
-        fb0 = o.seg * self.bps
-        mv = memoryview(o.buf)
-        size = self._sizes.get(o.ino)
-        for start, count in _runs(o.dirty):
-            runs = self.meta.map_write(o.ino, fb0 + start, count)
-            try:
-                if self._log_before_images(runs):
-                    _crash_point("after-bi-log")
-                for r in runs:
-                    lo = (r.fblock - fb0) * bs
-                    self.disks.device(r.disk).write(r.dblock, mv[lo : lo + r.length * bs])
-                if any(r.bi_time for r in runs):
-                    _crash_point("after-bi-write")
-            except BaseException:
-                self.meta.abort_write(runs)
-                raise
-            run_end = (fb0 + start + count) * bs
+        session = self.session_of()
+        try:
+            for o in segs:
+                if not o.dirty or o.buf is None:
+                    continue
+                mv = o.buf
+                fb0 = o.seg * self.bps
+                for start, count in _runs(o.dirty):
+                    runs = self.meta.map_write(o.ino, fb0 + start, count)
+                    pending.append((o, start, count, runs))
+                    _crash_point("mapped")
+                    if self._log_before_images(runs):
+                        _crash_point("after-bi-log")
+                    for r in runs:
+                        if not self.can_write() or self.session_of() != session:
+                            raise RemoteError(
+                                "not writing back: this node's lease may have expired "
+                                "(cut off from the coordinator, or fenced); the data stays "
+                                "dirty")
+                        lo = (r.fblock - fb0) * bs
+                        self.disks.device(r.disk).write(r.dblock, mv[lo : lo + r.length * bs])
+                    if any(r.bi_time for r in runs):
+                        _crash_point("after-bi-write")
+            if not pending:
+                return
+            self.disks.datasync({r.disk for _, _, _, runs in pending for r in runs})
+        except BaseException:
+            for _, _, _, runs in pending:
+                self._abort_quietly(runs)
+            raise
+        done: set[int] = set()
+        for i, (o, start, count, runs) in enumerate(pending):
+            size = self._sizes.get(o.ino)
+            run_end = (o.seg * self.bps + start + count) * bs
             end = run_end if size is None else min(run_end, size)
-            self.meta.commit_write(o.ino, runs, end, time.time_ns())
+            try:
+                self.meta.commit_write(o.ino, runs, end, time.time_ns())
+            except BaseException:
+                # commit_write gave this one's blocks back itself; the rest are ours.
+                for _, _, _, later in pending[i + 1 :]:
+                    self._abort_quietly(later)
+                raise
             o.dirty &= ~_mask(start, start + count)
-        self.stats["writebacks"] += 1
-        self.rights.set_dirty(o.ino, [o.seg], False)
+            done.add(id(o))
+        for o in segs:
+            if id(o) in done:
+                self.stats["writebacks"] += 1
+                if not o.dirty:
+                    self.rights.set_dirty(o.ino, [o.seg], False)
+
+    def _abort_quietly(self, runs: list[WriteRun]) -> None:
+        try:
+            self.meta.abort_write(runs)
+        except Exception as e:  # the coordinator frees a failed session's blocks itself
+            log.warning("giving back reserved blocks failed: %s", e)
 
     def _log_before_images(self, runs: list[WriteRun]) -> bool:
         """Write-ahead rule: save the old contents of blocks the running backup still
@@ -456,14 +552,15 @@ class CachedFileSystem(FileSystem):
     def recall(self, ino: int, segs: Iterable[int], keep: str | None) -> None:
         """Write back the segments; keep a read right (keep='r') or drop them."""
         self.stats["recalls"] += 1
-        for seg in segs:
-            with self._mu:
-                o = self._segs.get((ino, seg))
-            if o is None:
-                continue
-            with o.lock:
+        with self._mu:
+            objs = [o for o in (self._segs.get((ino, seg)) for seg in sorted(set(segs)))
+                    if o is not None]
+        with ExitStack() as held:
+            for o in objs:
+                held.enter_context(o.lock)
                 o.recalls += 1
-                self._writeback(o)
+            self._writeback_many(objs)
+            for o in objs:
                 if keep == "r" and o.mode is not None:
                     o.mode = "r"
                 else:
@@ -473,22 +570,37 @@ class CachedFileSystem(FileSystem):
                 self._sizes.pop(ino, None)
 
     def flush_inode(self, ino: int) -> None:
-        for o in self._snapshot(ino):
-            with o.lock:
-                self._writeback(o)
+        self._flush([o for o in self._snapshot(ino) if o.dirty])
 
     def flush_all(self) -> None:
-        for o in self._snapshot():
-            with o.lock:
-                self._writeback(o)
+        self._flush([o for o in self._snapshot() if o.dirty])
 
-    def drop_all(self) -> dict[int, list[int]]:
-        """Forget every cached segment (after losing the coordinator); returns the dirty ones."""
-        lost: dict[int, list[int]] = {}
-        for o in self._snapshot():
+    def _flush(self, objs: list[Seg]) -> None:
+        """Write segments back in batches: one disk flush per batch, not per segment.
+        Locks are taken in (inode, segment) order, as every writer takes them."""
+        objs.sort(key=lambda o: (o.ino, o.seg))
+        for i in range(0, len(objs), FLUSH_BATCH):
+            with ExitStack() as held:
+                batch = objs[i : i + FLUSH_BATCH]
+                for o in batch:
+                    held.enter_context(o.lock)
+                self._writeback_many(batch)
+
+    def drop_all(self) -> dict[int, list[tuple[int, int]]]:
+        """Forget every cached segment (the session was lost); returns what was dirty,
+        as byte ranges per inode (clipped to the size this node gave the file)."""
+        lost: dict[int, list[tuple[int, int]]] = {}
+        bs = self.bs
+        for o in sorted(self._snapshot(), key=lambda o: (o.ino, o.seg)):
             with o.lock:
                 if o.dirty:
-                    lost.setdefault(o.ino, []).append(o.seg)
+                    size = self._sizes.get(o.ino)
+                    base = o.seg * SEGMENT_BYTES
+                    for start, count in _runs(o.dirty):
+                        lo, hi = base + start * bs, base + (start + count) * bs
+                        if size is not None:
+                            hi = min(hi, max(size, lo))
+                        lost.setdefault(o.ino, []).append((lo, hi))
                 o.dirty = 0
                 self._drop(o)
         return lost

@@ -5,11 +5,13 @@
 protocol) and a set of block devices. The CLI's ``sdbackup fs`` commands, the FUSE
 adapter and the tests all drive this class.
 
-Write path (ordered, like ext4's data=ordered): map the range (holes get *reserved*
-blocks), write the data to the disks, then commit the new extents and the size in one
-metadata transaction. A crash before the commit leaves the file as it was and the
-reserved blocks free. Partial blocks at the edges are read-modify-written; newly
-allocated blocks are zero-filled around the data, never showing a deleted file's bytes.
+Write path (ordered, like ext4's data=ordered, across power loss too): map the range
+(holes get *reserved* blocks), write the data to the disks, ``fdatasync`` them, then
+commit the new extents and the size in one metadata transaction: no commit can reach
+stable storage before the data it points at. A crash before the commit leaves the
+file as it was and the reserved blocks free. Partial blocks at the edges are
+read-modify-written; newly allocated blocks are zero-filled around the data, never
+showing a deleted file's bytes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from sdbackup.blocks.diskset import DiskSet
@@ -64,9 +66,14 @@ class MetaApi(Protocol):
 class FileSystem:
     """POSIX file system operations by inode, plus path helpers for scripts."""
 
-    def __init__(self, meta: MetaApi, disks: DiskSet) -> None:
+    def __init__(self, meta: MetaApi, disks: DiskSet, *,
+                 sync_before_commit: bool = True) -> None:
+        """``sync_before_commit=False`` only where the metadata store itself flushes the
+        disks before its commits can become durable (the embedded cluster's group
+        commit, see MetaStore.group_commits): then writes skip their own flush."""
         self.meta = meta
         self.disks = disks
+        self.sync_before_commit = sync_before_commit
         self.bs = meta.block_size
         # Writes and truncates of one inode are serialised on this node (striped
         # locks); across nodes the coherence protocol grants one writer per area.
@@ -191,8 +198,11 @@ class FileSystem:
             # a crash) before its commit may have left data there, which must not become
             # part of the file when it grows. Zero them in the old last block.
             old_size = self.meta.getattr(ino).size
+            synced = {r.disk for r in runs}
             if offset > old_size and old_size // bs < fb:
-                self._zero_tail(ino, old_size)
+                zeroed = zero_tail(self.meta, self.disks, ino, old_size)
+                if zeroed is not None:
+                    synced.add(zeroed)
             head = offset - fb * bs
             if head == 0 and n % bs == 0:
                 buf = src
@@ -218,22 +228,15 @@ class FileSystem:
             for r in runs:
                 lo = (r.fblock - fb) * bs
                 self.disks.device(r.disk).write(r.dblock, buf[lo : lo + r.length * bs])
+            # Data before metadata, across power loss too: the blocks are on stable
+            # storage before the commit that makes them reachable can be.
+            if self.sync_before_commit:
+                self.disks.datasync(synced)
         except BaseException:
             self.meta.abort_write(runs)
             raise
         self.meta.commit_write(ino, runs, offset + n, time.time_ns())
         return n
-
-    def _zero_tail(self, ino: int, pos: int) -> None:
-        """Zero the bytes from ``pos`` to the end of its block on disk (if it is mapped)."""
-        bs = self.bs
-        if pos % bs == 0:
-            return
-        for ext in self.meta.map_read(ino, pos // bs, 1):
-            dev = self.disks.device(ext.disk)
-            block = bytearray(dev.read(ext.dblock, 1))
-            block[pos % bs :] = bytes(bs - pos % bs)
-            dev.write(ext.dblock, block)
 
     def truncate(self, ino: int, size: int) -> Attr:
         """Set the file size; the tail of a cut block is zeroed on disk first."""
@@ -247,7 +250,9 @@ class FileSystem:
         # Zero the tail of the block holding the new end (shrinking), or the old end
         # (growing: bytes past the old end on disk are not trusted, see _write).
         if size != attr.size:
-            self._zero_tail(ino, min(size, attr.size))
+            disk = zero_tail(self.meta, self.disks, ino, min(size, attr.size))
+            if disk is not None:
+                self.disks.datasync([disk])
         return self.meta.truncate(ino, size)
 
     def fsync(self, ino: int | None = None) -> None:
@@ -294,6 +299,30 @@ class FileSystem:
         if not parent.is_dir:
             raise FsError(errno.ENOTDIR, f"{os.fsdecode(head)}: not a directory")
         return parent, name
+
+
+def zero_tail(meta: MetaApi, disks: DiskSet, ino: int, pos: int,
+              before: Callable[[int, int, bytes], None] | None = None) -> int | None:
+    """Zero the bytes from ``pos`` to the end of its block on disk, if it is mapped.
+
+    Bytes past a file's end are never trusted (a write that failed before its commit
+    may have left data there): whatever grows or cuts a file zeroes them first.
+    ``before(disk, block, old)`` sees the old block first (a backup's before image).
+    Returns the disk written, which the caller syncs before the metadata change.
+    """
+    bs = meta.block_size
+    if pos % bs == 0:
+        return None
+    for ext in meta.map_read(ino, pos // bs, 1):
+        dev = disks.device(ext.disk)
+        old = dev.read(ext.dblock, 1)
+        if before is not None:
+            before(ext.disk, ext.dblock, old)
+        block = bytearray(old)
+        block[pos % bs :] = bytes(bs - pos % bs)
+        dev.write(ext.dblock, block)
+        return ext.disk
+    return None
 
 
 def _uid(uid: int | None) -> int:

@@ -10,7 +10,15 @@ bit set = used):
 
 Reservations are never persisted: a crash between the data write and the commit
 leaves the blocks free, as they should be (ordered-mode semantics: an extent is
-committed only after its data reached the disk). Finding free blocks looks at
+committed only after its data reached the disk).
+
+**Freed blocks wait for durability** (``quarantine``): a block freed by a transaction
+(unlink, truncate) leaves ``committed`` at once but stays in ``inuse`` until that
+transaction is durable (:meth:`~sdbackup.meta.service.MetadataService.sync`).
+Otherwise another file could take it, write its data there and make that durable,
+while a power loss rolls the freeing transaction back: the old file would come back
+showing the new file's bytes (ext4 holds freed blocks back until the freeing commit
+for the same reason). Free-space counts include quarantined blocks. Finding free blocks looks at
 ``inuse``; persisting writes ``committed``. All searches work on whole bytes and
 numpy windows, never one Python step per block.
 """
@@ -57,6 +65,14 @@ def _set_bits(bits: U8, start: int, count: int, value: bool) -> None:
         bits[sb + 1 : eb] = 0
 
 
+def _range_mask(start: int, count: int) -> U8:
+    """Bits [start, start+count) as a mask over bytes start>>3 .. (start+count+7)>>3."""
+    sb, eb = start >> 3, (start + count + 7) >> 3
+    mask = np.zeros(eb - sb, dtype=np.uint8)
+    _set_bits(mask, start - (sb << 3), count, True)
+    return mask
+
+
 def count_set(bits: U8, start: int, count: int) -> int:
     """Number of set bits in [start, start+count)."""
     if count <= 0:
@@ -81,6 +97,12 @@ class DiskBitmap:
         self.inuse: U8 = self.committed.copy()
         self.dirty_chunks: set[int] = set()
         self.cursor = 0  # next-fit position for new files
+        # Blocks freed by transactions that may not be durable yet (see the module doc):
+        # set in ``held`` (and still in ``inuse``); ``quarantine`` lists the runs freed
+        # since the last :meth:`take_quarantine`, so a release touches only those.
+        self.held: U8 = np.zeros(nbytes, dtype=np.uint8)
+        self.quarantine: list[tuple[int, int]] = []
+        self.quarantined = 0
 
     # -- persistence ---------------------------------------------------------------
     def load(self, store: MetaStore) -> None:
@@ -122,19 +144,44 @@ class DiskBitmap:
     def unreserve(self, start: int, count: int) -> None:
         """Give back reserved blocks that were never committed."""
         _set_bits(self.inuse, start, count, False)
-        # A block committed meanwhile stays in use.
+        # A block committed meanwhile (or freed and held) stays in use.
         sb, eb = start >> 3, (start + count + 7) >> 3
-        self.inuse[sb:eb] |= self.committed[sb:eb]
+        self.inuse[sb:eb] |= self.committed[sb:eb] | self.held[sb:eb]
 
     def commit(self, start: int, count: int) -> None:
         _set_bits(self.committed, start, count, True)
         _set_bits(self.inuse, start, count, True)
         self._touch(start, count)
+        if self.quarantined:
+            self.quarantined -= count_set(self.held, start, count)
+            _set_bits(self.held, start, count, False)
 
     def free(self, start: int, count: int) -> None:
+        """Free committed blocks; they stay unallocatable until :meth:`release`."""
+        if count <= 0:
+            return
+        sb, eb = start >> 3, (start + count + 7) >> 3
+        mask = _range_mask(start, count)
+        newly = self.committed[sb:eb] & mask & ~self.held[sb:eb]
+        self.held[sb:eb] |= newly
+        self.quarantined += int(np.unpackbits(newly).sum())
         _set_bits(self.committed, start, count, False)
-        _set_bits(self.inuse, start, count, False)
         self._touch(start, count)
+        self.quarantine.append((start, count))
+
+    def take_quarantine(self) -> list[tuple[int, int]]:
+        """The runs freed so far; release them once their transactions are durable."""
+        runs, self.quarantine = self.quarantine, []
+        return runs
+
+    def release(self, runs: list[tuple[int, int]]) -> None:
+        """The transactions that freed these runs are durable: their blocks may go."""
+        for start, count in runs:
+            sb, eb = start >> 3, (start + count + 7) >> 3
+            gone = self.held[sb:eb] & _range_mask(start, count)
+            self.quarantined -= int(np.unpackbits(gone).sum())
+            self.held[sb:eb] &= ~gone
+            self.inuse[sb:eb] &= ~gone
 
     def reload(self, store: MetaStore) -> None:
         """Re-read ``committed`` from the store (after a failed transaction).
@@ -148,6 +195,9 @@ class DiskBitmap:
         self.dirty_chunks.clear()
         self.load(store)
         self.inuse |= reserved
+        # A rolled-back free: those blocks are committed again, not held.
+        self.held &= ~self.committed
+        self.quarantined = int(np.unpackbits(self.held).sum())
 
     # -- queries -----------------------------------------------------------------------
     def used_blocks(self) -> int:
@@ -156,9 +206,11 @@ class DiskBitmap:
         return full - pad
 
     def free_blocks(self) -> int:
+        """Blocks not in use, quarantined ones included (they are free, only not yet
+        durably so)."""
         full = int(np.unpackbits(self.inuse).sum())
         pad = (len(self.inuse) << 3) - self.nblocks
-        return self.nblocks - (full - pad)
+        return self.nblocks - (full - pad) + self.quarantined
 
     def is_free(self, start: int, count: int) -> bool:
         if start < 0 or start + count > self.nblocks:

@@ -514,6 +514,8 @@ class MetadataService:
             if need == 0:
                 return runs
         self.abort_write(runs)
+        if any(bm.quarantine for bm in self.bitmaps.values()) and self.sync_release():
+            return self._reserve(ino, fblock, count)  # freed blocks became durable
         raise FsError(errno.ENOSPC, "no space left on the cluster's disks")
 
     def abort_write(self, runs: Sequence[WriteRun | Sequence[Any]]) -> None:
@@ -605,7 +607,29 @@ class MetadataService:
             return self.getattr(ino)
 
     def sync(self) -> None:
-        self.store.sync()
+        """Make every committed change durable (and release freed blocks, see below)."""
+        self.sync_release()
+
+    def sync_release(self) -> bool:
+        """Make every committed change durable, then let blocks freed by those changes
+        be allocated again (see alloc.py, quarantine). Returns whether any were."""
+        with self.store.lock:
+            if self.store.in_transaction():
+                self.store.sync()
+                return False
+            taken = {d: bm.take_quarantine() for d, bm in self.bitmaps.items()}
+        try:
+            self.store.sync()
+        except BaseException:
+            with self.store.lock:
+                for d, runs in taken.items():
+                    self.bitmaps[d].quarantine[:0] = runs
+            raise
+        with self.store.lock:
+            for d, runs in taken.items():
+                if runs:
+                    self.bitmaps[d].release(runs)
+        return any(taken.values())
 
     # -- block lists (for info, blocks --used, backup planning) -------------------------
     def disk_ids(self) -> dict[str, int]:
