@@ -3,7 +3,8 @@
 One invocation measures, on a scratch directory on the real disk (see
 ``bench/common.py``):
 
-- **raw**: a sparse disk file like the cluster's (``--disk-size``), ``--size`` bytes
+- **raw**: a sparse disk file like the cluster's (``--disk-size``), opened with
+  ``O_DIRECT`` as the cluster opens its shared disks, ``--size`` bytes
   written sequentially with ``os.pwrite`` in ``--request`` pieces from the byte where
   the fs puts its first data block (just after the disk label), then ``fsync``; page
   cache dropped; read back sequentially with ``os.pread``. Same offsets, because on
@@ -32,6 +33,7 @@ work shares the machine.
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import sys
 import time
@@ -103,26 +105,38 @@ def _cold(settle: float) -> bool:
 def run_raw(work: Path, size: int, request: int, disk_size: int, base: int,
             bufs: list[bytes], settle: float) -> dict[str, Any]:
     """The baseline: the same I/O straight on a disk file like the cluster's (a sparse
-    file of ``disk_size``), at byte ``base`` onwards, where the fs puts the data."""
+    file of ``disk_size``), at byte ``base`` onwards, where the fs puts the data, with
+    the same direct I/O the cluster uses on its shared disks (``O_DIRECT`` from
+    page-aligned buffers, then one ``fsync``)."""
     path = work / "raw.img"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_DIRECT,
+                 0o600)
+    aligned = []
+    for b in bufs:
+        m = mmap.mmap(-1, request)
+        m[:] = b
+        aligned.append(m)
+    rbuf = mmap.mmap(-1, request)
     try:
         os.ftruncate(fd, disk_size)
         os.fsync(fd)
         dropped = _cold(settle)
         with Timer() as tw:
             for i, off in enumerate(range(base, base + size, request)):
-                os.pwrite(fd, bufs[i % _PATTERNS], off)
+                os.pwrite(fd, aligned[i % _PATTERNS], off)
             os.fsync(fd)
         dropped = _cold(settle) and dropped
         with Timer() as tr:
             for off in range(base, base + size, request):
-                data = os.pread(fd, request, off)
+                os.preadv(fd, [rbuf], off)
         last = (size - 1) // request
-        _check(data, bufs[last % _PATTERNS], "raw", last * request)
+        _check(bytes(rbuf), bufs[last % _PATTERNS], "raw", last * request)
     finally:
         os.close(fd)
         path.unlink()
+        for m in aligned:
+            m.close()
+        rbuf.close()
     return {"write_s": tw.seconds, "read_s": tr.seconds, "dropped": dropped,
             "write_cpu_s": tw.cpu, "read_cpu_s": tr.cpu}
 

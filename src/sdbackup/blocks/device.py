@@ -137,6 +137,9 @@ class BlockDevice:
                                  ) from None
             raise
         try:
+            if writable and _read_only_block_device(self.fd):
+                raise UsageError(f"disk {self.path} is read-only on this host (a read-only "
+                                 "block device): the cluster needs to write it")
             self.size = os.lseek(self.fd, 0, os.SEEK_END)
             self.nblocks = self.size // block_size
             self.align = _probe_alignment(self.fd, self.path) if direct else 1
@@ -353,6 +356,24 @@ def _bounce(n: int) -> memoryview:
 def aligned_buffer(size: int) -> mmap.mmap:
     """A zero-filled, page-aligned buffer (memory ``O_DIRECT`` I/O can use as it is)."""
     return mmap.mmap(-1, max(size, _PAGE))
+
+
+_BLKROGET = 0x125E  # _IO(0x12, 94): is this block device read-only?
+
+
+def _read_only_block_device(fd: int) -> bool:
+    """A block device set read-only (``losetup -r``, ``blockdev --setro``) still opens
+    for writing on Linux; only its writes fail (EPERM). Ask it."""
+    if not stat.S_ISBLK(os.fstat(fd).st_mode):
+        return False
+    import fcntl
+    import struct
+
+    try:
+        flag = fcntl.ioctl(fd, _BLKROGET, struct.pack("i", 0))
+    except OSError:
+        return False
+    return bool(struct.unpack("i", flag)[0])
 
 
 def _probe_alignment(fd: int, path: Path) -> int:

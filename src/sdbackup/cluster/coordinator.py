@@ -575,7 +575,8 @@ class _Handler(BaseHandler):
         return self.c.cluster_info()
 
     def rpc_join(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> dict[str, Any]:
-        self.c.check_disk_views(a.get("disks"), str(a.get("name", "?")))
+        if str(a.get("kind", "node")) != "admin":  # admin sessions never open the disks
+            self.c.check_disk_views(a.get("disks"), str(a.get("name", "?")))
         s = self.c.join(conn, str(a["name"]), str(a.get("kind", "node")),
                         str(a.get("host", "?")), int(a.get("pid", 0)))
         return {**self.c.cluster_info(), "session": s.key,
@@ -619,6 +620,13 @@ class _Handler(BaseHandler):
             # is dropped here (if not, the cleanup drops it; either way it goes).
             self.c.rights.released(s.key, ino, segs)
             raise FencedError(f"session {s.key} was fenced; join again")
+        try:
+            # Removed while this grant waited (an unlink holds the inode exclusively):
+            # no right on a file that no longer exists.
+            self.c.meta.getattr(ino)
+        except FsError:
+            self.c.rights.released(s.key, ino, segs)
+            raise
         if self.c._stop.is_set():
             # Recalls fail while we stop; a grant made on that basis must not reach a
             # node, whose data would then meet the recalled node's at the next start.

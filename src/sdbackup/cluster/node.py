@@ -439,7 +439,8 @@ class NodeAgent(ClusterClient):
     def start(self, control_host: str = "127.0.0.1", control_port: int = 0) -> None:
         self.fs.start_flusher()
         self.control = RpcServer(lambda conn: _ControlHandler(self), self.secret,
-                                 host=control_host, port=control_port, max_workers=32)
+                                 host=control_host, port=control_port, max_workers=32,
+                                 name=f"node {self.name} control port")
         self.control.start()
         if self.cluster_dir is not None:
             (self.cluster_dir / "nodes").mkdir(exist_ok=True)

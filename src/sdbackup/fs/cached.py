@@ -466,7 +466,16 @@ class CachedFileSystem(FileSystem):
                 mv = o.buf
                 fb0 = o.seg * self.bps
                 for start, count in _runs(o.dirty):
-                    runs = self.meta.map_write(o.ino, fb0 + start, count)
+                    try:
+                        runs = self.meta.map_write(o.ino, fb0 + start, count)
+                    except FsError as e:
+                        if e.errno != errno.ENOENT:
+                            raise
+                        # The file was removed (its last name, and it is not open):
+                        # nothing can ever read this data, so it is not written.
+                        o.dirty = 0
+                        self.rights.set_dirty(o.ino, [o.seg], False)
+                        break
                     pending.append((o, start, count, runs))
                     _crash_point("mapped")
                     if self._log_before_images(runs):

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdbackup.blocks.device import holds_data, pwrite_all
+from sdbackup.blocks.device import BlockDevice, holds_data
 from sdbackup.cluster.config import (
     CONFIG_NAME,
     ClusterConfig,
@@ -38,6 +38,7 @@ from sdbackup.cluster.config import (
     sync_dir,
     write_atomic,
 )
+from sdbackup.cluster.disk_access import supports_direct
 from sdbackup.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
 from sdbackup.media.generation import Generation, GenerationReader
 from sdbackup.media.records import Kind
@@ -103,15 +104,18 @@ def restore_image(
         if not is_blk:
             os.ftruncate(fd, 0)  # every old byte goes: unused blocks become holes
             os.ftruncate(fd, size)
-        for kind in (Kind.DATA, Kind.BI):  # before images (T0 contents) win: last
-            for start, count, data in reader.records(d.id, kind=int(kind)):
-                pwrite_all(fd, data, start * bs)
-                if kind == Kind.DATA:
-                    stats.blocks += count
-                stats.bytes += len(data)
-                if progress is not None:
-                    progress(len(data))
-        os.fsync(fd)
+        # The image may be a shared disk other hosts read: it is written around this
+        # host's page cache (O_DIRECT) wherever its file system allows.
+        with BlockDevice(dest, bs, direct=supports_direct(dest)) as dev:
+            for kind in (Kind.DATA, Kind.BI):  # before images (T0 contents) win: last
+                for start, count, data in reader.records(d.id, kind=int(kind)):
+                    dev.write(start, data)
+                    if kind == Kind.DATA:
+                        stats.blocks += count
+                    stats.bytes += len(data)
+                    if progress is not None:
+                        progress(len(data))
+            dev.fsync()
     except BaseException as e:
         os.close(fd)
         fd = -1
@@ -199,12 +203,9 @@ def restore_cluster(
                 created.append(p)
             result.disks.append(restore_image(reader, d.name, p, force=True,
                                               progress=progress))
-            fd = os.open(p, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.pwrite(fd, make_label(new_id, d.name, d.id, bs, d.nblocks), 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            with BlockDevice(p, bs, direct=supports_direct(p)) as dev:
+                dev.write(0, make_label(new_id, d.name, d.id, bs, d.nblocks))
+                dev.fsync()
         db_path = new_dir / "meta.db"
         shutil.copyfile(meta_src, db_path)
         con = sqlite3.connect(str(db_path), isolation_level=None)
