@@ -68,6 +68,7 @@ def run(*args: object, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 
+@contextlib.contextmanager
 def local_fs(scratch: Path, size: int) -> Iterator[tuple[Path, str]]:
     """ext4 on a loop device over a sparse file in ``scratch`` (or tmpfs, said so)."""
     mp = scratch / "local"

@@ -293,6 +293,7 @@ class CachedFileSystem(FileSystem):
                         break
                     self._copy_out(o, offset, end, out)
             if ok:
+                self._maybe_evict()  # reads fill the cache too
                 return bytes(out)
 
     def _copy_out(self, o: Seg, offset: int, end: int, out: bytearray) -> None:
@@ -541,21 +542,24 @@ class CachedFileSystem(FileSystem):
         return True
 
     def _maybe_evict(self) -> None:
+        """Over the limit: write the least recently used segments back, as one batch
+        (one disk flush), and forget them, down to three quarters of the limit."""
         if self._cached <= self.cache_bytes:
             return
-        target = self.cache_bytes * 3 // 4
-        for s in self._snapshot():
-            if self._cached <= target:
-                break
-            with s.lock:
-                if s.dropped:
-                    continue
-                self._writeback(s)
+        excess = self._cached - self.cache_bytes * 3 // 4
+        victims = self._snapshot()[: max(1, excess // SEGMENT_BYTES)]
+        victims.sort(key=lambda o: (o.ino, o.seg))
+        with ExitStack() as held:
+            for o in victims:
+                held.enter_context(o.lock)
+            victims = [o for o in victims if not o.dropped]
+            self._writeback_many(victims)
+            for o in victims:
                 # Release before the drop, under the lock: once the segment is out of
                 # the table another thread may take it again, and a release landing
                 # after that new grant would remove it at the coordinator.
-                self.rights.release(s.ino, [s.seg])
-                self._drop(s)
+                self.rights.release(o.ino, [o.seg])
+                self._drop(o)
 
     # -- coordinator requests -------------------------------------------------------------
     def recall(self, ino: int, segs: Iterable[int], keep: str | None) -> None:
