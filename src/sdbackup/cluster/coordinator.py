@@ -47,7 +47,7 @@ from sdbackup.fs.filesystem import zero_tail
 from sdbackup.meta import fsck as fsck_mod
 from sdbackup.meta.service import MetadataService
 from sdbackup.meta.store import MetaStore
-from sdbackup.meta.types import Attr, WriteRun
+from sdbackup.meta.types import Attr, Extent, WriteRun
 
 log = logging.getLogger("sdbackup.coordinator")
 
@@ -449,6 +449,22 @@ class Coordinator:
                     self.disks.datasync([disk])
             return self.meta.truncate(ino, size)
 
+    def segment_maps(self, ino: int, segs: list[int]) -> dict[str, list[list[Any]]]:
+        """Each segment's extents (one query over the whole range, split per segment)."""
+        bps = SEGMENT_BYTES // self.config.block_size
+        lo, hi = min(segs), max(segs) + 1
+        exts = self.meta.map_read(ino, lo * bps, (hi - lo) * bps)
+        maps: dict[int, list[Extent]] = {seg: [] for seg in segs}
+        for e in exts:
+            f, end = e.fblock, e.fblock + e.length
+            while f < end:
+                seg = f // bps
+                cut = min(end, (seg + 1) * bps)
+                if seg in maps:
+                    maps[seg].append(Extent(f, cut - f, e.disk, e.dblock + (f - e.fblock)))
+                f = cut
+        return {str(seg): wire.enc_runs(m) for seg, m in maps.items()}
+
     def _own_before_image(self, disk: int, block: int, old: bytes) -> None:
         """The coordinator overwrites a block itself: same write-ahead rule as nodes."""
         w = self.window
@@ -623,7 +639,7 @@ class _Handler(BaseHandler):
         try:
             # Removed while this grant waited (an unlink holds the inode exclusively):
             # no right on a file that no longer exists.
-            self.c.meta.getattr(ino)
+            attr = self.c.meta.getattr(ino)
         except FsError:
             self.c.rights.released(s.key, ino, segs)
             raise
@@ -631,7 +647,11 @@ class _Handler(BaseHandler):
             # Recalls fail while we stop; a grant made on that basis must not reach a
             # node, whose data would then meet the recalled node's at the next start.
             raise RemoteError("the coordinator is stopping; try again when it is back")
-        return {"seq": seq}
+        if not a.get("maps") or not attr.is_reg:
+            return {"seq": seq}
+        # The segments' block maps, valid while the right is held (another node changes
+        # them only under a write right, which recalls this one first).
+        return {"seq": seq, "maps": self.c.segment_maps(ino, segs)}
 
     def rpc_release_rights(self, conn: Connection, a: dict[str, Any], blob: bytes | None
                            ) -> None:

@@ -133,6 +133,14 @@ class RemoteRights:
                                                "reclaim": reclaim})
         return int(body["seq"])
 
+    def acquire_mapped(self, ino: int, segs: list[int], mode: str
+                       ) -> tuple[int, dict[int, list[Extent]]]:
+        """Acquire, and get each segment's block map in the same round trip."""
+        body, _ = self.client.call("acquire", {"ino": ino, "segs": segs, "mode": mode,
+                                               "maps": True})
+        maps = {int(k): wire.dec_extents(v) for k, v in (body.get("maps") or {}).items()}
+        return int(body["seq"]), maps
+
     def release(self, ino: int, segs: list[int]) -> None:
         self.client.call("release_rights", {"ino": ino, "segs": segs})
 

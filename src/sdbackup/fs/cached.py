@@ -45,6 +45,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -53,7 +54,7 @@ from sdbackup.blocks.diskset import DiskSet
 from sdbackup.cluster.rights import SEGMENT_BYTES
 from sdbackup.errors import FsError, RemoteError
 from sdbackup.fs.filesystem import FileSystem, MetaApi
-from sdbackup.meta.types import Attr, WriteRun
+from sdbackup.meta.types import Attr, Extent, WriteRun
 
 log = logging.getLogger("sdbackup.cache")
 
@@ -69,6 +70,8 @@ class RightsApi(Protocol):
     """The coordinator's coherence calls, as seen by one node."""
 
     def acquire(self, ino: int, segs: list[int], mode: str) -> int: ...
+    def acquire_mapped(self, ino: int, segs: list[int], mode: str
+                       ) -> tuple[int, dict[int, list[Extent]]]: ...
     def release(self, ino: int, segs: list[int]) -> None: ...
     def set_dirty(self, ino: int, segs: list[int], dirty: bool) -> None: ...
 
@@ -85,6 +88,9 @@ class Seg:
     dirty_since: float = 0.0
     recalls: int = 0
     dropped: bool = False
+    # The segment's block map (one map_read for the whole segment), valid while it is
+    # held: another node changes it only under a write right, which recalls this one.
+    extents: list[Extent] | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 
@@ -149,6 +155,15 @@ class CachedFileSystem(FileSystem):
         self._segs: OrderedDict[tuple[int, int], Seg] = OrderedDict()
         self._sizes: dict[int, int] = {}  # file sizes as this node's writes left them
         self._pool: list[memoryview] = []  # segment buffers to reuse (aligned, zeroed)
+        # A lower bound of a file's size, learnt while this node held rights on it and
+        # forgotten at the first drop of any of its segments: a size shrinks only by a
+        # truncate, which recalls every right first. Reads below it skip the getattr.
+        self._floor: dict[int, int] = {}
+        self._drops = 0
+        # Sequential reads: the next segment is read from the disk in the background
+        # while the current one is handed out (direct I/O has no kernel readahead).
+        self._prefetcher = ThreadPoolExecutor(max_workers=2,
+                                              thread_name_prefix="sdb-prefetch")
         self._cached = 0
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
@@ -174,6 +189,7 @@ class CachedFileSystem(FileSystem):
 
     def close(self) -> None:
         self._stop.set()
+        self._prefetcher.shutdown(wait=True, cancel_futures=True)
         if self._flusher:
             self._flusher.join(timeout=10)
         self.flush_all()
@@ -210,7 +226,10 @@ class CachedFileSystem(FileSystem):
         """Forget a segment (caller holds s.lock and has written it back)."""
         s.dropped = True
         s.mode = None
+        s.extents = None
         with self._mu:
+            self._floor.pop(s.ino, None)
+            self._drops += 1
             if self._segs.get((s.ino, s.seg)) is s:
                 del self._segs[(s.ino, s.seg)]
             if s.buf is not None:
@@ -225,7 +244,9 @@ class CachedFileSystem(FileSystem):
             self.on_drop(s.ino)
 
     def _hold(self, ino: int, segs: list[int], mode: str) -> list[Seg]:
-        """Make sure this node holds ``mode`` on all segments; returns them (unlocked)."""
+        """Make sure this node holds ``mode`` on all segments; returns them (unlocked).
+
+        Read rights come with the segments' block maps in the same round trip."""
         while True:
             objs = [self._get(ino, s) for s in segs]
             need = [o for o in objs if o.dropped or o.mode is None
@@ -234,13 +255,19 @@ class CachedFileSystem(FileSystem):
                 return objs
             before = {id(o): o.recalls for o in need}
             self.stats["acquires"] += 1
-            seq = self.rights.acquire(ino, [o.seg for o in need], mode)
+            maps: dict[int, list[Extent]] = {}
+            if mode == "r":
+                seq, maps = self.rights.acquire_mapped(ino, [o.seg for o in need], mode)
+            else:
+                seq = self.rights.acquire(ino, [o.seg for o in need], mode)
             for o in need:
                 with o.lock:
                     if o.recalls == before[id(o)] and not o.dropped:
                         o.mode = mode if o.mode != "w" else "w"
                         if mode == "w":
                             o.seq = seq
+                        if o.seg in maps and not o.dirty:
+                            o.extents = maps[o.seg]
             # Loop: a segment recalled meanwhile (or dropped) is acquired again.
 
     def _segs_of(self, offset: int, length: int) -> list[int]:
@@ -276,25 +303,72 @@ class CachedFileSystem(FileSystem):
                 segs += range(segs[-1] + 1, segs[-1] + 1 + READ_AHEAD_SEGMENTS)
         while True:
             objs = self._hold(ino, segs, "r")
-            # The size is read after the rights are held: a writer elsewhere has written
-            # its data back by then (the coordinator flushes writers on getattr).
-            attr = self.getattr(ino)
-            if attr.is_dir:
-                raise FsError(errno.EISDIR, "is a directory")
-            end = min(attr.size, offset + size)
+            with self._mu:
+                floor = self._floor.get(ino, -1)
+                drops = self._drops
+            if offset + size <= floor:
+                end = offset + size
+            else:
+                # The size is read after the rights are held: a writer elsewhere has
+                # written its data back by then (the coordinator flushes writers).
+                attr = self.getattr(ino)
+                if attr.is_dir:
+                    raise FsError(errno.EISDIR, "is a directory")
+                end = min(attr.size, offset + size)
+                with self._mu:
+                    if self._drops == drops and attr.is_reg:
+                        self._floor[ino] = max(self._floor.get(ino, 0), attr.size)
             if end <= offset:
                 return b""
-            out = bytearray(end - offset)
-            ok = True
-            for o in objs:
-                with o.lock:
-                    if o.dropped or o.mode is None:
-                        ok = False
-                        break
-                    self._copy_out(o, offset, end, out)
-            if ok:
+            data = self._copy_all(objs, offset, end)
+            if data is not None:
+                if size >= READ_AHEAD_MIN:
+                    self._prefetch(ino, (end - 1) // SEGMENT_BYTES + 1)
                 self._maybe_evict()  # reads fill the cache too
-                return bytes(out)
+                return data
+
+    def _copy_all(self, objs: list[Seg], offset: int, end: int) -> bytes | None:
+        """Bytes [offset, end) from the segments (filled from disk as needed); None
+        when one of them was recalled meanwhile (the caller acquires again)."""
+        first = offset // SEGMENT_BYTES
+        if (end - 1) // SEGMENT_BYTES == first:  # one segment: one copy, not two
+            o = next(x for x in objs if x.seg == first)
+            with o.lock:
+                if o.dropped or o.mode is None:
+                    return None
+                base = first * SEGMENT_BYTES
+                self._fill(o, (offset - base) // self.bs, (end - base + self.bs - 1) // self.bs)
+                assert o.buf is not None
+                return bytes(o.buf[offset - base : end - base])
+        out = bytearray(end - offset)
+        for o in objs:
+            with o.lock:
+                if o.dropped or o.mode is None:
+                    return None
+                self._copy_out(o, offset, end, out)
+        return bytes(out)
+
+    def _prefetch(self, ino: int, seg: int) -> None:
+        """Fill a segment this node already holds, in the background (sequential reads)."""
+        with self._mu:
+            o = self._segs.get((ino, seg))
+        if o is None or o.mode is None or o.dropped or o.valid == _mask(0, self.bps):
+            return
+        try:
+            self._prefetcher.submit(self._prefetch_one, o)
+        except RuntimeError:  # shut down
+            pass
+
+    def _prefetch_one(self, o: Seg) -> None:
+        if not o.lock.acquire(blocking=False):
+            return  # a reader is at it already
+        try:
+            if not o.dropped and o.mode is not None:
+                self._fill(o, 0, self.bps)
+        except Exception as e:  # the reader that needs it will meet the error itself
+            log.debug("prefetch of inode %d segment %d failed: %s", o.ino, o.seg, e)
+        finally:
+            o.lock.release()
 
     def _copy_out(self, o: Seg, offset: int, end: int, out: bytearray) -> None:
         base = o.seg * SEGMENT_BYTES
@@ -327,11 +401,17 @@ class CachedFileSystem(FileSystem):
             return
         mv = self._ensure_buf(o)
         fb0 = o.seg * self.bps
+        if o.extents is None:
+            o.extents = self.meta.map_read(o.ino, fb0, self.bps)
         for start, count in _runs(want):
-            for ext in self.meta.map_read(o.ino, fb0 + start, count):
-                lo = (ext.fblock - fb0) * self.bs
+            lo_b, hi_b = fb0 + start, fb0 + start + count
+            for ext in o.extents:
+                a, b = max(ext.fblock, lo_b), min(ext.fblock + ext.length, hi_b)
+                if a >= b:
+                    continue
+                lo = (a - fb0) * self.bs
                 dev = self.disks.device(ext.disk)
-                dev.readinto(ext.dblock, mv[lo : lo + ext.length * self.bs])
+                dev.readinto(ext.dblock + (a - ext.fblock), mv[lo : lo + (b - a) * self.bs])
         # Holes read as zeros: a block that is not valid was never written into buf
         # (valid bits are only cleared together with the whole buffer).
         o.valid |= want
@@ -511,6 +591,7 @@ class CachedFileSystem(FileSystem):
                     self._abort_quietly(later)
                 raise
             o.dirty &= ~_mask(start, start + count)
+            o.extents = None  # holes of this segment may have got blocks
             done.add(id(o))
         for o in segs:
             if id(o) in done:
@@ -554,12 +635,16 @@ class CachedFileSystem(FileSystem):
                 held.enter_context(o.lock)
             victims = [o for o in victims if not o.dropped]
             self._writeback_many(victims)
+            by_ino: dict[int, list[Seg]] = {}
             for o in victims:
-                # Release before the drop, under the lock: once the segment is out of
+                by_ino.setdefault(o.ino, []).append(o)
+            for ino, objs in by_ino.items():
+                # Release before the drop, under the locks: once a segment is out of
                 # the table another thread may take it again, and a release landing
                 # after that new grant would remove it at the coordinator.
-                self.rights.release(o.ino, [o.seg])
-                self._drop(o)
+                self.rights.release(ino, [o.seg for o in objs])
+                for o in objs:
+                    self._drop(o)
 
     # -- coordinator requests -------------------------------------------------------------
     def recall(self, ino: int, segs: Iterable[int], keep: str | None) -> None:
