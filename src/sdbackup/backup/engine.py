@@ -295,9 +295,14 @@ def _copy(source: BackupSource, disks: dict[int, BlockSet], path: Path,
     try:
         delay = float(os.environ.get(COPY_DELAY_ENV, "0") or 0)
 
+        aborted = getattr(source, "aborted", None)
+
         def after_batch(n: int) -> None:
             if delay:
                 time.sleep(delay)  # test hook: a slow copy, so writers overlap it
+            why = aborted() if aborted is not None else None
+            if why:  # before-image logging failed: stop now, the writers went on
+                raise BackupFailed(why)
             if n == 1 and os.environ.get(CRASH_ENV) == "mid-copy":
                 writer.flush(fsync=True)
                 _crash_point("mid-copy")

@@ -54,6 +54,16 @@ def overlay_generation(gen: Generation, log_medium: str | os.PathLike[str] | Non
     target = gen.dir / stream_name(n)
     shutil.copyfile(ext, target)
     fsync_path(target)
+    # Every record of the copy is checked before the generation may name it: a damaged
+    # log leaves the generation exactly as it was.
+    from sdbackup.backup.verify import VerifyReport, verify_log_file
+
+    rep = VerifyReport(gen.id)
+    verify_log_file(gen, target, rep)
+    if rep.problems:
+        target.unlink(missing_ok=True)
+        raise CorruptError(f"not overlaid, generation {gen.id} is unchanged: "
+                           f"{rep.problems[0]}")
     bi = read_entries(target)
     old, _, _, _ = read_index(gen.index_path, where=gen.where())
     new = make_entries(

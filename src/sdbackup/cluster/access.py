@@ -92,12 +92,24 @@ def try_coordinator_client(cluster_dir: str | os.PathLike[str]) -> RpcClient | N
     except ConnectFailed:
         return None
     try:
+        token = _owner_token(cluster_dir)
         client.call("join", {"name": f"admin-{os.getpid()}", "kind": "admin",
-                             "host": "localhost", "pid": os.getpid()})
+                             "host": "localhost", "pid": os.getpid(),
+                             **({"owner_token": token} if token else {})})
     except BaseException:
         client.close()
         raise
     return client
+
+
+def _owner_token(cluster_dir: str | os.PathLike[str]) -> str | None:
+    """The running coordinator's owner token, if this user on this host can read it."""
+    from sdbackup.cluster.coordinator import OWNER_TOKEN_FILE
+
+    try:
+        return (Path(cluster_dir) / OWNER_TOKEN_FILE).read_text().strip()
+    except OSError:
+        return None
 
 
 @contextmanager

@@ -68,7 +68,7 @@ from typing import Any
 from sdbackup.errors import RemoteError
 
 MAGIC = b"SDBP"
-PROTOCOL_VERSION = 2  # 2: HMAC-SHA256 frame MACs (1 used keyed BLAKE2b)
+PROTOCOL_VERSION = 3  # 3: the client proves first; 2: HMAC-SHA256 frame MACs
 
 HEADER = struct.Struct(">4sHBBQII16s")
 """The fixed frame header (40 bytes)."""

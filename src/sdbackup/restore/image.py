@@ -18,6 +18,7 @@ its files equal the originals. Backups of the restored cluster go to a new mediu
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -132,6 +133,30 @@ def restore_image(
 
 
 
+RESTORING = "RESTORING"
+
+
+def _clean_interrupted(new_dir: Path) -> None:
+    """Remove what an interrupted restore-cluster left in ``new_dir`` (it wrote
+    RESTORING first, listing the disk images it was about to create)."""
+    marker = new_dir / RESTORING
+    if not marker.is_file():
+        return
+    try:
+        created = [Path(p) for p in json.loads(marker.read_text()).get("created", [])]
+    except ValueError:
+        created = []
+    for p in created:
+        if p.parent != new_dir:
+            p.unlink(missing_ok=True)
+    for child in new_dir.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    sync_dir(new_dir)
+
+
 @dataclass
 class ClusterRestore:
     cluster_dir: str
@@ -174,6 +199,7 @@ def restore_cluster(
     paths = dict(disk_paths or {})
     for name in paths:
         m.disk(name)  # UsageError for a disk the generation does not have
+    _clean_interrupted(new_dir)
     if new_dir.exists() and (not new_dir.is_dir() or any(new_dir.iterdir())):
         raise UsageError(f"--to {new_dir} exists and is not an empty directory; give a new "
                          "directory for the restored cluster")
@@ -195,6 +221,11 @@ def restore_cluster(
     result = ClusterRestore(str(new_dir), new_id, m.cluster_id, m.id)
     try:
         new_dir.mkdir(exist_ok=True)
+        # Names what this restore creates, so that a rerun after an interruption (a
+        # kill, a power cut) can clean it up; removed last, once the cluster is whole.
+        write_atomic(new_dir / RESTORING, json.dumps(
+            {"generation": m.id, "created": [str(p) for p in paths.values()
+                                             if not p.exists()]}).encode())
         (new_dir / "logs").mkdir(exist_ok=True)
         bs = m.block_size
         for d in m.disks:
@@ -222,7 +253,8 @@ def restore_cluster(
             con.close()
         write_atomic(new_dir / "secret", secrets.token_hex(32).encode() + b"\n", mode=0o600)
         os.chmod(new_dir / "secret", 0o600)
-        cfg = ClusterConfig(new_id, bs, [DiskConfig(d.name, str(paths[d.name]), d.id)
+        cfg = ClusterConfig(new_id, bs, [DiskConfig(d.name, str(paths[d.name]), d.id,
+                                                    supports_direct(paths[d.name]))
                                          for d in m.disks])
         write_atomic(new_dir / CONFIG_NAME, cfg.to_toml().encode())
         store = MetaStore(db_path)
@@ -236,6 +268,7 @@ def restore_cluster(
                                f"{problems[0].message} (the generation's metadata is "
                                "inconsistent)")
         result.fsck_checks = len(fsck_mod.CHECKS)
+        (new_dir / RESTORING).unlink()
         sync_dir(new_dir)
     except BaseException:
         for p in created:
