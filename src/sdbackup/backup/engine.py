@@ -157,7 +157,10 @@ def run_backup(
         return _backup(source, medium, pending, opts, started, on_plan, progress)
     except BackupFailed as e:
         pending.fail(e.message)
-        raise
+        if pending.id in e.message:
+            raise
+        raise BackupFailed(f"{e.message}; generation {pending.id} was not committed (it "
+                           "is marked failed; 'sdbackup gc' removes it)") from None
     except BaseException as e:
         pending.discard()
         if isinstance(e, NoSpaceError):

@@ -22,6 +22,7 @@ Log modes (``sdbackup backup --log-mode``):
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
@@ -31,6 +32,8 @@ from sdbackup.errors import SdbError
 from sdbackup.meta.types import WriteRun
 
 LOG_MODES = ("merged", "central", "inline", "separate")
+
+log = logging.getLogger("sdbackup.backup")
 
 
 class BackupWindow:
@@ -66,6 +69,7 @@ class BackupWindow:
         with self.lock:
             if self.failed is None:
                 self.failed = reason
+                log.error("backup %s aborted, the writes go on: %s", self.gen_id, reason)
             self.closed = True
             if self.log is not None:
                 self.log.writer.abort()

@@ -83,9 +83,9 @@ def coordinator(cluster_dir: Path, listen: str, lease: float) -> None:
     load_config(cluster_dir)  # a clear error for a wrong path, before logs/ is made
     _log_to(cluster_dir / "logs" / "coordinator.log")
     c = Coordinator(cluster_dir, host=host or "127.0.0.1", port=port_n, lease=lease)
-    h, p = c.start()
-    click.echo(f"coordinator listening on {h}:{p}", err=True)
     try:
+        h, p = c.start()
+        click.echo(f"coordinator listening on {h}:{p}", err=True)
         _wait_for_signal()
     finally:
         c.stop()

@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"sdbackup: error: {what} ({os.strerror(e.errno or 0)})", err=True)
         sys.exit(_FS_EXIT.get(e.errno or 0, EXIT_USAGE))
     except sqlite3.DatabaseError as e:  # a metadata store SQLite cannot read
-        click.echo(f"sdbackup: error: a metadata store is damaged ({e}): run 'sdbackup "
-                   "fsck', or restore the cluster from a backup", err=True)
+        click.echo(f"sdbackup: error: a metadata store is damaged ({e}): restore the "
+                   "cluster from a backup with 'sdbackup restore-cluster'", err=True)
         sys.exit(EXIT_CORRUPT)
     except KeyboardInterrupt:
         click.echo("sdbackup: interrupted", err=True)

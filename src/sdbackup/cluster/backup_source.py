@@ -16,6 +16,7 @@ snapshot and the arming; the rights freeze keeps out data write-backs.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -28,6 +29,8 @@ from sdbackup.blocks.blockset import BlockSet
 from sdbackup.blocks.diskset import DiskSet
 from sdbackup.cluster.rights import RecallFailed
 from sdbackup.errors import NoSpaceError, RemoteError
+
+log = logging.getLogger("sdbackup.backup")
 
 if TYPE_CHECKING:
     from sdbackup.cluster.coordinator import Coordinator
@@ -67,6 +70,7 @@ class CoordinatorSource:
             what = (f"backup not started: node {e.refused[0][0].partition('#')[0]} cannot "
                     f"write back {c.path_of(e.ino)} ({os.strerror(e.errno or 5)}); its data "
                     "stays in its cache and its programs are told; fix that and try again")
+            log.error("%s", what)
             if e.errno == errno.ENOSPC:
                 raise NoSpaceError(what) from None
             raise RemoteError(what) from None

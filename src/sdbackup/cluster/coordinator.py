@@ -21,13 +21,16 @@ inode, so no node writes a block after it has been freed and perhaps reused.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import os
+import re
 import secrets
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,7 +183,8 @@ class Coordinator:
             self.store.close()
         finally:
             self.lock.release()
-        log.info("coordinator stopped")
+        if self._monitor is not None:  # it had started
+            log.info("coordinator stopped")
 
     def _lease_loop(self) -> None:
         while not self._stop.wait(min(1.0, self.lease / 4)):
@@ -399,15 +403,17 @@ class Coordinator:
         def one(s: Session) -> None:
             try:
                 s.conn.call("flush", {}, timeout=timeout)
-            except RemoteError as e:
-                errors[s.name] = str(e)
+            except (RemoteError, FsError) as e:  # FsError: files it cannot write back
+                errors[s.name] = re.sub(r"inode (\d+)", lambda m: self.path_of(
+                    int(m.group(1))), str(e))
 
         threads = [threading.Thread(target=one, args=(s,)) for s in nodes]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        clean = self.rights.wait_clean(max(0.1, timeout - (time.monotonic() - t0)))
+        clean = not errors and self.rights.wait_clean(
+            max(0.1, timeout - (time.monotonic() - t0)))
         return {"nodes": len(nodes), "errors": errors, "clean": clean,
                 "seconds": time.monotonic() - t0}
 
@@ -450,10 +456,36 @@ class Coordinator:
         return out
 
     # -- metadata operations with coherence ----------------------------------------------------
-    def may_free(self, ino: int) -> Any:
-        """Context: recall every right on ``ino`` before an operation that may free it
-        (a node that cannot write the file back does not stop it: see exclusive)."""
-        return self.rights.exclusive(ino, strict=False)
+    @contextlib.contextmanager
+    def may_free(self, ino: int) -> Iterator[None]:
+        """Recall every right on ``ino`` around an operation that may free it.
+
+        A node that cannot write the file back does not stop the operation (POSIX lets
+        a removed file's data go). If the inode is then gone, that node is told to
+        discard its data of it and its rights go, before anything else may be granted
+        on the inode: its dirty data must never land anywhere once the blocks are free.
+        """
+        with self.rights.exclusive(ino, strict=False) as refused:
+            yield
+            if not refused:
+                return
+            try:
+                self.meta.getattr(ino)
+                return  # still there (another name, or open): the data stays theirs
+            except FsError:
+                pass
+            for key in refused:
+                s = self.by_key(key)
+                segs = self.rights.segments_of(key, ino)
+                if s is not None and segs:
+                    try:
+                        s.conn.call("recall", {"ino": ino, "segs": segs,
+                                               "keep": "discard"}, timeout=self.lease)
+                    except (RemoteError, FsError) as e:
+                        self.fence(s, f"did not discard the data of removed inode {ino}: "
+                                      f"{e}")
+                        continue
+                self.rights.released(key, ino, segs)
 
     def release_inode(self, ino: int) -> None:
         """One close of ``ino``; the last close of an unlinked file frees it, after

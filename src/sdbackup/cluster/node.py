@@ -148,6 +148,7 @@ class ClusterClient:
         self.fs = CachedFileSystem(self.meta, self.disks, self.rights, cache_bytes=cache_bytes,
                                    flush_delay=flush_delay)
         self.fs.can_write = self.lease_valid
+        self.fs.log_write_back_errors = self.kind == "node"
         self.fs.session_of = lambda: self.session_gen
         self._bi_lock = threading.Lock()
         self._local_log: BiLog | None = None
@@ -582,6 +583,9 @@ class _ControlHandler(BaseHandler):
             return {"written": n}
         if method == "fsync":
             fs.fsync(int(args["ino"]) if args.get("ino") is not None else None)
+            return None
+        if method == "flush_inode":
+            fs.flush_inode(int(args["ino"]))
             return None
         if method == "getattr":
             return {"attr": wire.enc_attr(fs.getattr(int(args["ino"])))}

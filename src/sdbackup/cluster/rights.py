@@ -217,13 +217,20 @@ class RightsManager:
         """
         return _Exclusive(self, ino, strict)
 
-    def recall_inode(self, ino: int, strict: bool = True) -> None:
+    def segments_of(self, node: str, ino: int) -> list[int]:
+        """The segments of ``ino`` on which ``node`` holds a right."""
+        with self._cond:
+            return sorted(s for s, st in self._table.get(ino, {}).items()
+                          if st.writer == node or node in st.readers)
+
+    def recall_inode(self, ino: int, strict: bool = True) -> list[str]:
         with self._cond:
             table = self._table.get(ino, {})
             conflicts: dict[str, list[int]] = {}
             for s, st in table.items():
                 for n in ([st.writer] if st.writer else []) + sorted(st.readers):
                     conflicts.setdefault(n, []).append(s)
+        refused: list[str] = []
         if conflicts:
             try:
                 self._recall_all(ino, conflicts, keep=None)
@@ -232,11 +239,13 @@ class RightsManager:
                     raise
                 log.warning("%s; going on without that data (the file is being removed)",
                             e.what)
+                refused = [node for node, _ in e.refused]
         with self._cond:
             if ino in self._table and not any(
                 st.writer or st.readers for st in self._table[ino].values()
             ):
                 del self._table[ino]
+        return refused
 
     # -- reports from nodes ------------------------------------------------------------------
     def released(self, node: str, ino: int, segs: Iterable[int], keep: str | None = None
@@ -401,10 +410,10 @@ class _Exclusive:
         self.ino = ino
         self.strict = strict
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> list[str]:
         self.mgr._enter(self.ino, False)
         try:
-            self.mgr.recall_inode(self.ino, self.strict)
+            return self.mgr.recall_inode(self.ino, self.strict)
         except BaseException:
             self.mgr._leave(self.ino)
             raise

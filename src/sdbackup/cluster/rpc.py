@@ -82,7 +82,7 @@ from sdbackup.cluster.protocol import (
     ProtocolError,
     VersionMismatch,
 )
-from sdbackup.errors import FsError, RemoteError, SdbError
+from sdbackup.errors import BusyError, FsError, RemoteError, SdbError, UsageError
 
 log = logging.getLogger("sdbackup.cluster")
 
@@ -740,8 +740,12 @@ class RpcServer:
                 sock.close()
                 raise
         except OSError as e:
-            raise RemoteError(f"cannot listen on {self._host}:{self._port}: "
-                              f"{e.strerror or e}; is another coordinator running?") from None
+            where = f"cannot listen on {self._host}:{self._port}: {e.strerror or e}"
+            if e.errno == _errno.EADDRINUSE:
+                raise BusyError(f"{where}: another process (another coordinator?) uses "
+                                "that port; choose another with --listen") from None
+            raise UsageError(f"{where}: give an address of this host with --listen "
+                             "HOST:PORT") from None
         host, port = sock.getsockname()[:2]
         self._address = (host, port)
         self._listener = sock
@@ -825,6 +829,7 @@ class RpcServer:
             if self._stopping:
                 return
             self._stopping = True
+            started = self._listener is not None
             listener, self._listener = self._listener, None
             streams = list(self._handshaking)
             conns = list(self._conns)
@@ -848,6 +853,8 @@ class RpcServer:
         for t in threads:
             t.join(max(0.0, end - time.monotonic()))
         alive = [t for t in threads if t.is_alive()]
+        if not started:
+            return  # never listened: nothing to say
         if alive:
             log.warning("%s stopped with %d connection threads still running (handlers "
                         "that did not return)", self.name, len(alive))

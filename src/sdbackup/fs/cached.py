@@ -171,6 +171,7 @@ class CachedFileSystem(FileSystem):
         # truncate, which recalls every right first. Reads below it skip the getattr.
         self._floor: dict[int, int] = {}
         self._drops = 0
+        self.log_write_back_errors = True
         # Write-back errors per file (errseq): inode -> (sequence, errno, message).
         self._errors: dict[int, tuple[int, int, str]] = {}
         self._err_seq = 0
@@ -658,8 +659,11 @@ class CachedFileSystem(FileSystem):
             self._err_seq += 1
             self._errors[ino] = (self._err_seq, err.errno or errno.EIO, str(err))
         dirty = sum(bin(o.dirty).count("1") for o in self._snapshot(ino)) * self.bs
-        log.error("write-back of inode %d failed (%s); its %d dirty bytes stay in the "
-                  "cache and are tried again", ino, err, dirty)
+        # A node agent logs it (its programs learn of it too); a short-lived command
+        # reports it as its one error line instead.
+        log.log(logging.ERROR if self.log_write_back_errors else logging.DEBUG,
+                "write-back of inode %d failed (%s); its %d dirty bytes stay in the "
+                "cache and are tried again", ino, err, dirty)
 
     def error_seq(self) -> int:
         """The current error sequence: a program that opens a file now has seen every
@@ -710,7 +714,13 @@ class CachedFileSystem(FileSystem):
             for o in victims:
                 held.enter_context(o.lock)
             victims = [o for o in victims if not o.dropped]
-            self._writeback_many(victims)
+            try:
+                self._writeback_many(victims)
+            except WriteBackError as e:
+                # Recorded for the failing files' own programs: an eviction done for
+                # another program's read or write must not hand it their error. Those
+                # files stay cached (dirty); the rest go.
+                victims = [o for o in victims if o.ino not in e.failed]
             by_ino: dict[int, list[Seg]] = {}
             for o in victims:
                 by_ino.setdefault(o.ino, []).append(o)
@@ -724,11 +734,26 @@ class CachedFileSystem(FileSystem):
 
     # -- coordinator requests -------------------------------------------------------------
     def recall(self, ino: int, segs: Iterable[int], keep: str | None) -> None:
-        """Write back the segments; keep a read right (keep='r') or drop them."""
+        """Write back the segments; keep a read right (keep='r') or drop them.
+
+        keep='discard': the file was removed while this node could not write it back;
+        its data is dropped unwritten (nothing can read it any more)."""
         self.stats["recalls"] += 1
         with self._mu:
             objs = [o for o in (self._segs.get((ino, seg)) for seg in sorted(set(segs)))
                     if o is not None]
+        if keep == "discard":
+            for o in objs:
+                with o.lock:
+                    if o.dirty:
+                        log.info("dropped unwritten data of removed inode %d segment %d",
+                                 ino, o.seg)
+                        o.dirty = 0
+                        self.rights.set_dirty(ino, [o.seg], False)
+                    self._drop(o)
+            with self._mu:
+                self._errors.pop(ino, None)
+            return
         with ExitStack() as held:
             for o in objs:
                 held.enter_context(o.lock)
@@ -818,8 +843,12 @@ class CachedFileSystem(FileSystem):
         super().fsync(ino)
 
     def release(self, ino: int) -> None:
-        self.flush_inode(ino)
-        self.meta.release(ino)
+        """Last close of a descriptor: write back (the error, if any, goes to the program
+        at close), and always tell the coordinator, so an unlinked file is freed."""
+        try:
+            self.flush_inode(ino)
+        finally:
+            self.meta.release(ino)
 
     def truncate(self, ino: int, size: int) -> Attr:
         """Write back and forget this node's cache of the file, then truncate at the

@@ -78,8 +78,10 @@ def _put(fs: FileSystem, src: Path, parent: int, name: bytes,
         _replace(fs, parent, name)
         fs.link(links[key], parent, name)
         return 0
-    _replace(fs, parent, name)
-    attr = fs.create(parent, name, st.st_mode & 0o7777, st.st_uid, st.st_gid)
+    # Written under a temporary name and renamed over the target at the end: a copy
+    # that fails (the cluster is full...) leaves the old file, and no partial one.
+    tmp = b".sdbackup-put-" + os.urandom(6).hex().encode() + b"-" + name[:200]
+    attr = fs.create(parent, tmp, st.st_mode & 0o7777, st.st_uid, st.st_gid)
     total = 0
     try:
         with open(src, "rb", buffering=0) as f:
@@ -100,12 +102,14 @@ def _put(fs: FileSystem, src: Path, parent: int, name: bytes,
         flush = getattr(fs, "flush_inode", None)  # a node's cache writes back later:
         if flush is not None:  # a write-back error (no space) must surface for this file
             flush(attr.ino)
-    except BaseException:
-        # A copy that failed (the cluster is full, ...) leaves no partial file behind.
+        fs.rename(parent, tmp, parent, name)  # replaces an existing file atomically
+    except BaseException as e:
         try:
-            fs.unlink(parent, name)
+            fs.unlink(parent, tmp)
         except FsError:
             pass
+        if isinstance(e, FsError):
+            raise FsError(e.errno or errno.EIO, f"{src}: {e.what or e.strerror}") from None
         raise
     links[key] = attr.ino
     fs.setattr(attr.ino, atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns)

@@ -127,8 +127,8 @@ def create_tables(db: sqlite3.Connection) -> None:
 
 def damaged_store(path: Path, e: Exception) -> CorruptError:
     """The one-line error for a metadata store SQLite cannot read."""
-    return CorruptError(f"metadata store {path} is damaged ({e}): run 'sdbackup fsck', or "
-                        "restore the cluster from a backup with 'sdbackup restore-cluster'")
+    return CorruptError(f"metadata store {path} is damaged ({e}): restore the cluster from "
+                        "a backup with 'sdbackup restore-cluster'")
 
 
 class MetaStore:
@@ -149,13 +149,14 @@ class MetaStore:
             str(self.path), isolation_level=None, check_same_thread=False, timeout=30
         )
         try:
+            if not create:  # reads the schema first (a truncated or foreign file fails
+                # here, before anything is written to it)
+                self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=OFF")
             # A big page cache: the metadata of 100,000 files fits in memory.
             self.db.execute("PRAGMA cache_size=-65536")
-            if not create:  # reads the schema: a truncated or foreign file fails here
-                self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         except sqlite3.DatabaseError as e:
             self.db.close()
             raise damaged_store(self.path, e) from None

@@ -36,6 +36,7 @@ from sdbackup.cluster.config import (
     ClusterConfig,
     DiskConfig,
     make_label,
+    read_label,
     sync_dir,
     write_atomic,
 )
@@ -143,11 +144,16 @@ def _clean_interrupted(new_dir: Path) -> None:
     if not marker.is_file():
         return
     try:
-        created = [Path(p) for p in json.loads(marker.read_text()).get("created", [])]
-    except ValueError:
-        created = []
+        info = json.loads(marker.read_text())
+        created = [Path(p) for p in info.get("created", [])]
+        if not isinstance(info.get("generation"), str):
+            raise ValueError("no generation")
+    except (ValueError, AttributeError, TypeError):
+        raise UsageError(f"--to {new_dir} holds a {RESTORING} file that restore-cluster did "
+                         "not write; give a new or empty directory") from None
     for p in created:
-        if p.parent != new_dir:
+        # Only what this restore made: a disk image outside --to carrying a label.
+        if p.parent != new_dir and p.is_file() and read_label(p) is not None:
             p.unlink(missing_ok=True)
     for child in new_dir.iterdir():
         if child.is_dir() and not child.is_symlink():
@@ -211,6 +217,9 @@ def restore_cluster(
     if len(set(resolved)) != len(resolved):
         raise UsageError("two disks would be restored to the same path")
     for name, p in paths.items():
+        if p.is_dir():
+            raise UsageError(f"--disk {name}={p} is a directory; give the path of the image "
+                             "file or device to write")
         if p.exists() and not force and holds_data(p):
             raise UsageError(f"{p} (for disk {name}) holds data; use --force to overwrite it")
     meta_src = gen.meta_file()
