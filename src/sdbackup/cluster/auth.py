@@ -94,11 +94,7 @@ def check_secret(secret: bytes) -> bytes:
 
 
 def _is_hex(data: bytes) -> bool:
-    try:
-        bytes.fromhex(data.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        return False
-    return True
+    return bool(data) and all(c in b"0123456789abcdefABCDEF" for c in data)
 
 
 def load_secret(path: str | os.PathLike[str]) -> bytes:

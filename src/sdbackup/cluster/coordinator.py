@@ -1013,6 +1013,8 @@ class _Handler(BaseHandler):
         must not allow."""
         s = self._s(conn)
         if not s.owner:
+            log.warning("refused a backup request from %s %s (%s, pid %d): not the cluster's "
+                        "owner on this host", s.kind, s.name, s.host, s.pid)
             raise UsageError(f"{s.kind} {s.name} may not start backups: only the cluster's "
                              "owner on the coordinator's host may (run 'sdbackup backup' "
                              "there, as the user that runs the coordinator)")

@@ -290,6 +290,13 @@ class _Workers:
                 self._cond.notify_all()
             raise
 
+    def drop_queued(self) -> list[Callable[[], None]]:
+        """Drop every job not started yet (without waiting for the running ones)."""
+        with self._cond:
+            dropped = list(self._queue)
+            self._queue.clear()
+            return dropped
+
     def is_worker(self) -> bool:
         with self._cond:
             return threading.current_thread() in self._threads
@@ -488,14 +495,16 @@ class Connection:
             if ftype is FrameType.REQUEST and frame.request_id == 0:
                 raise ProtocolError(f"{self.peer} sent a REQUEST with request id 0")
             rid, blob = frame.request_id, frame.blob
-            size = len(blob) if blob else 0
+            size = (len(blob) if blob else 0) + frame.json_len
             self._reserve_bytes(size)
 
             def job() -> None:
                 try:
                     self._serve(ftype, rid, method, args, blob)
-                finally:
+                finally:  # the budget counts a request until it was handled
                     self._release_bytes(size)
+
+            job.size = size  # type: ignore[attr-defined]  # released if it is dropped
 
             pool = self._workers if ftype is FrameType.REQUEST else self._notify_lane
             if not pool.submit(job):
@@ -576,9 +585,10 @@ class Connection:
         # Wait for running handlers (on_disconnect comes after them). Requests not yet
         # started are dropped: their callers already got ConnectionLost. Notifications
         # received in full are still handled: they have no caller to tell.
+        dropped = self._workers.drop_queued()  # they leave the budget at once
+        self._release_bytes(sum(getattr(j, "size", 0) for j in dropped))
         self._workers.close(drain=False)
         self._notify_lane.close(drain=True)
-        self._release_bytes(self._queued_bytes)  # the dropped requests' blobs
         try:
             for fn in self._on_end:
                 try:

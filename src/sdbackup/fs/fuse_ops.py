@@ -106,9 +106,11 @@ class OpenFile:
     ino: int
     flags: int
     cached: bool  # page cache (read-only open) rather than direct_io
-    # The opener lacks CAP_FSETID: its writes clear set-user-ID (and set-group-ID
-    # with group execute), as every Linux file system does. With direct_io the kernel
-    # leaves that to the file system. Checked once per descriptor, at its first write.
+    # The opener lacks CAP_FSETID: its writes clear set-user-ID and set-group-ID as
+    # every Linux file system does (with direct_io the kernel leaves it to the file
+    # system). ``kill_priv`` is armed at open and again when the mode changes here.
+    no_fsetid: bool = False
+    groups: frozenset[int] = frozenset()
     kill_priv: bool = False
     # errseq: the newest write-back error of the file this descriptor has been told of
     # (a program learns of each error once per descriptor, at write, fsync or close).
@@ -290,7 +292,9 @@ class FuseOperations(pyfuse3.Operations):
         with self._mu:
             fh = self._next_fh
             self._next_fh += 1
-            self._files[fh] = OpenFile(ino, flags, cached, kill, seq)
+            self._files[fh] = OpenFile(ino, flags, cached, no_fsetid=kill,
+                                       groups=_caller_groups(ctx) if kill else frozenset(),
+                                       kill_priv=kill, err_seen=seq)
             if cached:
                 self._cached_opens[ino] = self._cached_opens.get(ino, 0) + 1
         return pyfuse3.FileInfo(fh=fh, direct_io=not cached, keep_cache=False)
@@ -340,9 +344,23 @@ class FuseOperations(pyfuse3.Operations):
                 # Dirty data written back later would stamp its own mtime over the one
                 # set here (cp -a, touch -d): write it back first.
                 self._flush(inode)
+            if "size" in kw and "mode" not in kw and ctx is not None \
+                    and not _has_cap_fsetid(ctx):
+                # truncate(2): the kernel turns its kill-privilege request into a mode
+                # change only when group execute is set; the rest is ours.
+                cur = self.fs.getattr(inode)
+                killed = _killed_mode(cur.mode, cur.gid, _caller_groups(ctx))
+                if killed is not None:
+                    kw["mode"] = killed
             return self.fs.setattr(inode, **kw)
 
-        return self._e(await self._run("setattr", inode, do))
+        attr = self._e(await self._run("setattr", inode, do))
+        if "mode" in kw:  # a privilege bit set again: the next write clears it again
+            with self._mu:
+                for of in self._files.values():
+                    if of.ino == inode and of.no_fsetid:
+                        of.kill_priv = True
+        return attr
 
     def _flush(self, ino: int) -> None:
         flush = getattr(self.fs, "flush_inode", None)
@@ -457,7 +475,8 @@ class FuseOperations(pyfuse3.Operations):
             if flags & os.O_TRUNC and flags & _WRITE_ACCESS:
                 # libfuse 3 asks for atomic O_TRUNC: the kernel leaves it to open
                 # (and so the clearing of set-user-ID/set-group-ID bits, too).
-                self.fs.setattr(inode, size=0, mode=_killed_mode(attr.mode)
+                self.fs.setattr(inode, size=0, mode=_killed_mode(
+                    attr.mode, attr.gid, _caller_groups(ctx))
                                 if not _has_cap_fsetid(ctx) else None)
             self.fs.open(inode)
 
@@ -517,7 +536,7 @@ class FuseOperations(pyfuse3.Operations):
         self._report_error(of)
         if of.kill_priv:
             of.kill_priv = False
-            await self._run("write", of.ino, self._kill_priv, of.ino)
+            await self._run("write", of.ino, self._kill_priv, of.ino, of.groups)
         if of.append:
             await self._run_reporting("append", of, self._append, of.ino, buf)
         else:
@@ -529,11 +548,11 @@ class FuseOperations(pyfuse3.Operations):
             self.notifier.queue(of.ino)
         return n
 
-    def _kill_priv(self, ino: int) -> None:
+    def _kill_priv(self, ino: int, groups: frozenset[int]) -> None:
         """A write by a process without CAP_FSETID clears S_ISUID, and S_ISGID when the
-        group may execute (otherwise S_ISGID marks mandatory locking), as Linux does."""
-        mode = self.fs.getattr(ino).mode
-        killed = _killed_mode(mode)
+        group may execute or the writer is not in the file's group, as Linux does."""
+        attr = self.fs.getattr(ino)
+        killed = _killed_mode(attr.mode, attr.gid, groups)
         if killed is not None:
             self.fs.setattr(ino, mode=killed)
 
@@ -582,9 +601,26 @@ def _has_cap_fsetid(ctx: Any) -> bool:
     return getattr(ctx, "uid", 0) == 0
 
 
-def _killed_mode(mode: int) -> int | None:
-    """The mode with the privilege bits a write clears, or None when none is set."""
+def _caller_groups(ctx: Any) -> frozenset[int]:
+    """The calling process's groups (its gid and supplementary groups)."""
+    groups = {int(getattr(ctx, "gid", -1))}
+    try:
+        with open(f"/proc/{getattr(ctx, 'pid', 0)}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    groups.update(int(g) for g in line.split()[1:])
+                    break
+    except (OSError, ValueError):
+        pass
+    return frozenset(groups)
+
+
+def _killed_mode(mode: int, file_gid: int, groups: frozenset[int]) -> int | None:
+    """The mode after the privilege bits that a write (or truncate) by a process
+    without CAP_FSETID clears, or None when none is set: S_ISUID always; S_ISGID when
+    the group may execute or the writer is not in the file's group (Linux's
+    setattr_should_drop_sgid)."""
     kill = stat.S_ISUID if mode & stat.S_ISUID else 0
-    if mode & stat.S_ISGID and mode & stat.S_IXGRP:
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or file_gid not in groups):
         kill |= stat.S_ISGID
     return None if not kill else (mode & ~kill) & 0o7777
