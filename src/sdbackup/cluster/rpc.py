@@ -56,6 +56,7 @@ Developer note -- steps that must stay adjacent:
 
 from __future__ import annotations
 
+import collections
 import errno as _errno
 import logging
 import socket
@@ -789,10 +790,15 @@ class RpcServer:
                         log.warning("refused %s: too many connections", peer)
                     continue
                 if len(self._handshaking) >= self.max_handshakes:
-                    # Unauthenticated connections cannot lock others out: the one that
-                    # has been handshaking longest goes (a real client takes
-                    # milliseconds; an idle or slow one would wait for its deadline).
-                    evicted = next(iter(self._handshaking))
+                    # Unauthenticated connections cannot lock others out: of the address
+                    # with the most handshakes in progress, the one that has been at it
+                    # longest goes (a real client takes milliseconds; an idle or slow one
+                    # would wait for its deadline), so a flood from one address costs
+                    # only that address's slots.
+                    per_addr = collections.Counter(_host_of(s.peer)
+                                                   for s in self._handshaking)
+                    worst = per_addr.most_common(1)[0][0]
+                    evicted = next(s for s in self._handshaking if _host_of(s.peer) == worst)
                     del self._handshaking[evicted]
                 stream = FrameStream(sock, peer)
                 t = threading.Thread(target=self._serve_socket, args=(stream,),
@@ -870,6 +876,11 @@ class RpcServer:
                         "that did not return)", self.name, len(alive))
         else:
             log.info("%s stopped", self.name)
+
+
+def _host_of(peer: str) -> str:
+    """The address part of a peer name ("HOST:PORT" or "[V6]:PORT")."""
+    return peer.rpartition(":")[0] or peer
 
 
 def serve_stream(stream: FrameStream, factory: HandlerFactory, secret: bytes, *,
