@@ -674,8 +674,6 @@ def test_round_trip_of_an_installed_package(tmp_path: Path) -> None:
     run("fsck", cdir)
 
 
-@pytest.mark.xfail(strict=True, reason="transfer.put creates symlinks without their mtime "
-                   "(fs/transfer.py, not in this change)")
 def test_round_trip_keeps_symlink_mtimes(cdir: Path, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -686,8 +684,6 @@ def test_round_trip_keeps_symlink_mtimes(cdir: Path, tmp_path: Path) -> None:
     assert_same_tree(src, tmp_path / "out", symlink_mtimes=True)
 
 
-@pytest.mark.xfail(ROOT, strict=True, reason="as root transfer.get chowns after chmod, and "
-                   "chown clears the setuid bit (fs/transfer.py, not in this change)")
 def test_round_trip_keeps_setuid_bit(cdir: Path, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()

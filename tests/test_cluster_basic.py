@@ -57,10 +57,12 @@ def test_two_nodes_read_each_others_writes_cache_table_and_flush(cp: ClusterProc
     cp.start_node("n1", flush_delay=60)
     cp.start_node("n2", flush_delay=60)
 
-    # 1. Through the CLI: put through n1 (not fsynced), get through n2.
+    # 1. Written through n1 and left dirty there (a program that has not closed the
+    # file: `fs put` writes each file back when done, as cp's close does), read back
+    # through the CLI on n2.
     src = tmp_path / "f.bin"
     src.write_bytes(os.urandom(3 * MiB + 12345))
-    sdb("fs", "--node", "n1", str(cp.dir), "put", "-q", str(src), "/f.bin", check=True)
+    write_file_via(cp.dir, "n1", "/f.bin", src.read_bytes(), fsync=False)
     rows = cp.cache_table()
     dirty = _dirty(rows)
     assert dirty, f"put through n1 left nothing dirty in the cache table: {rows}"

@@ -11,6 +11,7 @@ it. The second test cuts one host's link (a real partition, not a stopped proces
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -20,9 +21,9 @@ from pathlib import Path
 import pytest
 
 try:  # tests/ as a plain directory of modules...
-    from cluster_helpers import ClusterProcs, sdb, wait_for
+    from cluster_helpers import PY, ClusterProcs, sdb, wait_for
 except ModuleNotFoundError:  # ...or as a package (with tests/__init__.py)
-    from tests.cluster_helpers import ClusterProcs, sdb, wait_for
+    from tests.cluster_helpers import PY, ClusterProcs, sdb, wait_for
 
 MiB = 1 << 20
 
@@ -110,6 +111,18 @@ def start(cp: ClusterProcs, hosts: list[Host], flush_delay: float = 60) -> str:
     return coord
 
 
+def write_dirty(h: Host, node: str, path: str, src: Path) -> None:
+    """Write ``src`` into cluster ``path`` through ``node``, run on that host, and leave
+    it dirty in the node's cache (a program that has not closed the file yet; ``fs put``
+    writes each file back when it is done, as cp's close does)."""
+    script = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+              "from cluster_helpers import write_file_via; "
+              "write_file_via(Path(sys.argv[2]), sys.argv[3], sys.argv[4], "
+              "Path(sys.argv[5]).read_bytes(), fsync=False)")
+    subprocess.run([*h.prefix(), PY, "-c", script, str(Path(__file__).parent), str(h.dir),
+                    node, path, str(src)], check=True, cwd=h.dir, timeout=60)
+
+
 def fs(h: Host, node: str, *args: str) -> subprocess.CompletedProcess[str]:
     """``sdbackup fs --node NODE HOSTDIR ...`` run on that host (in its namespace)."""
     return sdb("fs", "--node", node, str(h.dir), *args, prefix=h.prefix(), check=True,
@@ -122,7 +135,7 @@ def test_nodes_on_two_network_namespaces(cp: ClusterProcs, hosts: list[Host],
     h1, h2 = hosts
     src = tmp_path / "data.bin"
     src.write_bytes(os.urandom(2 * MiB + 999))
-    fs(h1, "h1", "put", "-q", str(src), "/data.bin")
+    write_dirty(h1, "h1", "/data.bin", src)
     dirty = [r for r in cp.cache_table() if r["dirty"]]
     assert {(r["node"], r["path"]) for r in dirty} == {("h1", "/data.bin")}
     out = tmp_path / "back.bin"
@@ -130,8 +143,8 @@ def test_nodes_on_two_network_namespaces(cp: ClusterProcs, hosts: list[Host],
     assert out.read_bytes() == src.read_bytes()
     # And back the other way, then a cluster-wide flush from the coordinator's host.
     (tmp_path / "small").write_bytes(b"from host 2\n" * 100)
-    fs(h2, "h2", "put", "-q", str(tmp_path / "small"), "/small")
-    fs(h1, "h1", "put", "-q", str(tmp_path / "small"), "/small1")
+    write_dirty(h2, "h2", "/small", tmp_path / "small")
+    write_dirty(h1, "h1", "/small1", tmp_path / "small")
     assert {r["node"] for r in cp.cache_table() if r["dirty"]} == {"h1", "h2"}
     assert fs(h1, "h1", "cat", "/small").stdout == "from host 2\n" * 100
     cp.flush()
@@ -154,8 +167,7 @@ def test_partitioned_host_is_dropped_and_cannot_overwrite_newer_data(
     stale = tmp_path / "stale"
     stale.write_bytes(b"S" * 300_000)
     # h2 writes, and before its flush delay is over, its link goes down.
-    sdb("fs", "--node", "h2", str(h2.dir), "put", "-q", str(stale), "/f", prefix=h2.prefix(),
-        check=True, cwd=h2.dir)
+    write_dirty(h2, "h2", "/f", stale)
     h2.link(False)
     try:
         cp.wait_log("LOST unwritten data of node h2: /f bytes 0-1048576", timeout=15)
@@ -169,7 +181,9 @@ def test_partitioned_host_is_dropped_and_cannot_overwrite_newer_data(
     wait_for(lambda: "cache dropped" in
              (h2.dir / "logs" / "node-h2.log").read_text(), 20, "h2 to rejoin")
     node_log = (h2.dir / "logs" / "node-h2.log").read_text()
-    assert "LOST unwritten data of /f bytes " in node_log
+    # /f was replaced meanwhile (fs put renames a new file over it), so h2's stale data
+    # belongs to a removed inode: logged with its inode number.
+    assert re.search(r"LOST unwritten data of (/f|<inode \d+, no name>) bytes 0-", node_log)
     out = fs(h2, "h2", "cat", "/f").stdout
     assert out == "N" * 200_000
     cp.flush()

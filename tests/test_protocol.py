@@ -337,7 +337,7 @@ def test_load_secret(tmp_path: Any) -> None:
     p.write_bytes(SECRET + b"\n")
     assert load_secret(p) == SECRET
     p.write_bytes(b"short\n")
-    with pytest.raises(SdbError, match="fewer than"):
+    with pytest.raises(SdbError, match="is not a cluster secret"):
         load_secret(p)
     with pytest.raises(SdbError, match="does not exist"):
         load_secret(tmp_path / "missing")

@@ -598,7 +598,7 @@ def test_full_medium_raises_no_space(
         for i in range(100):  # 100 x 64 KiB incompressible > 1 MiB
             futs.append(w.write_blocks(Kind.DATA, 1, i * 16, 16, rng.randbytes(16 * BS)))
     msg = str(ei.value)
-    assert f"backup medium {path} is full" in msg
+    assert f"the file system holding {path} is full" in msg
     assert 0 < len(futs) < 100
     assert all(f.done() for f in futs)
     # pipelined records still queued when the medium filled up fail with it too

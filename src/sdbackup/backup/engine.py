@@ -157,7 +157,10 @@ def run_backup(
         return _backup(source, medium, pending, opts, started, on_plan, progress)
     except BackupFailed as e:
         pending.fail(e.message)
-        raise
+        if pending.id in e.message:
+            raise
+        raise BackupFailed(f"{e.message}; generation {pending.id} was not committed (it "
+                           "is marked failed; 'sdbackup gc' removes it)") from None
     except BaseException as e:
         pending.discard()
         if isinstance(e, NoSpaceError):
@@ -295,9 +298,14 @@ def _copy(source: BackupSource, disks: dict[int, BlockSet], path: Path,
     try:
         delay = float(os.environ.get(COPY_DELAY_ENV, "0") or 0)
 
+        aborted = getattr(source, "aborted", None)
+
         def after_batch(n: int) -> None:
             if delay:
                 time.sleep(delay)  # test hook: a slow copy, so writers overlap it
+            why = aborted() if aborted is not None else None
+            if why:  # before-image logging failed: stop now, the writers went on
+                raise BackupFailed(why)
             if n == 1 and os.environ.get(CRASH_ENV) == "mid-copy":
                 writer.flush(fsync=True)
                 _crash_point("mid-copy")

@@ -15,6 +15,7 @@ generation as it was.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from dataclasses import replace
@@ -23,7 +24,7 @@ import numpy as np
 
 from sdbackup.backup.bilog import read_entries
 from sdbackup.cluster.config import fsync_path, sync_dir, write_atomic
-from sdbackup.errors import CorruptError, UsageError
+from sdbackup.errors import CorruptError, NoSpaceError, UsageError
 from sdbackup.media.generation import Generation, external_log
 from sdbackup.media.index import make_entries, read_index, write_index
 from sdbackup.media.medium import MANIFEST, FileEntry, stream_name
@@ -51,9 +52,34 @@ def overlay_generation(gen: Generation, log_medium: str | os.PathLike[str] | Non
     if (entry.bytes, f"{entry.digest:016x}") != (log.get("bytes"), log.get("digest")):
         raise CorruptError(f"before-image log {ext} does not match generation {gen.id}'s "
                            "manifest (size or digest): it is damaged or another log")
+    # Every record is checked, in the log and again in its copy, before the generation
+    # may name it: a damaged log, or a failed copy, leaves the generation as it was.
+    from sdbackup.backup.verify import VerifyReport, verify_log_file
+
+    rep = VerifyReport(gen.id)
+    verify_log_file(gen, ext, rep)
+    if rep.problems:
+        raise CorruptError(f"not overlaid, generation {gen.id} is unchanged: "
+                           f"{rep.problems[0]}")
     target = gen.dir / stream_name(n)
-    shutil.copyfile(ext, target)
-    fsync_path(target)
+    try:
+        shutil.copyfile(ext, target)
+        fsync_path(target)
+        rep = VerifyReport(gen.id)
+        verify_log_file(gen, target, rep)
+        if rep.problems:
+            raise CorruptError(f"not overlaid, generation {gen.id} is unchanged: the copy "
+                               f"of the log on the backup medium reads back damaged: "
+                               f"{rep.problems[0]}")
+    except BaseException as e:
+        target.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpaceError(f"not overlaid, generation {gen.id} is unchanged: the backup "
+                               f"medium {gen.dir.parent.parent} is full") from None
+        if isinstance(e, OSError):
+            raise CorruptError(f"not overlaid, generation {gen.id} is unchanged: copying "
+                               f"the log failed: {e.strerror or e}") from None
+        raise
     bi = read_entries(target)
     old, _, _, _ = read_index(gen.index_path, where=gen.where())
     new = make_entries(

@@ -21,14 +21,16 @@ index entry when its header cannot be trusted) and its offset on the medium.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from sdbackup.blocks.blockset import BlockSet
 from sdbackup.errors import CorruptError, SdbError
-from sdbackup.media.generation import Generation
+from sdbackup.media.generation import Generation, external_log
 from sdbackup.media.index import BlockIndex, Entries
 from sdbackup.media.records import Kind, RecordReader, StreamDigest
 from sdbackup.media.snapshot import SnapshotMeta
@@ -51,8 +53,11 @@ class VerifyReport:
                 "records": self.records, "blocks": self.blocks, "bytes": self.bytes}
 
 
-def verify_generation(gen: Generation, progress: Callable[[int], None] | None = None
-                      ) -> VerifyReport:
+def verify_generation(gen: Generation, progress: Callable[[int], None] | None = None,
+                      log_medium: str | os.PathLike[str] | None = None) -> VerifyReport:
+    """Verify everything (see the module docstring); a generation whose before-image
+    log is still on a separate log medium (not overlaid) needs that log too: it is read
+    and checked as every stream is, and missing it is a problem."""
     rep = VerifyReport(gen.id)
     m = gen.manifest
     tag = f"generation {gen.id}"
@@ -92,6 +97,15 @@ def verify_generation(gen: Generation, progress: Callable[[int], None] | None = 
     # -- the streams -----------------------------------------------------------------
     for n in range(len(m.streams)):
         _verify_stream(gen, n, index, rep, progress)
+
+    # -- a separate before-image log, not overlaid yet -------------------------------
+    try:
+        ext = external_log(gen, log_medium)
+    except SdbError as err:
+        rep.problems.append(err.message)
+    else:
+        if ext is not None:
+            verify_log_file(gen, ext, rep, progress)
 
     # -- coverage --------------------------------------------------------------------
     if index is not None:
@@ -208,3 +222,43 @@ def _name_failure(gen: Generation, n: int, ents: Entries | None, offset: int,
                     f"of {path}: {err.message}")
     return f"{tag}: medium offset {offset} of {path} (no data record indexed there): " \
            f"{err.message}"
+
+
+def verify_log_file(gen: Generation, path: Path, rep: VerifyReport,
+                    progress: Callable[[int], None] | None = None) -> None:
+    """Read a separate before-image log whole: every record checksum, only BI records
+    of this generation's disks and block size, its END, and its size and digest as the
+    manifest recorded them."""
+    m = gen.manifest
+    tag = f"generation {gen.id}"
+    log = m.extra.get("log")
+    want = (int(log.get("bytes", -1)), str(log.get("digest"))) if isinstance(log, dict) \
+        else (-1, "")
+    disks = {d.id for d in m.disks}
+    digest = StreamDigest()
+    pos = 0
+    try:
+        with RecordReader(path, medium=str(path)) as reader:
+            for rec in reader.scan():
+                h = rec.header
+                digest.update(h)
+                if rec.kind == Kind.BI:
+                    if h.disk_id not in disks or h.raw_len != h.block_count * m.block_size:
+                        rep.problems.append(f"{tag}: before-image log {path}: {h.describe()} "
+                                            f"at offset {rec.offset} does not fit the "
+                                            "generation's disks or block size")
+                    rep.blocks += h.block_count
+                    rep.records += 1
+                elif rec.kind not in (Kind.LABEL, Kind.END):
+                    rep.problems.append(f"{tag}: before-image log {path}: unexpected "
+                                        f"{rec.kind.name} record at offset {rec.offset}")
+                pos = rec.offset + h.record_len
+                rep.bytes += h.record_len
+                if progress is not None:
+                    progress(h.record_len)
+    except CorruptError as err:
+        rep.problems.append(f"{tag}: before-image log {path}, at offset {pos}: {err.message}")
+        return
+    if (pos, f"{digest.intdigest():016x}") != want:
+        rep.problems.append(f"{tag}: before-image log {path} has {pos} bytes, digest "
+                            f"{digest.intdigest():016x}; the manifest says {want[0]}, {want[1]}")

@@ -22,14 +22,18 @@ Log modes (``sdbackup backup --log-mode``):
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
 from sdbackup.backup.bilog import BiLog
 from sdbackup.blocks.blockset import BlockSet
+from sdbackup.errors import SdbError
 from sdbackup.meta.types import WriteRun
 
 LOG_MODES = ("merged", "central", "inline", "separate")
+
+log = logging.getLogger("sdbackup.backup")
 
 
 class BackupWindow:
@@ -59,9 +63,23 @@ class BackupWindow:
         with self.lock:
             return self.log.logged.get(disk, BlockSet()).copy()
 
+    def fail(self, reason: str) -> None:
+        """Abort this backup (it will not commit), never the writers: from now on no
+        overwrite needs a before image, and the partial log is thrown away."""
+        with self.lock:
+            if self.failed is None:
+                self.failed = reason
+                log.error("backup %s aborted, the writes go on: %s", self.gen_id, reason)
+            self.closed = True
+            if self.log is not None:
+                self.log.writer.abort()
+                self.log.path.unlink(missing_ok=True)
+
     def split(self, node: str, runs: list[WriteRun], tick: Callable[[], int]) -> list[WriteRun]:
         """Split write runs at the block set's boundaries; mark the parts that need a
         before image with one fresh logical time."""
+        if self.failed is not None:
+            return runs  # the backup is aborted: no more before images
         out: list[WriteRun] = []
         ltime = 0
         for r in runs:
@@ -102,23 +120,37 @@ class BackupWindow:
         with self.lock:
             if self.closed:
                 return 0  # the copy is finished: later overwrites need no before image
-            for disk, start, data, ltime in items:
-                for _, n in self.log.append(disk, start, data, ltime):
-                    stored += n
-            # Written to the operating system, not fsynced: a crash that could lose it
-            # (of the coordinator's host) also aborts the backup, and the log is
-            # fsynced when the window closes, before the generation can commit.
-            self.log.flush()
-        return stored
+            try:
+                for disk, start, data, ltime in items:
+                    for _, n in self.log.append(disk, start, data, ltime):
+                        stored += n
+                # Written to the operating system, not fsynced: a crash that could lose
+                # it (of the coordinator's host) also aborts the backup, and the log is
+                # fsynced when the window closes, before the generation can commit.
+                self.log.flush()
+                return stored
+            except (OSError, SdbError) as e:  # a full or broken log medium
+                reason = (f"the before-image log at {self.log.path} could not be "
+                          f"written ({e}); the backup was aborted, the writes went on")
+        self.fail(reason)
+        return 0
 
 
     def close(self) -> None:
         """End of the window (after the copy): the log is closed; puts still in flight
         are accepted and dropped, as their overwrites come after the copy."""
         with self.lock:
+            if self.failed is not None:
+                return  # fail() threw the log away
             self.closed = True
             if self.log is not None:
-                self.log.close()
+                try:
+                    self.log.close()
+                except (OSError, SdbError) as e:
+                    reason = f"the before-image log could not be completed ({e})"
+                else:
+                    return
+        self.fail(reason)
 
 
 def _piece(r: WriteRun, dblock: int, n: int, bi_time: int) -> WriteRun:

@@ -19,7 +19,7 @@ from sdbackup.backup.verify import verify_generation
 from sdbackup.cli.progress import ByteProgress
 from sdbackup.cluster.access import try_coordinator_client
 from sdbackup.cluster.local import open_cluster
-from sdbackup.errors import EXIT_CHECK_FAILED, EXIT_CORRUPT, UsageError
+from sdbackup.errors import EXIT_CHECK_FAILED, EXIT_CORRUPT, CorruptError, UsageError
 from sdbackup.media.generation import Generation, GenerationReader
 from sdbackup.media.medium import FAILED, DiskMedium, Manifest, iso_utc, looks_like_generation
 from sdbackup.restore.files import restore_files
@@ -115,6 +115,12 @@ def backup(cluster_dir: Path, medium: Path, full: bool, compress: str, wait: flo
     comp, level = parse_compression(compress)
     if log_medium is not None and log_mode != "separate":
         raise UsageError("--log-medium goes with --log-mode separate")
+    if log_medium is not None:
+        lm, bm = log_medium.resolve(), medium.resolve()
+        if lm == bm or bm in lm.parents or lm in bm.parents:
+            raise UsageError(f"--log-medium {log_medium} is (inside) the backup medium "
+                             f"{medium}: the log medium must be another directory, on "
+                             "another device ideally")
     if overlay and log_mode != "separate":
         raise UsageError("--overlay goes with --log-mode separate (other modes keep the log "
                          "in the generation already)")
@@ -218,15 +224,20 @@ def generations(medium: Path, as_json: bool) -> None:
 @MEDIUM
 @click.argument("gen", required=False)
 @click.option("--all", "all_gens", is_flag=True, help="Verify every committed generation.")
+@click.option("--log-medium", type=click.Path(path_type=Path),
+              help="Where the separate before-image log of a generation made with "
+                   "--log-mode separate (and not overlaid) is, if it moved.")
 @JSON
 @QUIET
-def verify(medium: Path, gen: str | None, all_gens: bool, as_json: bool, quiet: bool) -> None:
+def verify(medium: Path, gen: str | None, all_gens: bool, log_medium: Path | None,
+           as_json: bool, quiet: bool) -> None:
     """Read every record of generation GEN (default: the newest) and check everything.
 
     Checks every header and payload checksum, the stream structure, the index against
     the records, the metadata snapshot, and that the generation holds exactly the
-    blocks used at T0. Each problem names the generation, the disk, the blocks and the
-    medium offset. Exit code 1 when a problem is found.
+    blocks used at T0; a separate before-image log that was not overlaid is read and
+    checked too (a missing one is a problem). Each problem names the generation, the
+    disk, the blocks and the medium offset. Exit code 1 when a problem is found.
     """
     med = DiskMedium.open(medium)
     if all_gens:
@@ -240,7 +251,7 @@ def verify(medium: Path, gen: str | None, all_gens: bool, as_json: bool, quiet: 
         g = Generation(med, m)
         with ByteProgress(f"verify {m.id}", sum(s.bytes for s in m.streams),
                           quiet=quiet) as prog:
-            reports.append(verify_generation(g, prog.advance))
+            reports.append(verify_generation(g, prog.advance, log_medium))
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in reports], indent=2))
     else:
@@ -333,6 +344,12 @@ def restore(medium: Path, args: tuple[str, ...], dest: Path, log_medium: Path | 
                       f"restored {stats.files} files ({_human(stats.bytes)}), "
                       f"{stats.directories} directories, {stats.symlinks} symlinks, "
                       f"{stats.hardlinks} hard links from generation {g.id} to {dest}"))
+    if stats.damaged:
+        for d in stats.damaged:
+            click.echo(f"sdbackup: not restored (damaged on the medium): {d}", err=True)
+        raise CorruptError(f"{len(stats.damaged)} file(s) could not be restored because "
+                           "their data is damaged on the medium (listed above); every "
+                           "other file was restored")
 
 
 @click.command("restore-image")

@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +75,17 @@ def coordinator(cluster_dir: Path, listen: str, lease: float) -> None:
         port_n = int(port)
     except ValueError:
         raise UsageError(f"bad --listen {listen!r}: use HOST:PORT, e.g. 0.0.0.0:7070") from None
+    if not 0 <= port_n <= 65535:
+        raise UsageError(f"bad --listen {listen!r}: the port must be 0 (any free port) to "
+                         "65535")
+    if not lease >= 0.5 or lease > 3600:  # also refuses NaN
+        raise UsageError(f"bad --lease {lease}: give seconds between 0.5 and 3600")
     load_config(cluster_dir)  # a clear error for a wrong path, before logs/ is made
     _log_to(cluster_dir / "logs" / "coordinator.log")
     c = Coordinator(cluster_dir, host=host or "127.0.0.1", port=port_n, lease=lease)
-    h, p = c.start()
-    click.echo(f"coordinator listening on {h}:{p}", err=True)
     try:
+        h, p = c.start()
+        click.echo(f"coordinator listening on {h}:{p}", err=True)
         _wait_for_signal()
     finally:
         c.stop()
@@ -172,6 +178,14 @@ def status(cluster_dir: Path, as_json: bool) -> None:
                    f"{n.get('limit', 0) >> 20:>8}Mi")
     for d in st["disks"]:
         click.echo(f"disk {d['name']}: {d['used']} of {d['blocks']} blocks used")
+    for n in st["nodes"]:
+        for path, msg in (n.get("write_back_errors") or {}).items():
+            click.echo(f"write-back failing on node {n['name']}: {path}: {msg} (the data "
+                       "stays dirty there; its programs are told)")
+    for loss in st.get("losses", []):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loss["time"]))
+        click.echo(f"LOST {when} node {loss['node']}: {loss['path']} bytes "
+                   f"{loss['start']}-{loss['end']}: {loss['why']}")
 
 
 @click.group()

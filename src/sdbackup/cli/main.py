@@ -10,12 +10,20 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sqlite3
 import sys
 
 import click
 
 from sdbackup import __version__
-from sdbackup.errors import EXIT_NO_SPACE, EXIT_NOT_FOUND, EXIT_USAGE, FsError, SdbError
+from sdbackup.errors import (
+    EXIT_CORRUPT,
+    EXIT_NO_SPACE,
+    EXIT_NOT_FOUND,
+    EXIT_USAGE,
+    FsError,
+    SdbError,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -68,6 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         what = e.what or os.strerror(e.errno or 0)
         click.echo(f"sdbackup: error: {what} ({os.strerror(e.errno or 0)})", err=True)
         sys.exit(_FS_EXIT.get(e.errno or 0, EXIT_USAGE))
+    except sqlite3.DatabaseError as e:  # a metadata store SQLite cannot read
+        click.echo(f"sdbackup: error: a metadata store is damaged ({e}): restore the "
+                   "cluster from a backup with 'sdbackup restore-cluster'", err=True)
+        sys.exit(EXIT_CORRUPT)
     except KeyboardInterrupt:
         click.echo("sdbackup: interrupted", err=True)
         sys.exit(130)

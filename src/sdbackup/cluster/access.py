@@ -17,6 +17,7 @@ from typing import Any
 
 from sdbackup.blocks.diskset import DiskSet
 from sdbackup.cluster.auth import load_secret
+from sdbackup.cluster.config import load_config
 from sdbackup.cluster.local import open_cluster
 from sdbackup.cluster.node import ClusterClient, node_control_address
 from sdbackup.cluster.remote import RemoteMeta, read_addr
@@ -45,6 +46,10 @@ class NodeFileSystem(FileSystem):
 
     def fsync(self, ino: int | None = None) -> None:
         self.client.call("fsync", {"ino": ino})
+
+    def flush_inode(self, ino: int) -> None:
+        """The node writes the file's dirty data back now (errors come back here)."""
+        self.client.call("flush_inode", {"ino": ino})
 
 
 @contextmanager
@@ -83,6 +88,7 @@ def _try_client(cluster_dir: str | os.PathLike[str]) -> ClusterClient | None:
 
 def try_coordinator_client(cluster_dir: str | os.PathLike[str]) -> RpcClient | None:
     """A joined admin connection to the running coordinator, or None if none runs."""
+    load_config(cluster_dir)  # a clear error for a missing or wrong cluster directory
     addr = read_addr(cluster_dir)
     if addr is None:
         return None
@@ -92,12 +98,24 @@ def try_coordinator_client(cluster_dir: str | os.PathLike[str]) -> RpcClient | N
     except ConnectFailed:
         return None
     try:
+        token = _owner_token(cluster_dir)
         client.call("join", {"name": f"admin-{os.getpid()}", "kind": "admin",
-                             "host": "localhost", "pid": os.getpid()})
+                             "host": "localhost", "pid": os.getpid(),
+                             **({"owner_token": token} if token else {})})
     except BaseException:
         client.close()
         raise
     return client
+
+
+def _owner_token(cluster_dir: str | os.PathLike[str]) -> str | None:
+    """The running coordinator's owner token, if this user on this host can read it."""
+    from sdbackup.cluster.coordinator import OWNER_TOKEN_FILE
+
+    try:
+        return (Path(cluster_dir) / OWNER_TOKEN_FILE).read_text().strip()
+    except OSError:
+        return None
 
 
 @contextmanager

@@ -5,9 +5,10 @@ secret itself never goes on the wire. The handshake, four frames::
 
     client -> server  HELLO      {nonce: Nc (32 random bytes, hex), name?}
                                  header version = the client's protocol version
-    server -> client  CHALLENGE  {nonce: Ns, proof: P_server}
+    server -> client  CHALLENGE  {nonce: Ns}
     client -> server  AUTH       {proof: P_client}
-    server -> client  WELCOME    {server: name}     <- first frame with a MAC
+    server -> client  WELCOME    {server: name, proof: P_server}
+                                 (every later frame carries a MAC, keyed as below)
 
     P_role = HMAC-SHA256(secret, CONTEXT || version u16 || Nc || Ns || role)
              role = b"server" or b"client"
@@ -19,13 +20,18 @@ What this guarantees:
 * each side proves knowledge of the secret over nonces that include one of its peer's
   choosing, so a recorded handshake cannot be replayed; the role label keeps one
   side's proof from being reflected as the other's;
+* **the client proves first**: the server says nothing that depends on the secret to a
+  peer that has not proved it knows it, so nobody can collect server proofs to guess a
+  weak secret offline (version 3; version 2 sent the server's proof in CHALLENGE);
 * the session keys depend on the secret and on both nonces: fresh per connection,
   unknown to an observer; one key per direction, so no frame can be reflected back;
-* the client checks the server's proof before trusting anything it says, and the
-  server checks the client's proof before it calls any handler;
+* the client checks the server's proof (in WELCOME) before trusting anything it says,
+  and the server checks the client's proof before it calls any handler;
 * a peer with another protocol version gets an ERROR frame naming both versions
   before the connection closes; a wrong secret gives the client
-  :data:`AUTH_FAILED_MESSAGE` and the server a log line naming the peer address.
+  :data:`AUTH_FAILED_MESSAGE` and the server a log line naming the peer address;
+* an unauthenticated peer has little time: its first frame within
+  ``FIRST_FRAME_TIMEOUT``, the whole handshake within ``HANDSHAKE_TIMEOUT``.
 
 What it does not do: encrypt. Block data travels in clear text (integrity-protected);
 run the cluster network on a trusted segment or under a VPN/IPsec if that matters.
@@ -55,9 +61,11 @@ from sdbackup.errors import NotFoundError, RemoteError, UsageError
 CONTEXT = b"sdbackup cluster auth\x00"
 KEY_CONTEXT = b"sdbackup cluster session key\x00"
 NONCE_SIZE = 32
-MIN_SECRET = 16
-"""Shortest secret accepted (bytes); ``sdbackup init`` writes 64 hex characters."""
-HANDSHAKE_TIMEOUT = 10.0
+MIN_SECRET = 32
+"""Shortest secret accepted: 32 hex characters (128 random bits); ``sdbackup init``
+writes 64. Only hex is accepted, so a human password is refused, not weakly used."""
+HANDSHAKE_TIMEOUT = 5.0
+FIRST_FRAME_TIMEOUT = 2.0  # an idle unauthenticated connection goes after this
 
 AUTH_FAILED_MESSAGE = (
     "authentication failed: the cluster secret does not match; copy CLUSTER_DIR/secret "
@@ -79,10 +87,14 @@ class PeerInfo:
 
 
 def check_secret(secret: bytes) -> bytes:
-    if not isinstance(secret, bytes) or len(secret) < MIN_SECRET:
-        raise UsageError(f"the cluster secret must be at least {MIN_SECRET} bytes; "
-                         "re-create it with 'sdbackup init' or copy CLUSTER_DIR/secret")
+    if not isinstance(secret, bytes) or len(secret) < MIN_SECRET or not _is_hex(secret):
+        raise UsageError(f"the cluster secret must be at least {MIN_SECRET} hex characters "
+                         "as 'sdbackup init' generates them; copy CLUSTER_DIR/secret")
     return secret
+
+
+def _is_hex(data: bytes) -> bool:
+    return bool(data) and all(c in b"0123456789abcdefABCDEF" for c in data)
 
 
 def load_secret(path: str | os.PathLike[str]) -> bytes:
@@ -95,9 +107,10 @@ def load_secret(path: str | os.PathLike[str]) -> bytes:
                             "the coordinator's cluster directory") from None
     except OSError as e:
         raise UsageError(f"cannot read secret file {p}: {e.strerror}") from None
-    if len(data) < MIN_SECRET:
-        raise UsageError(f"secret file {p} holds {len(data)} bytes, fewer than {MIN_SECRET}: "
-                         "copy CLUSTER_DIR/secret from the coordinator's cluster directory")
+    if len(data) < MIN_SECRET or not _is_hex(data):
+        raise UsageError(f"secret file {p} is not a cluster secret ({MIN_SECRET} or more hex "
+                         "characters, as 'sdbackup init' writes): copy CLUSTER_DIR/secret "
+                         "from the coordinator's cluster directory")
     return data
 
 
@@ -169,20 +182,22 @@ def client_handshake(stream: FrameStream, secret: bytes, *, name: str | None = N
         raise ConnectionLost(f"handshake with {stream.peer} failed: {e}; it may be busy or "
                              "not an sdbackup coordinator, see its log") from None
     sn = _hex_field(ch, "nonce", NONCE_SIZE)
-    server_ok = hmac.compare_digest(_hex_field(ch, "proof", 32),
-                                    proof(secret, b"server", cn, sn))
-    # Send our proof even when the server's is wrong, so that the server logs the
-    # failure with our address; ours is useless to a server without the secret.
     stream.send(FrameType.AUTH, 0, {"proof": proof(secret, b"client", cn, sn).hex()})
-    if not server_ok:
-        raise AuthenticationFailed(f"{AUTH_FAILED_MESSAGE} (peer {stream.peer})")
-    c2s, s2c = session_keys(secret, cn, sn)
-    stream.set_keys(tx_key=c2s, rx_key=s2c)
     try:
         welcome = _expect(stream, FrameType.WELCOME)
     except ConnectionLost as e:
         raise ConnectionLost(f"handshake with {stream.peer} failed after authentication: "
                              f"{e}; see its log") from None
+    except RemoteError as e:
+        if AUTH_FAILED_MESSAGE in str(e):
+            raise AuthenticationFailed(f"{AUTH_FAILED_MESSAGE} (peer {stream.peer})"
+                                       ) from None
+        raise
+    if not hmac.compare_digest(_hex_field(welcome, "proof", 32),
+                               proof(secret, b"server", cn, sn)):
+        raise AuthenticationFailed(f"{AUTH_FAILED_MESSAGE} (peer {stream.peer})")
+    c2s, s2c = session_keys(secret, cn, sn)
+    stream.set_keys(tx_key=c2s, rx_key=s2c)
     server = welcome.body.get("server")
     stream.end_handshake()
     return PeerInfo(server if isinstance(server, str) else None, PROTOCOL_VERSION)
@@ -197,7 +212,7 @@ def server_handshake(stream: FrameStream, secret: bytes, *, server_name: str = "
     version mismatch and a wrong secret are answered with an ERROR frame first.
     """
     check_secret(secret)
-    stream.set_deadline(timeout)
+    stream.set_deadline(min(timeout, FIRST_FRAME_TIMEOUT))
     try:
         hello = _expect(stream, FrameType.HELLO)
     except VersionMismatch as e:
@@ -211,9 +226,9 @@ def server_handshake(stream: FrameStream, secret: bytes, *, server_name: str = "
     name = hello.body.get("name")
     if name is not None and (not isinstance(name, str) or len(name) > 256):
         raise ProtocolError(f"{stream.peer} sent an invalid peer name")
+    stream.set_deadline(timeout)
     sn = secrets.token_bytes(NONCE_SIZE)
-    stream.send(FrameType.CHALLENGE, 0,
-                {"nonce": sn.hex(), "proof": proof(secret, b"server", cn, sn).hex()})
+    stream.send(FrameType.CHALLENGE, 0, {"nonce": sn.hex()})
     try:
         auth = _expect(stream, FrameType.AUTH)
     except ConnectionLost:
@@ -225,9 +240,10 @@ def server_handshake(stream: FrameStream, secret: bytes, *, server_name: str = "
         _send_refusal(stream, "RemoteError", AUTH_FAILED_MESSAGE)
         raise AuthenticationFailed(f"authentication failed from {who}: it does not know "
                                    "the cluster secret")
+    stream.send(FrameType.WELCOME, 0, {"server": server_name,
+                                       "proof": proof(secret, b"server", cn, sn).hex()})
     c2s, s2c = session_keys(secret, cn, sn)
     stream.set_keys(tx_key=s2c, rx_key=c2s)
-    stream.send(FrameType.WELCOME, 0, {"server": server_name})
     stream.end_handshake()
     return PeerInfo(name, PROTOCOL_VERSION)
 

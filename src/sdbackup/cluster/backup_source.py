@@ -15,6 +15,9 @@ snapshot and the arming; the rights freeze keeps out data write-backs.
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -24,6 +27,10 @@ from typing import TYPE_CHECKING, Any
 from sdbackup.backup.source import Runs, Snapshot, SourceConfig, SourceDisk
 from sdbackup.blocks.blockset import BlockSet
 from sdbackup.blocks.diskset import DiskSet
+from sdbackup.cluster.rights import RecallFailed
+from sdbackup.errors import NoSpaceError, RemoteError
+
+log = logging.getLogger("sdbackup.backup")
 
 if TYPE_CHECKING:
     from sdbackup.cluster.coordinator import Coordinator
@@ -57,7 +64,16 @@ class CoordinatorSource:
     def _freeze(self, snapshot_path: Path) -> Iterator[Snapshot]:
         c = self.coord
         t = time.monotonic()
-        c.rights.freeze()  # holds new write rights; every dirty cache is written back
+        try:
+            c.rights.freeze()  # holds new write rights; every dirty cache is written back
+        except RecallFailed as e:  # frozen no more: writes go on, nothing is dropped
+            what = (f"backup not started: node {e.refused[0][0].partition('#')[0]} cannot "
+                    f"write back {c.path_of(e.ino)} ({os.strerror(e.errno or 5)}); its data "
+                    "stays in its cache and its programs are told; fix that and try again")
+            log.error("%s", what)
+            if e.errno == errno.ENOSPC:
+                raise NoSpaceError(what) from None
+            raise RemoteError(what) from None
         self.freeze_flush_seconds = time.monotonic() - t
         try:
             with c.store.lock:
@@ -76,6 +92,11 @@ class CoordinatorSource:
     def arm(self, gen_id: str, mode: str, blocks: dict[int, BlockSet], log_path: Path,
             work_dir: Path) -> None:
         self.coord.begin_window(gen_id, mode, blocks, log_path, work_dir)
+
+    def aborted(self) -> str | None:
+        """Why the running online backup was aborted (before-image logging failed)."""
+        w = self.coord.window
+        return w.failed if w is not None else None
 
     def logged(self, disk_id: int) -> BlockSet:
         w = self.coord.window

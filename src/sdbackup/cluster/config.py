@@ -102,6 +102,9 @@ def cluster_path(cluster_dir: str | os.PathLike[str], name: str) -> Path:
 
 def load_config(cluster_dir: str | os.PathLike[str]) -> ClusterConfig:
     path = Path(cluster_dir) / CONFIG_NAME
+    if Path(cluster_dir).exists() and not Path(cluster_dir).is_dir():
+        raise UsageError(f"{cluster_dir} is a file, not a cluster directory: give the "
+                         "directory made by 'sdbackup init'")
     if not Path(cluster_dir).is_dir():
         raise NotFoundError(f"cluster directory {cluster_dir} does not exist: create it with "
                             "'sdbackup init'")

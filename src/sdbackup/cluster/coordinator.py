@@ -20,12 +20,17 @@ inode, so no node writes a block after it has been freed and perhaps reused.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import errno
 import logging
 import os
+import re
 import secrets
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,9 +45,16 @@ from sdbackup.cluster.config import load_config, write_atomic
 from sdbackup.cluster.disk_access import disk_identity
 from sdbackup.cluster.local import ClusterLock, open_disks
 from sdbackup.cluster.remote import ADDR_FILE
-from sdbackup.cluster.rights import SEGMENT_BYTES, RightsManager
+from sdbackup.cluster.rights import SEGMENT_BYTES, RecallFailed, RightsManager
 from sdbackup.cluster.rpc import BaseHandler, Connection, RpcServer
-from sdbackup.errors import BusyError, FencedError, FsError, RemoteError, UsageError
+from sdbackup.errors import (
+    BusyError,
+    FencedError,
+    FsError,
+    RemoteError,
+    SdbError,
+    UsageError,
+)
 from sdbackup.fs.filesystem import zero_tail
 from sdbackup.meta import fsck as fsck_mod
 from sdbackup.meta.service import MetadataService
@@ -52,6 +64,11 @@ from sdbackup.meta.types import Attr, Extent, WriteRun
 log = logging.getLogger("sdbackup.coordinator")
 
 DEFAULT_LEASE = 10.0
+OWNER_TOKEN_FILE = "owner.token"
+"""Written by the running coordinator, mode 0600: whoever can read it runs as the
+cluster's owner on the coordinator's host. Node credentials (the shared secret) do not
+include it, so nodes cannot ask for what only the owner may (backups: media paths and
+hook commands on the coordinator)."""
 RECLAIM_FILE = "coordinator.reclaim"
 """Left by a coordinator that stopped while nodes were connected: the next one starts
 with a grace period for their reclaims, as after a crash."""
@@ -82,6 +99,7 @@ class Session:
     dirty_n: dict[tuple[int, int], int] = field(default_factory=dict)
     state: str = "up"  # up -> left | fenced -> gone
     cleaned: threading.Event = field(default_factory=threading.Event)
+    owner: bool = False  # proved to run as the cluster's owner on this host
 
 
 class Coordinator:
@@ -116,6 +134,8 @@ class Coordinator:
         self.sessions: dict[Connection, Session] = {}
         self._keys: dict[str, Session] = {}  # every session not yet cleaned up, by key
         self._serial = 0
+        # The last data losses (fenced nodes' unwritten data), for 'sdbackup status'.
+        self.losses: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
         # How long after a lease has run out (at the coordinator) before the node's
         # rights and blocks may go to others: covers a node's check-then-write, and
         # clocks of two hosts that do not tick at exactly the same rate.
@@ -131,6 +151,8 @@ class Coordinator:
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self) -> tuple[str, int]:
+        self.owner_token = secrets.token_hex(32)
+        write_atomic(self.dir / OWNER_TOKEN_FILE, self.owner_token.encode() + b"\n", mode=0o600)
         self.server.start()
         host, port = self.server.address
         write_atomic(self.dir / ADDR_FILE,
@@ -152,6 +174,7 @@ class Coordinator:
                 write_atomic(self.dir / RECLAIM_FILE,
                              f"stopped with nodes connected, epoch {self.epoch}\n".encode())
             (self.dir / ADDR_FILE).unlink(missing_ok=True)
+            (self.dir / OWNER_TOKEN_FILE).unlink(missing_ok=True)
             self.server.stop()
             self.rights.close()
             self.disks.fsync()
@@ -160,7 +183,8 @@ class Coordinator:
             self.store.close()
         finally:
             self.lock.release()
-        log.info("coordinator stopped")
+        if self._monitor is not None:  # it had started
+            log.info("coordinator stopped")
 
     def _lease_loop(self) -> None:
         while not self._stop.wait(min(1.0, self.lease / 4)):
@@ -215,7 +239,8 @@ class Coordinator:
         s.last_seen = time.monotonic()
         return s
 
-    def join(self, conn: Connection, name: str, kind: str, host: str, pid: int) -> Session:
+    def join(self, conn: Connection, name: str, kind: str, host: str, pid: int,
+             token: str | None = None) -> Session:
         if kind not in ("node", "client", "admin"):
             raise UsageError(f"unknown session kind {kind!r}")
         with self._mu:
@@ -225,6 +250,8 @@ class Coordinator:
                                      f"{s.host}, pid {s.pid}); choose another --name")
             self._serial += 1
             sess = Session(f"{name}#{self._serial}", name, kind, host, pid, conn)
+            sess.owner = token is not None and secrets.compare_digest(
+                token, getattr(self, "owner_token", ""))
             self.sessions[conn] = sess
             self._keys[sess.key] = sess
         log.info("%s %s joined from %s (pid %d, session %s)", kind, name, host, pid, sess.key)
@@ -311,8 +338,13 @@ class Coordinator:
         lost = self.rights.node_failed(s.key)
         if failed and not self._stop.is_set():
             for e in lost:
+                path = self.path_of(e.ino)
                 log.error("LOST unwritten data of node %s: %s bytes %d-%d (inode %d)", s.name,
-                          self.path_of(e.ino), e.offset, e.offset + e.size, e.ino)
+                          path, e.offset, e.offset + e.size, e.ino)
+                self.losses.append({"time": time.time(), "node": s.name, "path": path,
+                                    "ino": e.ino, "start": e.offset,
+                                    "end": e.offset + e.size,
+                                    "why": "the node was fenced with this area dirty"})
         with self._mu:
             if s.state == "fenced":
                 s.state = "gone"
@@ -355,6 +387,9 @@ class Coordinator:
             if s is not None:
                 try:
                     s.conn.call("flush_inode", {"ino": ino}, timeout=self.lease)
+                except FsError as e:  # it answered: it cannot write this file back now
+                    log.warning("node %s cannot write back %s: %s (its data stays "
+                                "dirty there)", s.name, self.path_of(ino), e.what or e)
                 except RemoteError as e:
                     self.fence(s, f"did not answer a flush: {e}")
 
@@ -368,15 +403,17 @@ class Coordinator:
         def one(s: Session) -> None:
             try:
                 s.conn.call("flush", {}, timeout=timeout)
-            except RemoteError as e:
-                errors[s.name] = str(e)
+            except (RemoteError, FsError) as e:  # FsError: files it cannot write back
+                errors[s.name] = re.sub(r"inode (\d+)", lambda m: self.path_of(
+                    int(m.group(1))), str(e))
 
         threads = [threading.Thread(target=one, args=(s,)) for s in nodes]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        clean = self.rights.wait_clean(max(0.1, timeout - (time.monotonic() - t0)))
+        clean = not errors and self.rights.wait_clean(
+            max(0.1, timeout - (time.monotonic() - t0)))
         return {"nodes": len(nodes), "errors": errors, "clean": clean,
                 "seconds": time.monotonic() - t0}
 
@@ -413,13 +450,42 @@ class Coordinator:
                     row.update(body)
                 except RemoteError as e:
                     row["error"] = str(e)
+                errs = row.get("write_back_errors") or {}
+                row["write_back_errors"] = {self.path_of(int(i)): m for i, m in errs.items()}
             out.append(row)
         return out
 
     # -- metadata operations with coherence ----------------------------------------------------
-    def may_free(self, ino: int) -> Any:
-        """Context: recall every right on ``ino`` before an operation that may free it."""
-        return self.rights.exclusive(ino)
+    @contextlib.contextmanager
+    def may_free(self, ino: int) -> Iterator[None]:
+        """Recall every right on ``ino`` around an operation that may free it.
+
+        A node that cannot write the file back does not stop the operation (POSIX lets
+        a removed file's data go). If the inode is then gone, that node is told to
+        discard its data of it and its rights go, before anything else may be granted
+        on the inode: its dirty data must never land anywhere once the blocks are free.
+        """
+        with self.rights.exclusive(ino, strict=False) as refused:
+            yield
+            if not refused:
+                return
+            try:
+                self.meta.getattr(ino)
+                return  # still there (another name, or open): the data stays theirs
+            except FsError:
+                pass
+            for key in refused:
+                s = self.by_key(key)
+                segs = self.rights.segments_of(key, ino)
+                if s is not None and segs:
+                    try:
+                        s.conn.call("recall", {"ino": ino, "segs": segs,
+                                               "keep": "discard"}, timeout=self.lease)
+                    except (RemoteError, FsError) as e:
+                        self.fence(s, f"did not discard the data of removed inode {ino}: "
+                                      f"{e}")
+                        continue
+                self.rights.released(key, ino, segs)
 
     def release_inode(self, ino: int) -> None:
         """One close of ``ino``; the last close of an unlinked file frees it, after
@@ -477,8 +543,11 @@ class Coordinator:
         if w.central:
             w.put([(disk, block, old, need[0].bi_time)])
         elif self._own_log is not None:  # under the store lock (see truncate)
-            self._own_log.append(disk, block, old, need[0].bi_time)
-            self._own_log.sync()
+            try:
+                self._own_log.append(disk, block, old, need[0].bi_time)
+                self._own_log.sync()
+            except (OSError, SdbError) as e:
+                w.fail(f"the coordinator's before-image log could not be written ({e})")
 
     # -- online backup window (issue 6) -----------------------------------------------------
     def begin_window(self, gen_id: str, mode: str, blocks: dict[int, BlockSet],
@@ -523,18 +592,28 @@ class Coordinator:
             else:
                 inputs: list[Path] = []
                 own, self._own_log = self._own_log, None
-                if own is not None:
-                    with self.store.lock:  # _own_before_image appends under this lock
-                        own.close()
-                    inputs.append(own.path)
+                if own is not None and w.failed is None:
+                    try:
+                        with self.store.lock:  # _own_before_image appends under it
+                            own.close()
+                        inputs.append(own.path)
+                    except (OSError, SdbError) as e:
+                        w.fail(f"the coordinator's before-image log failed ({e})")
                 for key in sorted(w.asked - {"coordinator"}):
+                    if w.failed is not None:
+                        break  # aborted: nothing to gather
                     sess = self.by_key(key)
                     if sess is None:
                         w.failed = w.failed or (f"node session {key} left before its log "
                                                 "was gathered")
                         continue
                     path = work_dir / f"node-{sess.name}.bilog"
-                    self._fetch_log(sess, w.gen_id, path)
+                    try:
+                        self._fetch_log(sess, w.gen_id, path)
+                    except (OSError, SdbError) as e:
+                        w.fail(f"the before-image log of node {sess.name} could not be "
+                               f"gathered ({e})")
+                        break
                     inputs.append(path)
                 if w.failed is None and out_log is not None:
                     m = merge_logs(inputs, out_log, block_size=self.config.block_size,
@@ -593,8 +672,10 @@ class _Handler(BaseHandler):
     def rpc_join(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> dict[str, Any]:
         if str(a.get("kind", "node")) != "admin":  # admin sessions never open the disks
             self.c.check_disk_views(a.get("disks"), str(a.get("name", "?")))
+        token = a.get("owner_token")
         s = self.c.join(conn, str(a["name"]), str(a.get("kind", "node")),
-                        str(a.get("host", "?")), int(a.get("pid", 0)))
+                        str(a.get("host", "?")), int(a.get("pid", 0)),
+                        token if isinstance(token, str) else None)
         return {**self.c.cluster_info(), "session": s.key,
                 "grace": max(0.0, self.c.grace_until - time.monotonic()),
                 "backup": None if self.c.window is None else
@@ -630,7 +711,13 @@ class _Handler(BaseHandler):
             if wait > 0:
                 time.sleep(wait)  # let restarted nodes reclaim their dirty areas first
         self.c.meta.getattr(ino)  # ENOENT for a deleted inode
-        seq = self.c.rights.acquire(s.key, ino, segs, mode)
+        try:
+            seq = self.c.rights.acquire(s.key, ino, segs, mode)
+        except RecallFailed as e:
+            # Another node holds newer data of this area it cannot write back: this
+            # node cannot see it, which is an I/O error here (the other node's
+            # programs learn of the write-back error themselves).
+            raise FsError(errno.EIO, f"{e.what} ({self.c.path_of(ino)})") from None
         if s.state != "up":
             # Fenced while it waited: its cleanup may have run already, so this grant
             # is dropped here (if not, the cleanup drops it; either way it goes).
@@ -856,6 +943,16 @@ class _Handler(BaseHandler):
             pos += n
         return {"stored": w.put(items)}
 
+    def rpc_bi_failed(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
+        """A node could not store a before image: that backup is aborted (not the node's
+        write, which goes on once this is acknowledged)."""
+        s = self._s(conn)
+        w = self.c.window
+        if w is not None and a.get("gen") == w.gen_id:
+            reason = f"node {s.name} could not log a before image: {a.get('reason')}"
+            log.error("backup %s aborted: %s", w.gen_id, reason)
+            w.fail(reason)
+
     def rpc_abort_write(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
         s = self._s(conn)
         self.c.meta.abort_write(self._unreserve(s, wire.dec_write_runs(a["runs"])))
@@ -904,12 +1001,23 @@ class _Handler(BaseHandler):
         return {"coordinator": f"{host}:{port}", "pid": os.getpid(), "epoch": self.c.epoch,
                 "cluster_id": self.c.config.cluster_id, "hostname": socket.gethostname(),
                 "nodes": self.c.node_reports(), "disks": disks,
+                "losses": list(self.c.losses),
                 "frozen": self.c.rights.frozen, "clock": self.c.rights.clock}
 
     def rpc_backup(self, conn: Connection, a: dict[str, Any], blob: bytes | None
                    ) -> dict[str, Any]:
-        """Run a backup here, in the coordinator (the seed's management computer)."""
-        self._s(conn)
+        """Run a backup here, in the coordinator (the seed's management computer).
+
+        Only for the cluster's owner on this host (see OWNER_TOKEN_FILE): a backup writes
+        where its request says and runs its hook commands here, which node credentials
+        must not allow."""
+        s = self._s(conn)
+        if not s.owner:
+            log.warning("refused a backup request from %s %s (%s, pid %d): not the cluster's "
+                        "owner on this host", s.kind, s.name, s.host, s.pid)
+            raise UsageError(f"{s.kind} {s.name} may not start backups: only the cluster's "
+                             "owner on the coordinator's host may (run 'sdbackup backup' "
+                             "there, as the user that runs the coordinator)")
         from sdbackup.backup.engine import BackupOptions, run_backup
         from sdbackup.cluster.backup_source import CoordinatorSource
 
@@ -924,10 +1032,10 @@ class _Handler(BaseHandler):
         try:
             log.info("backup to %s started (log mode %s)", a["medium"], opts.log_mode)
             result = run_backup(CoordinatorSource(self.c), str(a["medium"]), opts)
-            s = result.summary()
-            log.info("backup %s committed (writes held %.3f s)", s["generation"],
-                     s["freeze_seconds"])
-            return s
+            summary = result.summary()
+            log.info("backup %s committed (writes held %.3f s)", summary["generation"],
+                     summary["freeze_seconds"])
+            return summary
         finally:
             self.c.backup_lock.release()
 

@@ -51,7 +51,7 @@ from sdbackup.cluster.rpc import (
     RpcClient,
     RpcServer,
 )
-from sdbackup.errors import NotFoundError, RemoteError, UsageError
+from sdbackup.errors import FencedError, NotFoundError, RemoteError, SdbError, UsageError
 from sdbackup.fs.cached import CachedFileSystem
 
 log = logging.getLogger("sdbackup.node")
@@ -148,6 +148,7 @@ class ClusterClient:
         self.fs = CachedFileSystem(self.meta, self.disks, self.rights, cache_bytes=cache_bytes,
                                    flush_delay=flush_delay)
         self.fs.can_write = self.lease_valid
+        self.fs.log_write_back_errors = self.kind == "node"
         self.fs.session_of = lambda: self.session_gen
         self._bi_lock = threading.Lock()
         self._local_log: BiLog | None = None
@@ -312,7 +313,7 @@ class ClusterClient:
                 path = self._bi_dir() / f"{self.name}.{gen}.bilog"
                 self._local_log = BiLog(path, block_size=self.block_size, dedup=True,
                                         label={"node": self.name, "generation": gen})
-                self.fs.bi_sink = LocalBiSink(self._local_log)
+                self.fs.bi_sink = LocalBiSink(self._local_log, self.ref, gen)
             else:
                 self.fs.bi_sink = RemoteBiSink(self.ref, gen, self.block_size)
             self._bi_gen = gen
@@ -378,23 +379,42 @@ class ClusterClient:
         self.close()
 
 
+def _abort_backup(ref: _Ref, gen: str, reason: str) -> None:
+    """Tell the coordinator that a before image could not be stored: it aborts that
+    backup, and only once it has acknowledged may the overwrite go on (if it cannot be
+    told, the write-back fails as for a lost coordinator)."""
+    log.error("backup %s: %s; asking the coordinator to abort it (writes go on)", gen,
+              reason)
+    ref.call("bi_failed", {"gen": gen, "reason": reason})
+
+
 class LocalBiSink:
     """Merged mode (a.2): before images go to this node's own temporary log."""
 
-    def __init__(self, log: BiLog) -> None:
+    def __init__(self, log: BiLog, ref: _Ref, gen: str) -> None:
         self.bilog = log
+        self.ref = ref
+        self.gen = gen
         self._lock = threading.Lock()
         self.closed = False
 
     def log(self, items: list[tuple[int, int, bytes, int]]) -> None:
         with self._lock:
             if self.closed:
-                return  # the copy is finished (the coordinator is gathering this log)
-            for disk, start, data, ltime in items:
-                self.bilog.append(disk, start, data, ltime)
-            # To the OS, not fsynced: in merged mode a crash of this node fails the
-            # backup anyway; the log is fsynced when it is closed, before it is gathered.
-            self.bilog.flush()
+                return  # the copy is finished, or logging failed and the backup is off
+            try:
+                for disk, start, data, ltime in items:
+                    self.bilog.append(disk, start, data, ltime)
+                # To the OS, not fsynced: in merged mode a crash of this node fails the
+                # backup anyway; the log is fsynced when it is closed, before gathering.
+                self.bilog.flush()
+                return
+            except (OSError, SdbError) as e:  # e.g. this node's disk is full
+                reason = f"its log {self.bilog.path} could not be written ({e})"
+                self.closed = True
+                self.bilog.writer.abort()
+                self.bilog.path.unlink(missing_ok=True)
+        _abort_backup(self.ref, self.gen, reason)
 
     def close(self) -> None:
         with self._lock:
@@ -414,8 +434,13 @@ class RemoteBiSink:
 
     def log(self, items: list[tuple[int, int, bytes, int]]) -> None:
         desc = [[d, s, len(data) // self.block_size, t] for d, s, data, t in items]
-        self.ref.call("put_bi", {"gen": self.gen, "items": desc},
-                      b"".join(data for _, _, data, _ in items))
+        try:
+            self.ref.call("put_bi", {"gen": self.gen, "items": desc},
+                          b"".join(data for _, _, data, _ in items))
+        except FencedError:
+            raise
+        except RemoteError as e:  # the log manager failed or timed out: abort the backup
+            _abort_backup(self.ref, self.gen, f"the log manager did not store it ({e})")
 
 
 class ClosedBiSink:
@@ -558,6 +583,9 @@ class _ControlHandler(BaseHandler):
             return {"written": n}
         if method == "fsync":
             fs.fsync(int(args["ino"]) if args.get("ino") is not None else None)
+            return None
+        if method == "flush_inode":
+            fs.flush_inode(int(args["ino"]))
             return None
         if method == "getattr":
             return {"attr": wire.enc_attr(fs.getattr(int(args["ino"])))}

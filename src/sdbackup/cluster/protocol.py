@@ -68,7 +68,7 @@ from typing import Any
 from sdbackup.errors import RemoteError
 
 MAGIC = b"SDBP"
-PROTOCOL_VERSION = 2  # 2: HMAC-SHA256 frame MACs (1 used keyed BLAKE2b)
+PROTOCOL_VERSION = 3  # 3: the client proves first; 2: HMAC-SHA256 frame MACs
 
 HEADER = struct.Struct(">4sHBBQII16s")
 """The fixed frame header (40 bytes)."""
@@ -110,11 +110,11 @@ class FrameType(IntEnum):
     HELLO = 16
     """Handshake, client to server: client nonce (and version, in the header)."""
     CHALLENGE = 17
-    """Handshake, server to client: server nonce and server proof."""
+    """Handshake, server to client: the server nonce (no proof: the client proves first)."""
     AUTH = 18
     """Handshake, client to server: client proof."""
     WELCOME = 19
-    """Handshake, server to client: the first MACed frame; proves both keys agree."""
+    """Handshake, server to client: the server proof; frames after it carry MACs."""
 
 
 _TYPES = frozenset(int(t) for t in FrameType)
@@ -151,6 +151,7 @@ class Frame:
     body: dict[str, Any]
     blob: bytes | None
     version: int = PROTOCOL_VERSION
+    json_len: int = 0  # bytes of the encoded body (counted in request budgets)
 
 
 def encode_json(body: dict[str, Any], limit: int = MAX_JSON) -> bytes:
@@ -435,7 +436,7 @@ class FrameStream:
                                     "corrupted in transit or forged")
             self._rx_counter += 1
         return Frame(FrameType(ftype), rid, decode_json(body),
-                     bytes(blob) if blob is not None else None, version)
+                     bytes(blob) if blob is not None else None, version, len(body))
 
     # -- closing ----------------------------------------------------------------------
 

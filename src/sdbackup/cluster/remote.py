@@ -157,7 +157,7 @@ def read_addr(cluster_dir: str | os.PathLike[str]) -> tuple[str, int] | None:
     p = Path(cluster_dir) / ADDR_FILE
     try:
         text = p.read_text().split()
-    except FileNotFoundError:
+    except OSError:  # none there (or CLUSTER_DIR is not a directory: said elsewhere)
         return None
     if len(text) < 2:
         return None

@@ -29,6 +29,7 @@ while it waits for ``acquire``, so a recall can always make progress.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -36,7 +37,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from sdbackup.errors import SdbError
+from sdbackup.errors import FsError, SdbError
 
 SEGMENT_BYTES = 1 << 20
 
@@ -73,6 +74,19 @@ class CacheEntry:
 
 class FrozenError(SdbError):
     pass
+
+
+class RecallFailed(FsError):
+    """Nodes answered a recall of ``ino`` but could not write it back (their data
+    stays with them, dirty). Its errno is the first node's."""
+
+    def __init__(self, ino: int, refused: list[tuple[str, FsError]]) -> None:
+        node, first = refused[0]
+        super().__init__(first.errno or errno.EIO,
+                         f"node {node.partition('#')[0]} cannot write back inode {ino}: "
+                         f"{first.what or first.strerror}")
+        self.ino = ino
+        self.refused = refused
 
 
 class RightsManager:
@@ -164,11 +178,21 @@ class RightsManager:
 
     def _recall_all(self, ino: int, conflicts: dict[str, list[int]], keep: str | None,
                     ) -> None:
-        """Recall in parallel; apply each node's answer to the table."""
+        """Recall in parallel; apply each node's answer to the table.
+
+        A node that answers that it could not write the file back (FsError: no space,
+        a disk error) keeps its right and its data, and :class:`RecallFailed` tells
+        the caller; only a node that does not answer at all is fenced.
+        """
+        refused: list[tuple[str, FsError]] = []
+
         def one(node: str, segs: list[int]) -> None:
             try:
                 self._recall(node, ino, segs, keep)
-            except Exception as e:  # any failure: the node is gone
+            except FsError as e:  # it answered: this file cannot be written back now
+                refused.append((node, e))
+                return
+            except Exception as e:  # any other failure: the node is gone
                 # Fencing first: its rights go only once it certainly cannot write.
                 self._fence(node, f"did not answer a recall of inode {ino}: {e}")
                 self.node_failed(node)
@@ -178,29 +202,50 @@ class RightsManager:
         futures = [self._pool.submit(one, n, s) for n, s in conflicts.items()]
         for f in futures:
             f.result()
+        if refused:
+            raise RecallFailed(ino, refused)
 
-    def exclusive(self, ino: int) -> _Exclusive:
+    def exclusive(self, ino: int, *, strict: bool = True) -> _Exclusive:
         """Recall every right on ``ino`` from every node and hold new grants off.
 
         Used before freeing an inode's blocks (unlink of the last name, truncate), so
-        that no node writes a block after it was freed and perhaps reused.
+        that no node writes a block after it was freed and perhaps reused. ``strict``
+        (truncate): a node that cannot write the file back fails the operation.
+        Otherwise (unlink, rename over, last close: the data may go, as POSIX allows)
+        such a node keeps its right; once the inode is freed its write-back finds the
+        file gone and writes nothing.
         """
-        return _Exclusive(self, ino)
+        return _Exclusive(self, ino, strict)
 
-    def recall_inode(self, ino: int) -> None:
+    def segments_of(self, node: str, ino: int) -> list[int]:
+        """The segments of ``ino`` on which ``node`` holds a right."""
+        with self._cond:
+            return sorted(s for s, st in self._table.get(ino, {}).items()
+                          if st.writer == node or node in st.readers)
+
+    def recall_inode(self, ino: int, strict: bool = True) -> list[str]:
         with self._cond:
             table = self._table.get(ino, {})
             conflicts: dict[str, list[int]] = {}
             for s, st in table.items():
                 for n in ([st.writer] if st.writer else []) + sorted(st.readers):
                     conflicts.setdefault(n, []).append(s)
+        refused: list[str] = []
         if conflicts:
-            self._recall_all(ino, conflicts, keep=None)
+            try:
+                self._recall_all(ino, conflicts, keep=None)
+            except RecallFailed as e:
+                if strict:
+                    raise
+                log.warning("%s; going on without that data (the file is being removed)",
+                            e.what)
+                refused = [node for node, _ in e.refused]
         with self._cond:
             if ino in self._table and not any(
                 st.writer or st.readers for st in self._table[ino].values()
             ):
                 del self._table[ino]
+        return refused
 
     # -- reports from nodes ------------------------------------------------------------------
     def released(self, node: str, ino: int, segs: Iterable[int], keep: str | None = None
@@ -326,17 +371,22 @@ class RightsManager:
                 self._frozen = True
             finally:
                 self._freezer_waiting -= 1
-        while True:
-            with self._cond:
-                writers: dict[int, dict[str, list[int]]] = {}
-                for ino, t in self._table.items():
-                    for s, st in t.items():
-                        if st.writer:
-                            writers.setdefault(ino, {}).setdefault(st.writer, []).append(s)
-            if not writers:
-                return
-            for ino, conflicts in writers.items():
-                self._recall_all(ino, conflicts, keep="r")
+        try:
+            while True:
+                with self._cond:
+                    writers: dict[int, dict[str, list[int]]] = {}
+                    for ino, t in self._table.items():
+                        for s, st in t.items():
+                            if st.writer:
+                                writers.setdefault(ino, {}).setdefault(st.writer,
+                                                                      []).append(s)
+                if not writers:
+                    return
+                for ino, conflicts in writers.items():
+                    self._recall_all(ino, conflicts, keep="r")
+        except BaseException:
+            self.thaw()  # a node could not write back: no T0, writes go on
+            raise
 
     def _busy_writes(self) -> list[int]:
         return list(self._busy)
@@ -355,14 +405,15 @@ class RightsManager:
 
 
 class _Exclusive:
-    def __init__(self, mgr: RightsManager, ino: int) -> None:
+    def __init__(self, mgr: RightsManager, ino: int, strict: bool) -> None:
         self.mgr = mgr
         self.ino = ino
+        self.strict = strict
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> list[str]:
         self.mgr._enter(self.ino, False)
         try:
-            self.mgr.recall_inode(self.ino)
+            return self.mgr.recall_inode(self.ino, self.strict)
         except BaseException:
             self.mgr._leave(self.ino)
             raise

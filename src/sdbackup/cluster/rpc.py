@@ -56,6 +56,7 @@ Developer note -- steps that must stay adjacent:
 
 from __future__ import annotations
 
+import collections
 import errno as _errno
 import logging
 import socket
@@ -82,7 +83,7 @@ from sdbackup.cluster.protocol import (
     ProtocolError,
     VersionMismatch,
 )
-from sdbackup.errors import FsError, RemoteError, SdbError
+from sdbackup.errors import BusyError, FsError, RemoteError, SdbError, UsageError
 
 log = logging.getLogger("sdbackup.cluster")
 
@@ -93,6 +94,10 @@ HandlerResult: TypeAlias = dict[str, Any] | tuple[dict[str, Any], Blob | None] |
 CallbackHandler: TypeAlias = Callable[[str, Args, bytes | None], HandlerResult]
 
 MAX_METHOD = 128
+QUEUED_BYTES_PER_CONNECTION = 256 << 20  # request blobs waiting for a worker, per peer
+QUEUED_BYTES_TOTAL = 1 << 30  # and over all connections of this process
+_queued_total = 0
+_queued_lock = threading.Lock()
 SOCKET_BUFFER = 4 << 20
 """Requested SO_SNDBUF/SO_RCVBUF for socketpairs (TCP keeps kernel autotuning)."""
 SEND_TIMEOUT = 60.0
@@ -286,6 +291,13 @@ class _Workers:
                 self._cond.notify_all()
             raise
 
+    def drop_queued(self) -> list[Callable[[], None]]:
+        """Drop every job not started yet (without waiting for the running ones)."""
+        with self._cond:
+            dropped = list(self._queue)
+            self._queue.clear()
+            return dropped
+
     def is_worker(self) -> bool:
         with self._cond:
             return threading.current_thread() in self._threads
@@ -360,6 +372,7 @@ class Connection:
         self._peer_reason: str | None = None
         self._workers = _Workers(f"sdb-rpc-{side}", max_workers, max_queued)
         self._notify_lane = _Workers(f"sdb-rpc-{side}-notify", 1, max_queued)
+        self._queued_bytes = 0  # blobs of requests not yet handled (see _dispatch)
         self._reader: threading.Thread | None = None
         self._done = threading.Event()
         self._on_end: list[Callable[[RemoteError | None], None]] = []
@@ -483,18 +496,51 @@ class Connection:
             if ftype is FrameType.REQUEST and frame.request_id == 0:
                 raise ProtocolError(f"{self.peer} sent a REQUEST with request id 0")
             rid, blob = frame.request_id, frame.blob
+            size = (len(blob) if blob else 0) + frame.json_len
+            self._reserve_bytes(size)
 
             def job() -> None:
-                self._serve(ftype, rid, method, args, blob)
+                try:
+                    self._serve(ftype, rid, method, args, blob)
+                finally:  # the budget counts a request until it was handled
+                    self._release_bytes(size)
+
+            job.size = size  # type: ignore[attr-defined]  # released if it is dropped
 
             pool = self._workers if ftype is FrameType.REQUEST else self._notify_lane
             if not pool.submit(job):
+                self._release_bytes(size)
                 raise ProtocolError(f"{self.peer} has more than {pool.max_queued} "
                                     f"{ftype.name.lower()} messages queued; closing the "
                                     "connection")
         else:
             raise ProtocolError(f"unexpected {ftype.name} frame from {self.peer} after the "
                                 "handshake")
+
+    def _reserve_bytes(self, n: int) -> None:
+        """Count a queued request's blob against this connection's budget and the
+        process's; a peer that would exceed either loses its connection (a real node
+        queues a few MiB at most)."""
+        global _queued_total
+        if not n:
+            return
+        with _queued_lock:
+            if self._queued_bytes + n > QUEUED_BYTES_PER_CONNECTION:
+                raise ProtocolError(f"{self.peer} has more than "
+                                    f"{QUEUED_BYTES_PER_CONNECTION >> 20} MiB of requests "
+                                    "queued; closing the connection")
+            if _queued_total + n > QUEUED_BYTES_TOTAL:
+                raise ProtocolError(f"more than {QUEUED_BYTES_TOTAL >> 20} MiB of requests "
+                                    f"are queued in all; closing the connection of {self.peer}")
+            self._queued_bytes += n
+            _queued_total += n
+
+    def _release_bytes(self, n: int) -> None:
+        global _queued_total
+        if n:
+            with _queued_lock:
+                self._queued_bytes -= n
+                _queued_total -= n
 
     def _serve(self, ftype: FrameType, rid: int, method: str, args: Args,
                blob: bytes | None) -> None:
@@ -540,6 +586,8 @@ class Connection:
         # Wait for running handlers (on_disconnect comes after them). Requests not yet
         # started are dropped: their callers already got ConnectionLost. Notifications
         # received in full are still handled: they have no caller to tell.
+        dropped = self._workers.drop_queued()  # they leave the budget at once
+        self._release_bytes(sum(getattr(j, "size", 0) for j in dropped))
         self._workers.close(drain=False)
         self._notify_lane.close(drain=True)
         try:
@@ -661,7 +709,8 @@ class RpcServer:
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
-        self._handshaking: set[FrameStream] = set()
+        # Handshakes in progress, oldest first: when they fill up, the oldest goes.
+        self._handshaking: dict[FrameStream, float] = {}
         self._conns: set[Connection] = set()
         self._threads: set[threading.Thread] = set()
         self._stopping = False
@@ -702,8 +751,12 @@ class RpcServer:
                 sock.close()
                 raise
         except OSError as e:
-            raise RemoteError(f"cannot listen on {self._host}:{self._port}: "
-                              f"{e.strerror or e}; is another coordinator running?") from None
+            where = f"cannot listen on {self._host}:{self._port}: {e.strerror or e}"
+            if e.errno == _errno.EADDRINUSE:
+                raise BusyError(f"{where}: another process (another coordinator?) uses "
+                                "that port; choose another with --listen") from None
+            raise UsageError(f"{where}: give an address of this host with --listen "
+                             "HOST:PORT") from None
         host, port = sock.getsockname()[:2]
         self._address = (host, port)
         self._listener = sock
@@ -728,20 +781,34 @@ class RpcServer:
                 log.error("accept failed: %s; the server stops accepting", e)
                 return
             peer = _format_addr(addr)
+            evicted: FrameStream | None = None
             with self._lock:
-                too_many = (len(self._handshaking) >= self.max_handshakes
-                            or len(self._conns) + len(self._handshaking)
-                            >= self.max_connections)
+                too_many = len(self._conns) + len(self._handshaking) >= self.max_connections
                 if self._stopping or too_many:
                     sock.close()
                     if too_many:
-                        log.warning("refused %s: too many connections or handshakes", peer)
+                        log.warning("refused %s: too many connections", peer)
                     continue
+                if len(self._handshaking) >= self.max_handshakes:
+                    # Unauthenticated connections cannot lock others out: of the address
+                    # with the most handshakes in progress, the one that has been at it
+                    # longest goes (a real client takes milliseconds; an idle or slow one
+                    # would wait for its deadline), so a flood from one address costs
+                    # only that address's slots.
+                    per_addr = collections.Counter(_host_of(s.peer)
+                                                   for s in self._handshaking)
+                    worst = per_addr.most_common(1)[0][0]
+                    evicted = next(s for s in self._handshaking if _host_of(s.peer) == worst)
+                    del self._handshaking[evicted]
                 stream = FrameStream(sock, peer)
                 t = threading.Thread(target=self._serve_socket, args=(stream,),
                                      daemon=True, name="sdb-rpc-conn")
                 self._threads.add(t)
-                self._handshaking.add(stream)
+                self._handshaking[stream] = time.monotonic()
+            if evicted is not None:
+                log.info("dropped the unauthenticated connection from %s: %d handshakes "
+                         "at once", evicted.peer, self.max_handshakes)
+                evicted.shutdown()
             t.start()
 
     def _serve_socket(self, stream: FrameStream) -> None:
@@ -753,13 +820,13 @@ class RpcServer:
                          registered=self._register)
         finally:
             with self._lock:
-                self._handshaking.discard(stream)
+                self._handshaking.pop(stream, None)
                 self._threads.discard(me)
 
     def _register(self, stream: FrameStream, conn: Connection | None) -> bool:
         """Move a stream from handshaking to connected (or drop it: conn None)."""
         with self._lock:
-            self._handshaking.discard(stream)
+            self._handshaking.pop(stream, None)
             if conn is None:
                 return True
             if self._stopping:
@@ -778,6 +845,7 @@ class RpcServer:
             if self._stopping:
                 return
             self._stopping = True
+            started = self._listener is not None
             listener, self._listener = self._listener, None
             streams = list(self._handshaking)
             conns = list(self._conns)
@@ -801,11 +869,18 @@ class RpcServer:
         for t in threads:
             t.join(max(0.0, end - time.monotonic()))
         alive = [t for t in threads if t.is_alive()]
+        if not started:
+            return  # never listened: nothing to say
         if alive:
             log.warning("%s stopped with %d connection threads still running (handlers "
                         "that did not return)", self.name, len(alive))
         else:
             log.info("%s stopped", self.name)
+
+
+def _host_of(peer: str) -> str:
+    """The address part of a peer name ("HOST:PORT" or "[V6]:PORT")."""
+    return peer.rpartition(":")[0] or peer
 
 
 def serve_stream(stream: FrameStream, factory: HandlerFactory, secret: bytes, *,

@@ -48,15 +48,26 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from sdbackup.blocks.diskset import DiskSet
 from sdbackup.cluster.rights import SEGMENT_BYTES
-from sdbackup.errors import FsError, RemoteError
+from sdbackup.errors import FsError, NoSpaceError, RemoteError, SdbError
 from sdbackup.fs.filesystem import FileSystem, MetaApi
 from sdbackup.meta.types import Attr, Extent, WriteRun
 
 log = logging.getLogger("sdbackup.cache")
+
+
+class WriteBackError(FsError):
+    """Some files could not be written back (their data stays dirty); ``failed`` maps
+    each inode to its error. Its errno is the first file's."""
+
+    def __init__(self, failed: dict[int, OSError]) -> None:
+        first = next(iter(failed.values()))
+        what = "; ".join(f"inode {ino}: {e.strerror or e}" for ino, e in failed.items())
+        super().__init__(first.errno or errno.EIO, f"write-back failed: {what}")
+        self.failed = failed
 
 
 class BiSink(Protocol):
@@ -160,6 +171,10 @@ class CachedFileSystem(FileSystem):
         # truncate, which recalls every right first. Reads below it skip the getattr.
         self._floor: dict[int, int] = {}
         self._drops = 0
+        self.log_write_back_errors = True
+        # Write-back errors per file (errseq): inode -> (sequence, errno, message).
+        self._errors: dict[int, tuple[int, int, str]] = {}
+        self._err_seq = 0
         # Sequential reads: the next segment is read from the disk in the background
         # while the current one is handed out (direct I/O has no kernel readahead).
         self._prefetcher = ThreadPoolExecutor(max_workers=2,
@@ -197,14 +212,14 @@ class CachedFileSystem(FileSystem):
     def _flush_loop(self) -> None:
         while not self._stop.wait(min(0.5, self.flush_delay / 2 or 0.5)):
             now = time.monotonic()
-            for s in self._snapshot():
-                if s.dirty and now - s.dirty_since >= self.flush_delay:
-                    try:
-                        with s.lock:
-                            self._writeback(s)
-                    except Exception as e:  # keep flushing the others
-                        log.error("delayed write-back of inode %d segment %d failed: %s",
-                                  s.ino, s.seg, e)
+            due = [s for s in self._snapshot()
+                   if s.dirty and now - s.dirty_since >= self.flush_delay]
+            try:
+                self._flush(due)
+            except WriteBackError:
+                pass  # recorded and logged per file; tried again at the next round
+            except Exception as e:  # lost session: the reconnect decides
+                log.error("delayed write-back failed: %s", e)
 
     # -- segment table -------------------------------------------------------------------
     def _snapshot(self, ino: int | None = None) -> list[Seg]:
@@ -534,15 +549,29 @@ class CachedFileSystem(FileSystem):
         its data (before images first while a backup runs), one ``fdatasync`` of the
         disks written (a group commit shared with concurrent write-backs), and only
         then the ``commit_write`` calls that make the new blocks reachable. The lease
-        is checked before every disk write. On any failure nothing more is committed,
-        the reserved blocks are given back, and the data stays dirty.
+        is checked before every disk write.
+
+        Errors are per file: a file whose write-back fails (no space for its new
+        blocks, a disk error) keeps its data dirty, gives its reserved blocks back, and
+        has the error recorded for the programs that have it open
+        (:meth:`error_since`); the other files are written and committed. Then
+        :class:`WriteBackError` names the files that failed. Losing the session (lease,
+        fence, connection) stops the whole batch: nothing more is written.
         """
         pending: list[tuple[Seg, int, int, list[WriteRun]]] = []
+        failed: dict[int, OSError] = {}
         bs = self.bs
         session = self.session_of()
+
+        def fail(ino: int, err: OSError) -> None:
+            failed.setdefault(ino, err)
+            for item in [x for x in pending if x[0].ino == ino]:
+                pending.remove(item)
+                self._abort_quietly(item[3])
+
         try:
             for o in segs:
-                if not o.dirty or o.buf is None:
+                if not o.dirty or o.buf is None or o.ino in failed:
                     continue
                 mv = o.buf
                 fb0 = o.seg * self.bps
@@ -551,7 +580,8 @@ class CachedFileSystem(FileSystem):
                         runs = self.meta.map_write(o.ino, fb0 + start, count)
                     except FsError as e:
                         if e.errno != errno.ENOENT:
-                            raise
+                            fail(o.ino, e)
+                            break
                         # The file was removed (its last name, and it is not open):
                         # nothing can ever read this data, so it is not written.
                         o.dirty = 0
@@ -559,34 +589,53 @@ class CachedFileSystem(FileSystem):
                         break
                     pending.append((o, start, count, runs))
                     _crash_point("mapped")
-                    if self._log_before_images(runs):
-                        _crash_point("after-bi-log")
-                    for r in runs:
-                        if not self.can_write() or self.session_of() != session:
-                            raise RemoteError(
-                                "not writing back: this node's lease may have expired "
-                                "(cut off from the coordinator, or fenced); the data stays "
-                                "dirty")
-                        lo = (r.fblock - fb0) * bs
-                        self.disks.device(r.disk).write(r.dblock, mv[lo : lo + r.length * bs])
+                    try:
+                        if self._log_before_images(runs):
+                            _crash_point("after-bi-log")
+                        for r in runs:
+                            if not self.can_write() or self.session_of() != session:
+                                raise RemoteError(
+                                    "not writing back: this node's lease may have expired "
+                                    "(cut off from the coordinator, or fenced); the data "
+                                    "stays dirty")
+                            lo = (r.fblock - fb0) * bs
+                            self.disks.device(r.disk).write(r.dblock,
+                                                            mv[lo : lo + r.length * bs])
+                    except SdbError as e:
+                        if isinstance(e, RemoteError):
+                            raise
+                        fail(o.ino, FsError(errno.ENOSPC if isinstance(e, NoSpaceError)
+                                            else errno.EIO, e.message))
+                        break
+                    except OSError as e:  # the disk refused the write
+                        fail(o.ino, e)
+                        break
                     if any(r.bi_time for r in runs):
                         _crash_point("after-bi-write")
-            if not pending:
-                return
-            self.disks.datasync({r.disk for _, _, _, runs in pending for r in runs})
+            if pending:
+                try:
+                    self.disks.datasync({r.disk for _, _, _, runs in pending for r in runs})
+                except OSError as e:  # nothing written since the last flush is safe
+                    for ino in {x[0].ino for x in pending}:
+                        fail(ino, e)
         except BaseException:
             for _, _, _, runs in pending:
                 self._abort_quietly(runs)
             raise
         done: set[int] = set()
         for i, (o, start, count, runs) in enumerate(pending):
+            if o.ino in failed:
+                self._abort_quietly(runs)
+                continue
             size = self._sizes.get(o.ino)
             run_end = (o.seg * self.bps + start + count) * bs
             end = run_end if size is None else min(run_end, size)
             try:
                 self.meta.commit_write(o.ino, runs, end, time.time_ns())
+            except FsError as e:  # commit_write gave this one's blocks back itself
+                failed.setdefault(o.ino, e)
+                continue
             except BaseException:
-                # commit_write gave this one's blocks back itself; the rest are ours.
                 for _, _, _, later in pending[i + 1 :]:
                     self._abort_quietly(later)
                 raise
@@ -598,6 +647,37 @@ class CachedFileSystem(FileSystem):
                 self.stats["writebacks"] += 1
                 if not o.dirty:
                     self.rights.set_dirty(o.ino, [o.seg], False)
+        if failed:
+            for ino, err in failed.items():
+                self._record_error(ino, err)
+            raise WriteBackError(failed)
+
+    def _record_error(self, ino: int, err: OSError) -> None:
+        """errseq, as Linux reports write-back errors: every program that has the file
+        open learns of it once, at its next write, fsync or close."""
+        with self._mu:
+            self._err_seq += 1
+            self._errors[ino] = (self._err_seq, err.errno or errno.EIO, str(err))
+        dirty = sum(bin(o.dirty).count("1") for o in self._snapshot(ino)) * self.bs
+        # A node agent logs it (its programs learn of it too); a short-lived command
+        # reports it as its one error line instead.
+        log.log(logging.ERROR if self.log_write_back_errors else logging.DEBUG,
+                "write-back of inode %d failed (%s); its %d dirty bytes stay in the "
+                "cache and are tried again", ino, err, dirty)
+
+    def error_seq(self) -> int:
+        """The current error sequence: a program that opens a file now has seen every
+        error so far."""
+        with self._mu:
+            return self._err_seq
+
+    def error_since(self, ino: int, seen: int) -> tuple[int, str] | None:
+        """(errno, message) of the newest write-back error of ``ino`` after ``seen``."""
+        with self._mu:
+            got = self._errors.get(ino)
+        if got is None or got[0] <= seen:
+            return None
+        return got[1], got[2]
 
     def _abort_quietly(self, runs: list[WriteRun]) -> None:
         try:
@@ -634,7 +714,13 @@ class CachedFileSystem(FileSystem):
             for o in victims:
                 held.enter_context(o.lock)
             victims = [o for o in victims if not o.dropped]
-            self._writeback_many(victims)
+            try:
+                self._writeback_many(victims)
+            except WriteBackError as e:
+                # Recorded for the failing files' own programs: an eviction done for
+                # another program's read or write must not hand it their error. Those
+                # files stay cached (dirty); the rest go.
+                victims = [o for o in victims if o.ino not in e.failed]
             by_ino: dict[int, list[Seg]] = {}
             for o in victims:
                 by_ino.setdefault(o.ino, []).append(o)
@@ -648,11 +734,26 @@ class CachedFileSystem(FileSystem):
 
     # -- coordinator requests -------------------------------------------------------------
     def recall(self, ino: int, segs: Iterable[int], keep: str | None) -> None:
-        """Write back the segments; keep a read right (keep='r') or drop them."""
+        """Write back the segments; keep a read right (keep='r') or drop them.
+
+        keep='discard': the file was removed while this node could not write it back;
+        its data is dropped unwritten (nothing can read it any more)."""
         self.stats["recalls"] += 1
         with self._mu:
             objs = [o for o in (self._segs.get((ino, seg)) for seg in sorted(set(segs)))
                     if o is not None]
+        if keep == "discard":
+            for o in objs:
+                with o.lock:
+                    if o.dirty:
+                        log.info("dropped unwritten data of removed inode %d segment %d",
+                                 ino, o.seg)
+                        o.dirty = 0
+                        self.rights.set_dirty(ino, [o.seg], False)
+                    self._drop(o)
+            with self._mu:
+                self._errors.pop(ino, None)
+            return
         with ExitStack() as held:
             for o in objs:
                 held.enter_context(o.lock)
@@ -677,12 +778,18 @@ class CachedFileSystem(FileSystem):
         """Write segments back in batches: one disk flush per batch, not per segment.
         Locks are taken in (inode, segment) order, as every writer takes them."""
         objs.sort(key=lambda o: (o.ino, o.seg))
+        failed: dict[int, OSError] = {}
         for i in range(0, len(objs), FLUSH_BATCH):
             with ExitStack() as held:
                 batch = objs[i : i + FLUSH_BATCH]
                 for o in batch:
                     held.enter_context(o.lock)
-                self._writeback_many(batch)
+                try:
+                    self._writeback_many(batch)
+                except WriteBackError as e:  # the other files go on
+                    failed.update(e.failed)
+        if failed:
+            raise WriteBackError(failed)
 
     def drop_all(self) -> dict[int, list[tuple[int, int]]]:
         """Forget every cached segment (the session was lost); returns what was dirty,
@@ -717,11 +824,15 @@ class CachedFileSystem(FileSystem):
                 out.setdefault(o.ino, []).append(o.seg)
         return out
 
-    def report(self) -> dict[str, int]:
+    def report(self) -> dict[str, Any]:
         segs = self._snapshot()
+        with self._mu:
+            errors = {str(ino): msg for ino, (_, _, msg) in self._errors.items()
+                      if any(s.ino == ino and s.dirty for s in segs)}
         return {"cached_bytes": self._cached,
                 "dirty_bytes": sum(bin(s.dirty).count("1") for s in segs) * self.bs,
-                "segments": len(segs), "limit": self.cache_bytes}
+                "segments": len(segs), "limit": self.cache_bytes,
+                "write_back_errors": errors}
 
     # -- operations that need the cache emptied first ----------------------------------------
     def fsync(self, ino: int | None = None) -> None:
@@ -732,8 +843,12 @@ class CachedFileSystem(FileSystem):
         super().fsync(ino)
 
     def release(self, ino: int) -> None:
-        self.flush_inode(ino)
-        self.meta.release(ino)
+        """Last close of a descriptor: write back (the error, if any, goes to the program
+        at close), and always tell the coordinator, so an unlinked file is freed."""
+        try:
+            self.flush_inode(ino)
+        finally:
+            self.meta.release(ino)
 
     def truncate(self, ino: int, size: int) -> Attr:
         """Write back and forget this node's cache of the file, then truncate at the

@@ -106,6 +106,15 @@ class OpenFile:
     ino: int
     flags: int
     cached: bool  # page cache (read-only open) rather than direct_io
+    # The opener lacks CAP_FSETID: its writes clear set-user-ID and set-group-ID as
+    # every Linux file system does (with direct_io the kernel leaves it to the file
+    # system). ``kill_priv`` is armed at open and again when the mode changes here.
+    no_fsetid: bool = False
+    groups: frozenset[int] = frozenset()
+    kill_priv: bool = False
+    # errseq: the newest write-back error of the file this descriptor has been told of
+    # (a program learns of each error once per descriptor, at write, fsync or close).
+    err_seen: int = 0
 
     @property
     def writable(self) -> bool:
@@ -276,12 +285,16 @@ class FuseOperations(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
 
-    def _new_fh(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+    def _new_fh(self, ino: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
         cached = not flags & _WRITE_ACCESS
+        kill = not cached and ctx is not None and not _has_cap_fsetid(ctx)
+        seq = getattr(self.fs, "error_seq", lambda: 0)()
         with self._mu:
             fh = self._next_fh
             self._next_fh += 1
-            self._files[fh] = OpenFile(ino, flags, cached)
+            self._files[fh] = OpenFile(ino, flags, cached, no_fsetid=kill,
+                                       groups=_caller_groups(ctx) if kill else frozenset(),
+                                       kill_priv=kill, err_seen=seq)
             if cached:
                 self._cached_opens[ino] = self._cached_opens.get(ino, 0) + 1
         return pyfuse3.FileInfo(fh=fh, direct_io=not cached, keep_cache=False)
@@ -331,9 +344,23 @@ class FuseOperations(pyfuse3.Operations):
                 # Dirty data written back later would stamp its own mtime over the one
                 # set here (cp -a, touch -d): write it back first.
                 self._flush(inode)
+            if "size" in kw and "mode" not in kw and ctx is not None \
+                    and not _has_cap_fsetid(ctx):
+                # truncate(2): the kernel turns its kill-privilege request into a mode
+                # change only when group execute is set; the rest is ours.
+                cur = self.fs.getattr(inode)
+                killed = _killed_mode(cur.mode, cur.gid, _caller_groups(ctx))
+                if killed is not None:
+                    kw["mode"] = killed
             return self.fs.setattr(inode, **kw)
 
-        return self._e(await self._run("setattr", inode, do))
+        attr = self._e(await self._run("setattr", inode, do))
+        if "mode" in kw:  # a privilege bit set again: the next write clears it again
+            with self._mu:
+                for of in self._files.values():
+                    if of.ino == inode and of.no_fsetid:
+                        of.kill_priv = True
+        return attr
 
     def _flush(self, ino: int) -> None:
         flush = getattr(self.fs, "flush_inode", None)
@@ -446,12 +473,15 @@ class FuseOperations(pyfuse3.Operations):
             if attr.is_dir:
                 raise FsError(errno.EISDIR, "is a directory")
             if flags & os.O_TRUNC and flags & _WRITE_ACCESS:
-                # libfuse 3 asks for atomic O_TRUNC: the kernel leaves it to open.
-                self.fs.setattr(inode, size=0)
+                # libfuse 3 asks for atomic O_TRUNC: the kernel leaves it to open
+                # (and so the clearing of set-user-ID/set-group-ID bits, too).
+                self.fs.setattr(inode, size=0, mode=_killed_mode(
+                    attr.mode, attr.gid, _caller_groups(ctx))
+                                if not _has_cap_fsetid(ctx) else None)
             self.fs.open(inode)
 
         await self._run("open", inode, do)
-        return self._new_fh(inode, flags)
+        return self._new_fh(inode, flags, ctx)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
@@ -472,24 +502,59 @@ class FuseOperations(pyfuse3.Operations):
             return attr
 
         attr = await self._run("create", parent_inode, do)
-        return self._new_fh(attr.ino, flags), self._e(attr)
+        return self._new_fh(attr.ino, flags, ctx), self._e(attr)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         of = self._file(fh)
         return await self._run("read", of.ino, self.fs.read, of.ino, off, size)
 
+    def _report_error(self, of: OpenFile) -> None:
+        """Raise a write-back error of the file this descriptor was not told of yet."""
+        since = getattr(self.fs, "error_since", None)
+        if since is None:
+            return
+        got = since(of.ino, of.err_seen)
+        if got is not None:
+            of.err_seen = self.fs.error_seq()  # type: ignore[attr-defined]
+            log.warning("reporting a write-back error of inode %d to a program: %s",
+                        of.ino, got[1])
+            raise pyfuse3.FUSEError(got[0])
+
+    async def _run_reporting(self, what: str, of: OpenFile, fn: Callable[..., T],
+                             *args: Any) -> T:
+        """Run ``fn``; a write-back error it raises counts as told to this descriptor."""
+        try:
+            return await self._run(what, of.ino, fn, *args)
+        except pyfuse3.FUSEError:
+            seq = getattr(self.fs, "error_seq", None)
+            if seq is not None:
+                of.err_seen = seq()
+            raise
+
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         of = self._file(fh)
+        self._report_error(of)
+        if of.kill_priv:
+            of.kill_priv = False
+            await self._run("write", of.ino, self._kill_priv, of.ino, of.groups)
         if of.append:
-            await self._run("append", of.ino, self._append, of.ino, buf)
+            await self._run_reporting("append", of, self._append, of.ino, buf)
         else:
-            await self._run("write", of.ino, self.fs.write, of.ino, off, buf)
+            await self._run_reporting("write", of, self.fs.write, of.ino, off, buf)
         n = len(buf)
         if self._cached_opens.get(of.ino) and self.notifier is not None:
             # A read-only descriptor of this node may hold the old pages (direct_io
             # writes do not drop them).
             self.notifier.queue(of.ino)
         return n
+
+    def _kill_priv(self, ino: int, groups: frozenset[int]) -> None:
+        """A write by a process without CAP_FSETID clears S_ISUID, and S_ISGID when the
+        group may execute or the writer is not in the file's group, as Linux does."""
+        attr = self.fs.getattr(ino)
+        killed = _killed_mode(attr.mode, attr.gid, groups)
+        if killed is not None:
+            self.fs.setattr(ino, mode=killed)
 
     def _append(self, ino: int, data: bytes) -> int:
         append = getattr(self.fs, "append", None)
@@ -506,7 +571,8 @@ class FuseOperations(pyfuse3.Operations):
         # (not fsynced), so a node crash after a close loses nothing that was closed.
         of = self._file(fh)
         if of.writable:
-            await self._run("flush", of.ino, self._flush, of.ino)
+            await self._run_reporting("flush", of, self._flush, of.ino)
+            self._report_error(of)
 
     async def release(self, fh: int) -> None:
         of = self._forget_fh(fh)
@@ -515,4 +581,46 @@ class FuseOperations(pyfuse3.Operations):
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         of = self._file(fh)
-        await self._run("fsync", of.ino, self.fs.fsync, of.ino)
+        await self._run_reporting("fsync", of, self.fs.fsync, of.ino)
+        self._report_error(of)
+
+
+_CAP_FSETID = 1 << 4
+
+
+def _has_cap_fsetid(ctx: Any) -> bool:
+    """Whether the calling process may keep set-user-ID bits when it writes."""
+    pid = getattr(ctx, "pid", 0)
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) & _CAP_FSETID)
+    except (OSError, ValueError):
+        pass
+    return getattr(ctx, "uid", 0) == 0
+
+
+def _caller_groups(ctx: Any) -> frozenset[int]:
+    """The calling process's groups (its gid and supplementary groups)."""
+    groups = {int(getattr(ctx, "gid", -1))}
+    try:
+        with open(f"/proc/{getattr(ctx, 'pid', 0)}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    groups.update(int(g) for g in line.split()[1:])
+                    break
+    except (OSError, ValueError):
+        pass
+    return frozenset(groups)
+
+
+def _killed_mode(mode: int, file_gid: int, groups: frozenset[int]) -> int | None:
+    """The mode after the privilege bits that a write (or truncate) by a process
+    without CAP_FSETID clears, or None when none is set: S_ISUID always; S_ISGID when
+    the group may execute or the writer is not in the file's group (Linux's
+    setattr_should_drop_sgid)."""
+    kill = stat.S_ISUID if mode & stat.S_ISUID else 0
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or file_gid not in groups):
+        kill |= stat.S_ISGID
+    return None if not kill else (mode & ~kill) & 0o7777

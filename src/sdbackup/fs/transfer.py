@@ -54,7 +54,8 @@ def _put(fs: FileSystem, src: Path, parent: int, name: bytes,
     key = (st.st_dev, st.st_ino)
     if stat.S_ISLNK(st.st_mode):
         _replace(fs, parent, name)
-        fs.symlink(parent, name, os.fsencode(os.readlink(src)), st.st_uid, st.st_gid)
+        a = fs.symlink(parent, name, os.fsencode(os.readlink(src)), st.st_uid, st.st_gid)
+        fs.setattr(a.ino, atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns)  # as lutimes
         return 0
     if stat.S_ISDIR(st.st_mode):
         try:
@@ -77,25 +78,40 @@ def _put(fs: FileSystem, src: Path, parent: int, name: bytes,
         _replace(fs, parent, name)
         fs.link(links[key], parent, name)
         return 0
-    _replace(fs, parent, name)
-    attr = fs.create(parent, name, st.st_mode & 0o7777, st.st_uid, st.st_gid)
-    links[key] = attr.ino
+    # Written under a temporary name and renamed over the target at the end: a copy
+    # that fails (the cluster is full...) leaves the old file, and no partial one.
+    tmp = b".sdbackup-put-" + os.urandom(6).hex().encode() + b"-" + name[:200]
+    attr = fs.create(parent, tmp, st.st_mode & 0o7777, st.st_uid, st.st_gid)
     total = 0
-    with open(src, "rb", buffering=0) as f:
-        buf = bytearray(CHUNK)
-        zeros = bytes(CHUNK)
-        mv = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            if mv[:n] != zeros[:n]:  # all-zero chunks stay holes (sparse files stay sparse)
-                fs.write(attr.ino, total, mv[:n])
-            total += n
-            if progress:
-                progress(n)
-    if fs.getattr(attr.ino).size < total:
-        fs.truncate(attr.ino, total)
+    try:
+        with open(src, "rb", buffering=0) as f:
+            buf = bytearray(CHUNK)
+            zeros = bytes(CHUNK)
+            mv = memoryview(buf)
+            while True:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                if mv[:n] != zeros[:n]:  # all-zero chunks stay holes (sparse stays sparse)
+                    fs.write(attr.ino, total, mv[:n])
+                total += n
+                if progress:
+                    progress(n)
+        if fs.getattr(attr.ino).size < total:
+            fs.truncate(attr.ino, total)
+        flush = getattr(fs, "flush_inode", None)  # a node's cache writes back later:
+        if flush is not None:  # a write-back error (no space) must surface for this file
+            flush(attr.ino)
+        fs.rename(parent, tmp, parent, name)  # replaces an existing file atomically
+    except BaseException as e:
+        try:
+            fs.unlink(parent, tmp)
+        except FsError:
+            pass
+        if isinstance(e, FsError):
+            raise FsError(e.errno or errno.EIO, f"{src}: {e.what or e.strerror}") from None
+        raise
+    links[key] = attr.ino
     fs.setattr(attr.ino, atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns)
     return total
 
@@ -136,8 +152,8 @@ def _get(fs: FileSystem, attr: Attr, target: Path, links: dict[int, Path],
         total = 0
         for ent in fs.listdir(attr.ino):
             total += _get(fs, ent.attr, target / os.fsdecode(ent.name), links, progress)
-        os.chmod(target, attr.mode & 0o7777)
         _owner(target, attr)
+        os.chmod(target, attr.mode & 0o7777)
         os.utime(target, ns=(attr.atime_ns, attr.mtime_ns))
         return total
     if attr.nlink > 1 and attr.ino in links:
@@ -161,8 +177,8 @@ def _get(fs: FileSystem, attr: Attr, target: Path, links: dict[int, Path],
     finally:
         os.close(fd)
     links[attr.ino] = target
+    _owner(target, attr)  # first: chown clears set-user-ID bits that chmod sets
     os.chmod(target, attr.mode & 0o7777)
-    _owner(target, attr)
     os.utime(target, ns=(attr.atime_ns, attr.mtime_ns))
     return total
 

@@ -889,9 +889,9 @@ class RecordWriter:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             why = "is full" if e.errno == errno.ENOSPC else "is over its disk quota"
             err = NoSpaceError(
-                f"backup medium {self.medium} {why}: could not write a {total}-byte record "
-                f"at offset {offset} after {self.bytes_written} bytes of this stream; free "
-                "space there or use a larger medium, then run the backup again (this "
+                f"the file system holding {self.medium} {why}: could not write a {total}-byte "
+                f"record at offset {offset} after {self.bytes_written} bytes of this stream; "
+                "free space there or use a larger medium, then run the backup again (this "
                 "stream is incomplete and will not be used)"
             )
         else:

@@ -135,13 +135,17 @@ class MetadataService:
     def _new_inode(self, mode: int, uid: int, gid: int, nlink: int, rdev: int = 0,
                    target: bytes | None = None, size: int = 0) -> int:
         now = time.time_ns()
-        cur = self.store.execute(
-            "INSERT INTO inodes(mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, nlink,"
-            " rdev, target) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (mode, uid, gid, size, now, now, now, nlink, rdev, target),
+        # Inode numbers are never reused: state that outlives a file anywhere (a node's
+        # cache, a right, a write-back in flight) must never match a new file.
+        ino = max(int(self.store.get_meta("next_inode") or 0),
+                  int(self.store.get_val("SELECT COALESCE(MAX(id), 0) FROM inodes")) + 1)
+        self.store.execute(
+            "INSERT INTO inodes(id, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, nlink,"
+            " rdev, target) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (ino, mode, uid, gid, size, now, now, now, nlink, rdev, target),
         )
-        assert cur.lastrowid is not None
-        return int(cur.lastrowid)
+        self.store.set_meta("next_inode", str(ino + 1))
+        return ino
 
     def _maybe_delete(self, ino: int) -> None:
         """Free an inode whose last name is gone, unless someone still has it open."""

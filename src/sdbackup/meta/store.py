@@ -36,6 +36,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from sdbackup.errors import CorruptError
+
 SCHEMA_VERSION = 1
 GROUP_OPS = 2000  # transactions per group commit
 GROUP_SECONDS = 0.5  # and at most this old
@@ -123,6 +125,12 @@ def create_tables(db: sqlite3.Connection) -> None:
     )
 
 
+def damaged_store(path: Path, e: Exception) -> CorruptError:
+    """The one-line error for a metadata store SQLite cannot read."""
+    return CorruptError(f"metadata store {path} is damaged ({e}): restore the cluster from "
+                        "a backup with 'sdbackup restore-cluster'")
+
+
 class MetaStore:
     """A thin wrapper around one SQLite connection, shared by the coordinator's threads.
 
@@ -140,11 +148,18 @@ class MetaStore:
         self.db = sqlite3.connect(
             str(self.path), isolation_level=None, check_same_thread=False, timeout=30
         )
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA foreign_keys=OFF")
-        # A big page cache: the metadata of 100,000 files fits in memory.
-        self.db.execute("PRAGMA cache_size=-65536")
+        try:
+            if not create:  # reads the schema first (a truncated or foreign file fails
+                # here, before anything is written to it)
+                self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=OFF")
+            # A big page cache: the metadata of 100,000 files fits in memory.
+            self.db.execute("PRAGMA cache_size=-65536")
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            raise damaged_store(self.path, e) from None
         self.lock = threading.RLock()
         self._depth = 0
         self._before_commit: Callable[[], None] | None = None

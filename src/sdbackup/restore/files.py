@@ -51,11 +51,15 @@ class RestoreStats:
     special: int = 0
     bytes: int = 0
     warnings: list[str] = field(default_factory=list)
+    # Files not restored because a record holding their data is damaged: the other
+    # files are restored all the same (the command then exits 5, naming each).
+    damaged: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
         return {"files": self.files, "directories": self.directories,
                 "symlinks": self.symlinks, "hardlinks": self.hardlinks,
-                "special": self.special, "bytes": self.bytes, "warnings": self.warnings}
+                "special": self.special, "bytes": self.bytes, "warnings": self.warnings,
+                "damaged": self.damaged}
 
 
 @dataclass
@@ -313,10 +317,12 @@ def restore_files(
                 os.mkdir(n.name, 0o700, dir_fd=dirs.get(n.parent))
                 stats.directories += 1
         # 2. file data, in disk order
+        bad_inos: set[int] = set()
         for _first, i, lo, hi in order_key:
             n = nodes[i]
+            pfd = dirs.get(n.parent)
             fd = os.open(n.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600, dir_fd=dirs.get(n.parent))
+                         | os.O_CLOEXEC, 0o600, dir_fd=pfd)
             try:
                 nfb = (n.size + bs - 1) // bs
                 for _ino, fblock, count, disk, dblock in extents[lo:hi].tolist():
@@ -328,8 +334,16 @@ def restore_files(
                         pwrite_all(fd, data, (fblock + k) * bs)
                 os.ftruncate(fd, n.size)
                 _attrs_fd(fd, n)
-            finally:
+            except CorruptError as err:  # this file only: the others are restored
                 os.close(fd)
+                fd = -1
+                os.unlink(n.name, dir_fd=pfd)
+                bad_inos.add(n.ino)
+                stats.damaged.append(f"{os.fsdecode(tree.path(i))}: {err.message}")
+                continue
+            finally:
+                if fd >= 0:
+                    os.close(fd)
             stats.files += 1
             stats.bytes += n.size
             if progress is not None:
@@ -337,6 +351,10 @@ def restore_files(
         # 3. hard links, symlinks, special files
         for i in links:
             n = nodes[i]
+            if n.ino in bad_inos:
+                stats.damaged.append(f"{os.fsdecode(tree.path(i))}: a hard link of a "
+                                     "damaged file")
+                continue
             src = nodes[first_name[n.ino]]
             sfd = os.dup(dirs.get(src.parent))
             try:

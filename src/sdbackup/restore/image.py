@@ -18,6 +18,7 @@ its files equal the originals. Backups of the restored cluster go to a new mediu
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -35,6 +36,7 @@ from sdbackup.cluster.config import (
     ClusterConfig,
     DiskConfig,
     make_label,
+    read_label,
     sync_dir,
     write_atomic,
 )
@@ -132,6 +134,35 @@ def restore_image(
 
 
 
+RESTORING = "RESTORING"
+
+
+def _clean_interrupted(new_dir: Path) -> None:
+    """Remove what an interrupted restore-cluster left in ``new_dir`` (it wrote
+    RESTORING first, listing the disk images it was about to create)."""
+    marker = new_dir / RESTORING
+    if not marker.is_file():
+        return
+    try:
+        info = json.loads(marker.read_text())
+        created = [Path(p) for p in info.get("created", [])]
+        if not isinstance(info.get("generation"), str):
+            raise ValueError("no generation")
+    except (ValueError, AttributeError, TypeError):
+        raise UsageError(f"--to {new_dir} holds a {RESTORING} file that restore-cluster did "
+                         "not write; give a new or empty directory") from None
+    for p in created:
+        # Only what this restore made: a disk image outside --to carrying a label.
+        if p.parent != new_dir and p.is_file() and read_label(p) is not None:
+            p.unlink(missing_ok=True)
+    for child in new_dir.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    sync_dir(new_dir)
+
+
 @dataclass
 class ClusterRestore:
     cluster_dir: str
@@ -174,6 +205,7 @@ def restore_cluster(
     paths = dict(disk_paths or {})
     for name in paths:
         m.disk(name)  # UsageError for a disk the generation does not have
+    _clean_interrupted(new_dir)
     if new_dir.exists() and (not new_dir.is_dir() or any(new_dir.iterdir())):
         raise UsageError(f"--to {new_dir} exists and is not an empty directory; give a new "
                          "directory for the restored cluster")
@@ -185,6 +217,9 @@ def restore_cluster(
     if len(set(resolved)) != len(resolved):
         raise UsageError("two disks would be restored to the same path")
     for name, p in paths.items():
+        if p.is_dir():
+            raise UsageError(f"--disk {name}={p} is a directory; give the path of the image "
+                             "file or device to write")
         if p.exists() and not force and holds_data(p):
             raise UsageError(f"{p} (for disk {name}) holds data; use --force to overwrite it")
     meta_src = gen.meta_file()
@@ -195,6 +230,11 @@ def restore_cluster(
     result = ClusterRestore(str(new_dir), new_id, m.cluster_id, m.id)
     try:
         new_dir.mkdir(exist_ok=True)
+        # Names what this restore creates, so that a rerun after an interruption (a
+        # kill, a power cut) can clean it up; removed last, once the cluster is whole.
+        write_atomic(new_dir / RESTORING, json.dumps(
+            {"generation": m.id, "created": [str(p) for p in paths.values()
+                                             if not p.exists()]}).encode())
         (new_dir / "logs").mkdir(exist_ok=True)
         bs = m.block_size
         for d in m.disks:
@@ -222,7 +262,8 @@ def restore_cluster(
             con.close()
         write_atomic(new_dir / "secret", secrets.token_hex(32).encode() + b"\n", mode=0o600)
         os.chmod(new_dir / "secret", 0o600)
-        cfg = ClusterConfig(new_id, bs, [DiskConfig(d.name, str(paths[d.name]), d.id)
+        cfg = ClusterConfig(new_id, bs, [DiskConfig(d.name, str(paths[d.name]), d.id,
+                                                    supports_direct(paths[d.name]))
                                          for d in m.disks])
         write_atomic(new_dir / CONFIG_NAME, cfg.to_toml().encode())
         store = MetaStore(db_path)
@@ -236,6 +277,7 @@ def restore_cluster(
                                f"{problems[0].message} (the generation's metadata is "
                                "inconsistent)")
         result.fsck_checks = len(fsck_mod.CHECKS)
+        (new_dir / RESTORING).unlink()
         sync_dir(new_dir)
     except BaseException:
         for p in created:
