@@ -61,7 +61,7 @@ from common import (
     runs_summary,
 )
 
-from sdbackup.cluster.config import LABEL_BLOCKS
+from sdbackup.blocks.label import LABEL_BLOCKS
 from sdbackup.cluster.local import DiskSpec, init_cluster, open_cluster
 from sdbackup.types import ROOT_INODE
 

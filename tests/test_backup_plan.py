@@ -14,7 +14,7 @@ from test_backup_support import make_cluster
 from sdbackup.backup.plan import make_plan
 from sdbackup.backup.source import LocalClusterSource
 from sdbackup.blocks.blockset import BlockSet
-from sdbackup.cluster.config import LABEL_BLOCKS
+from sdbackup.blocks.label import LABEL_BLOCKS
 from sdbackup.cluster.local import open_cluster
 from sdbackup.errors import FsError
 from sdbackup.media.index import BlockIndex, check_entries, make_entries

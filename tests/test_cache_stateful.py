@@ -44,13 +44,13 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from sdbackup.cluster.config import LABEL_BLOCKS
+from sdbackup.blocks.label import LABEL_BLOCKS
 from sdbackup.cluster.coordinator import Coordinator
 from sdbackup.cluster.local import DiskSpec, init_cluster
 from sdbackup.cluster.node import ClusterClient
-from sdbackup.cluster.rights import SEGMENT_BYTES
 from sdbackup.errors import FsError, RemoteError
 from sdbackup.fs.cached import CachedFileSystem, Seg
+from sdbackup.fs.segments import SEGMENT_BYTES
 from sdbackup.meta import fsck
 from sdbackup.types import ROOT_INODE
 

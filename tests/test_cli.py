@@ -31,9 +31,10 @@ import pytest
 from click.testing import CliRunner
 
 from sdbackup import errors
+from sdbackup.blocks.durable import write_atomic
+from sdbackup.blocks.label import LABEL_BLOCKS
 from sdbackup.cli.main import cli
 from sdbackup.cluster import local
-from sdbackup.cluster.config import LABEL_BLOCKS, write_atomic
 from sdbackup.cluster.local import DiskSpec, init_cluster, open_cluster
 from sdbackup.errors import FsError
 

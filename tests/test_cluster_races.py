@@ -19,8 +19,8 @@ import pytest
 from sdbackup.cluster.coordinator import Coordinator
 from sdbackup.cluster.local import DiskSpec, init_cluster
 from sdbackup.cluster.node import ClusterClient, NodeAgent
-from sdbackup.cluster.rights import SEGMENT_BYTES
 from sdbackup.errors import RemoteError
+from sdbackup.fs.segments import SEGMENT_BYTES
 
 MiB = 1 << 20
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from sdbackup.blocks.device import BlockDevice
-from sdbackup.cluster.config import LABEL_BLOCKS
+from sdbackup.blocks.label import LABEL_BLOCKS
 from sdbackup.cluster.local import LocalCluster, open_cluster
 from sdbackup.errors import FsError
 from sdbackup.fs.filesystem import FileSystem

@@ -32,7 +32,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from sdbackup.cluster.config import LABEL_BLOCKS
+from sdbackup.blocks.label import LABEL_BLOCKS
 from sdbackup.cluster.local import LocalCluster, open_cluster
 from sdbackup.errors import FsError
 from sdbackup.meta import fsck

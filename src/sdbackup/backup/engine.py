@@ -39,7 +39,7 @@ from sdbackup.backup.plan import Plan, make_plan
 from sdbackup.backup.source import BackupSource, Snapshot, SourceConfig
 from sdbackup.backup.window import LOG_MODES
 from sdbackup.blocks.blockset import BlockSet
-from sdbackup.cluster.config import fsync_path
+from sdbackup.blocks.durable import fsync_path
 from sdbackup.errors import CorruptError, NoSpaceError, SdbError, UsageError
 from sdbackup.media.index import make_entries, write_index
 from sdbackup.media.medium import (

@@ -23,7 +23,7 @@ from dataclasses import replace
 import numpy as np
 
 from sdbackup.backup.bilog import read_entries
-from sdbackup.cluster.config import fsync_path, sync_dir, write_atomic
+from sdbackup.blocks.durable import fsync_path, sync_dir, write_atomic
 from sdbackup.errors import CorruptError, NoSpaceError, UsageError
 from sdbackup.media.generation import Generation, external_log
 from sdbackup.media.index import make_entries, read_index, write_index

@@ -121,7 +121,7 @@ def node(cluster_dir: Path | None, name: str, cache_size: str, flush_delay: floa
     the coordinator's path, or where --disk says) and checks its label; a missing,
     read-only or foreign disk is an error and the node does not join.
     """
-    from sdbackup.cluster.disk_access import parse_disk_overrides
+    from sdbackup.blocks.disk_access import parse_disk_overrides
     from sdbackup.cluster.node import NodeAgent
 
     overrides = parse_disk_overrides(disk_paths)

@@ -1,4 +1,4 @@
-"""The cluster directory: its readable config file, secret, lock and disk labels.
+"""The cluster directory: its readable config file, secret and lock.
 
 Layout of CLUSTER_DIR::
 
@@ -8,8 +8,7 @@ Layout of CLUSTER_DIR::
     lock           flock'ed by whoever runs the coordinator (embedded or not)
     logs/          coordinator and node logs
 
-Every disk carries a label in its block 0 (reserved, never given to a file) naming
-the cluster and the disk, so that a disk cannot silently be used by two clusters.
+The disks' labels are in :mod:`sdbackup.blocks.label`.
 """
 
 from __future__ import annotations
@@ -21,11 +20,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdbackup.errors import CorruptError, NotFoundError, UsageError
+from sdbackup.errors import NotFoundError, UsageError
 
 CONFIG_NAME = "cluster.toml"
-DISK_MAGIC = b"SDBDISK1"
-LABEL_BLOCKS = 1  # blocks reserved at the start of every disk for its label
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)?\s*$", re.IGNORECASE)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -121,58 +118,3 @@ def load_config(cluster_dir: str | os.PathLike[str]) -> ClusterConfig:
         raise UsageError(f"malformed {path}: {e}; fix the file or re-create the cluster") from None
     check_block_size(cfg.block_size)
     return cfg
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Crash-safe write: temp file, fsync, rename, fsync the directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    sync_dir(path.parent)
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file that was written and closed (by name)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def make_label(cluster_id: str, disk_name: str, disk_id: int, block_size: int,
-               nblocks: int) -> bytes:
-    body = json.dumps({"cluster_id": cluster_id, "disk": disk_name, "disk_id": disk_id,
-                       "block_size": block_size, "nblocks": nblocks}).encode()
-    label = DISK_MAGIC + len(body).to_bytes(4, "little") + body
-    return label + bytes(block_size - len(label))
-
-
-def read_label(path: str | os.PathLike[str]) -> dict[str, object] | None:
-    """The label of a disk, or None when it carries none."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except FileNotFoundError:
-        return None
-    if not head.startswith(DISK_MAGIC):
-        return None
-    n = int.from_bytes(head[8:12], "little")
-    try:
-        label: dict[str, object] = json.loads(head[12 : 12 + n])
-    except ValueError:
-        raise CorruptError(f"disk {path} has a damaged sdbackup label") from None
-    return label

@@ -38,14 +38,15 @@ from typing import Any
 from sdbackup.backup.bilog import BiLog, merge_logs
 from sdbackup.backup.window import BackupWindow
 from sdbackup.blocks.blockset import BlockSet
+from sdbackup.blocks.disk_access import disk_identity
 from sdbackup.blocks.diskset import DiskSet
+from sdbackup.blocks.durable import write_atomic
 from sdbackup.cluster import wire
 from sdbackup.cluster.auth import load_secret
-from sdbackup.cluster.config import load_config, write_atomic
-from sdbackup.cluster.disk_access import disk_identity
+from sdbackup.cluster.config import load_config
 from sdbackup.cluster.local import ClusterLock, open_disks
 from sdbackup.cluster.remote import ADDR_FILE
-from sdbackup.cluster.rights import SEGMENT_BYTES, RecallFailed, RightsManager
+from sdbackup.cluster.rights import RecallFailed, RightsManager
 from sdbackup.cluster.rpc import BaseHandler, Connection, RpcServer
 from sdbackup.errors import (
     BusyError,
@@ -56,6 +57,7 @@ from sdbackup.errors import (
     UsageError,
 )
 from sdbackup.fs.filesystem import zero_tail
+from sdbackup.fs.segments import SEGMENT_BYTES
 from sdbackup.meta import fsck as fsck_mod
 from sdbackup.meta.service import MetadataService
 from sdbackup.meta.store import MetaStore

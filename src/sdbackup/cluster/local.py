@@ -21,21 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdbackup.blocks.device import BlockDevice, create_sparse, device_size, holds_data
+from sdbackup.blocks.disk_access import DiskPlace, open_disk_set, supports_direct
 from sdbackup.blocks.diskset import DiskSet
+from sdbackup.blocks.durable import write_atomic
+from sdbackup.blocks.label import LABEL_BLOCKS, make_label, read_label
 from sdbackup.cluster.config import (
     CONFIG_NAME,
-    LABEL_BLOCKS,
     ClusterConfig,
     DiskConfig,
     check_block_size,
     check_disk_name,
     load_config,
-    make_label,
     parse_size,
-    read_label,
-    write_atomic,
 )
-from sdbackup.cluster.disk_access import DiskPlace, open_disk_set, supports_direct
 from sdbackup.errors import BusyError, CorruptError, SdbError, UsageError
 from sdbackup.fs.filesystem import FileSystem
 from sdbackup.meta.alloc import DiskBitmap

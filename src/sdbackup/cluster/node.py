@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from sdbackup.backup.bilog import BiLog
+from sdbackup.blocks.disk_access import DiskPlace, disk_identity, open_disk_set
 from sdbackup.blocks.diskset import DiskSet
+from sdbackup.blocks.durable import write_atomic
 from sdbackup.cluster import wire
 from sdbackup.cluster.auth import load_secret
-from sdbackup.cluster.config import write_atomic
-from sdbackup.cluster.disk_access import DiskPlace, disk_identity, open_disk_set
 from sdbackup.cluster.protocol import Blob
 from sdbackup.cluster.remote import RemoteMeta, RemoteRights, read_addr
 from sdbackup.cluster.rpc import (

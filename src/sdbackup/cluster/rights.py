@@ -38,8 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from sdbackup.errors import FsError, SdbError
-
-SEGMENT_BYTES = 1 << 20
+from sdbackup.fs.segments import SEGMENT_BYTES
 
 log = logging.getLogger("sdbackup.cluster")
 

@@ -51,9 +51,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from sdbackup.blocks.diskset import DiskSet
-from sdbackup.cluster.rights import SEGMENT_BYTES
 from sdbackup.errors import FsError, NoSpaceError, RemoteError, SdbError
 from sdbackup.fs.filesystem import FileSystem, MetaApi
+from sdbackup.fs.segments import SEGMENT_BYTES
 from sdbackup.meta.types import Attr, Extent, WriteRun
 
 log = logging.getLogger("sdbackup.cache")

@@ -36,7 +36,7 @@ from typing import Any
 
 import xxhash
 
-from sdbackup.cluster.config import sync_dir, write_atomic
+from sdbackup.blocks.durable import sync_dir, write_atomic
 from sdbackup.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
 
 MEDIUM_LABEL = "sdbackup-medium.json"

@@ -31,16 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdbackup.blocks.device import BlockDevice, holds_data
-from sdbackup.cluster.config import (
-    CONFIG_NAME,
-    ClusterConfig,
-    DiskConfig,
-    make_label,
-    read_label,
-    sync_dir,
-    write_atomic,
-)
-from sdbackup.cluster.disk_access import supports_direct
+from sdbackup.blocks.disk_access import supports_direct
+from sdbackup.blocks.durable import sync_dir, write_atomic
+from sdbackup.blocks.label import make_label, read_label
+from sdbackup.cluster.config import CONFIG_NAME, ClusterConfig, DiskConfig
 from sdbackup.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
 from sdbackup.media.generation import Generation, GenerationReader
 from sdbackup.media.records import Kind

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from sdbackup.blocks.device import BlockDevice
 from sdbackup.blocks.diskset import DiskSet
-from sdbackup.cluster.config import DISK_MAGIC
+from sdbackup.blocks.label import DISK_MAGIC
 from sdbackup.errors import CorruptError, SdbError, UsageError
 
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
