@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from test_backup_support import make_cluster
 
 from sdbackup.backup.plan import make_plan
-from sdbackup.backup.source import LocalClusterSource
 from sdbackup.blocks.blockset import BlockSet
 from sdbackup.blocks.label import LABEL_BLOCKS
+from sdbackup.cluster.backup_source import LocalClusterSource
 from sdbackup.cluster.local import open_cluster
 from sdbackup.errors import FsError
 from sdbackup.media.index import BlockIndex, check_entries, make_entries

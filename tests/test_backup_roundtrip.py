@@ -23,7 +23,7 @@ from test_backup_support import (
 )
 
 from sdbackup.backup.engine import BackupOptions, parse_compression, run_backup
-from sdbackup.backup.source import LocalClusterSource
+from sdbackup.cluster.backup_source import LocalClusterSource
 from sdbackup.cluster.local import open_cluster
 from sdbackup.errors import UsageError
 from sdbackup.fs import transfer

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdbackup.backup.engine import BackupOptions, BackupResult, run_backup
-from sdbackup.backup.source import LocalClusterSource
 from sdbackup.cli.main import main
+from sdbackup.cluster.backup_source import LocalClusterSource
 from sdbackup.cluster.local import DiskSpec, init_cluster, open_cluster
 from sdbackup.fs import transfer
 from sdbackup.media.medium import MANIFEST, META, FileEntry, Manifest, file_digest

@@ -26,8 +26,9 @@ try:  # tests/ as a plain directory of modules...
 except ModuleNotFoundError:  # ...or as a package (with tests/__init__.py)
     from tests.cluster_helpers import ClusterProcs, read_file_via, sdb, wait_for, write_file_via
 
-from sdbackup.cluster.auth import client_handshake
-from sdbackup.cluster.protocol import (
+from sdbackup.errors import EXIT_REMOTE
+from sdbackup.net.auth import client_handshake
+from sdbackup.net.protocol import (
     FLAG_BLOB,
     HEADER,
     MAGIC,
@@ -36,7 +37,6 @@ from sdbackup.cluster.protocol import (
     FrameType,
     pack_header,
 )
-from sdbackup.errors import EXIT_REMOTE
 
 _names = itertools.count()
 

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from sdbackup.cluster.auth import AUTH_FAILED_MESSAGE, client_handshake, load_secret
-from sdbackup.cluster.protocol import (
+from sdbackup.errors import EXIT_NOT_FOUND, FsError, NotFoundError, RemoteError, SdbError
+from sdbackup.net.auth import AUTH_FAILED_MESSAGE, client_handshake, load_secret
+from sdbackup.net.protocol import (
     HEADER,
     MAGIC,
     MAX_BLOB,
@@ -31,7 +32,7 @@ from sdbackup.cluster.protocol import (
     ProtocolError,
     pack_header,
 )
-from sdbackup.cluster.rpc import (
+from sdbackup.net.rpc import (
     BaseHandler,
     Connection,
     HandlerResult,
@@ -41,7 +42,6 @@ from sdbackup.cluster.rpc import (
     connect_pair,
     register_error,
 )
-from sdbackup.errors import EXIT_NOT_FOUND, FsError, NotFoundError, RemoteError, SdbError
 
 SECRET = b"7f3c0a9e5b2d4c6f8a1e3b5d7c9f0a2b"
 WRONG = b"00000000000000000000000000000000"

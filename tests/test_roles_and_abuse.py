@@ -50,24 +50,24 @@ try:
 except ModuleNotFoundError:  # tests/ imported as a package
     from tests.cluster_helpers import ClusterProcs, sdb, sdb_cmd, wait_for, write_file_via
 
-from sdbackup.cluster import rpc
-from sdbackup.cluster.auth import (
+from sdbackup.net import rpc
+from sdbackup.cluster.config import read_addr
+from sdbackup.cluster.node import ClusterClient, node_control_address
+from sdbackup.errors import SdbError
+from sdbackup.net.auth import (
     AUTH_FAILED_MESSAGE,
     client_handshake,
     load_secret,
     proof,
 )
-from sdbackup.cluster.node import ClusterClient, node_control_address
-from sdbackup.cluster.protocol import (
+from sdbackup.net.protocol import (
     HEADER,
     ZERO_MAC,
     FrameStream,
     FrameType,
     pack_header,
 )
-from sdbackup.cluster.remote import read_addr
-from sdbackup.cluster.rpc import BaseHandler, Connection, HandlerResult, RpcClient, RpcServer
-from sdbackup.errors import SdbError
+from sdbackup.net.rpc import BaseHandler, Connection, HandlerResult, RpcClient, RpcServer
 
 MiB = 1 << 20
 SECRET = b"5be0c3d1a2f94e8b7c6d5e4f3a2b1c0d"

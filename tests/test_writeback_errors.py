@@ -470,7 +470,7 @@ _FAULTY_NODE = textwrap.dedent('''
     """
     import errno, json, os, sys, threading
     from sdbackup.blocks.device import BlockDevice
-    from sdbackup.cluster.remote import RemoteMeta
+    from sdbackup.net.remote import RemoteMeta
     from sdbackup.errors import FsError, NoSpaceError
 
     _tl = threading.local()

@@ -14,10 +14,11 @@ merged, overlaid or applied with no other file.
   blocks that have no before image stored yet.
 - :func:`merge_logs` gathers several logs (a.2), sorts their records by logical time
   and keeps the oldest per block.
-- :class:`LogIndex` answers "which log record holds block b of disk d" in O(log n).
-- :class:`OverlayReader` is the log-first reader (c.5, Fig. 34-35): a block is read from
-  the log when the log has it, from the backup data otherwise.
 - :func:`apply_log` writes a log onto a restored disk image.
+
+Reading a log's entries and looking blocks up in it is the media layer's
+(:mod:`sdbackup.media.bilog`); a generation's reader reads a log first where it was
+not overlaid (c.5).
 """
 
 from __future__ import annotations
@@ -28,25 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from sdbackup.blocks.blockset import BlockSet
-from sdbackup.blocks.reader import BlockReader
 from sdbackup.errors import CorruptError, UsageError
-from sdbackup.media.records import Kind, RecordReader, RecordWriter, StreamTruncatedError
-
-
-@dataclass(frozen=True)
-class BiEntry:
-    """One BI record: blocks [start, start+count) of ``disk`` at logical time ``ltime``,
-    stored at byte ``offset`` of log file ``path``."""
-
-    disk: int
-    start: int
-    count: int
-    ltime: int
-    offset: int
-    path: str
+from sdbackup.media.bilog import BiEntry, read_entries
+from sdbackup.media.records import Kind, RecordReader, RecordWriter
 
 
 class BiLog:
@@ -100,24 +86,6 @@ class BiLog:
         self.writer.close(fsync=True)
 
 
-def read_entries(path: str | os.PathLike[str], *, allow_truncated: bool = False
-                 ) -> list[BiEntry]:
-    """The BI records of a log file (headers only). A log whose writer died is read up
-    to its last intact record when ``allow_truncated``."""
-    out: list[BiEntry] = []
-    with RecordReader(path) as r:
-        try:
-            for rec in r.scan(payloads=False, require_end=not allow_truncated):
-                h = rec.header
-                if h.kind == Kind.BI:
-                    out.append(BiEntry(h.disk_id, h.start_block, h.block_count,
-                                       h.logical_time, rec.offset, os.fspath(path)))
-        except StreamTruncatedError:
-            if not allow_truncated:
-                raise
-    return out
-
-
 @dataclass
 class MergeStats:
     inputs: int = 0
@@ -162,91 +130,6 @@ def merge_logs(inputs: Iterable[str | os.PathLike[str]], out: str | os.PathLike[
         for r in readers.values():
             r.close()
     return stats
-
-
-class LogIndex:
-    """Block → log record lookup over logs that hold each block at most once."""
-
-    def __init__(self, entries: Iterable[BiEntry]) -> None:
-        per_disk: dict[int, list[BiEntry]] = {}
-        for e in entries:
-            per_disk.setdefault(e.disk, []).append(e)
-        self._disks: dict[int, tuple[np.ndarray, np.ndarray, list[BiEntry]]] = {}
-        for disk, ents in per_disk.items():
-            ents.sort(key=lambda e: e.start)
-            starts = np.array([e.start for e in ents], dtype=np.int64)
-            ends = starts + np.array([e.count for e in ents], dtype=np.int64)
-            if len(ents) > 1 and np.any(starts[1:] < ends[:-1]):
-                raise CorruptError(f"log index of disk {disk}: a block is logged twice "
-                                   "(merge the logs first)")
-            self._disks[disk] = (starts, ends, ents)
-
-    def lookup(self, disk: int, block: int, count: int) -> list[BiEntry]:
-        """Entries overlapping [block, block+count), in block order."""
-        got = self._disks.get(disk)
-        if got is None:
-            return []
-        starts, ends, ents = got
-        i = int(np.searchsorted(ends, block, side="right"))
-        out = []
-        while i < len(ents) and starts[i] < block + count:
-            out.append(ents[i])
-            i += 1
-        return out
-
-    def blocks(self, disk: int) -> BlockSet:
-        got = self._disks.get(disk)
-        return BlockSet.from_runs((e.start, e.count) for e in got[2]) if got else BlockSet()
-
-    def __len__(self) -> int:
-        return sum(len(v[2]) for v in self._disks.values())
-
-
-class OverlayReader:
-    """The log-first reader (c.5): blocks from the BI log when it has them, else from
-    ``base`` (the generation's copied data)."""
-
-    def __init__(self, base: BlockReader, index: LogIndex, disk_ids: Mapping[str, int]) -> None:
-        self.base = base
-        self.index = index
-        self.disk_ids = dict(disk_ids)
-        self._readers: dict[str, RecordReader] = {}
-
-    @property
-    def block_size(self) -> int:
-        return self.base.block_size
-
-    def _reader(self, path: str) -> RecordReader:
-        r = self._readers.get(path)
-        if r is None:
-            r = self._readers[path] = RecordReader(path)
-        return r
-
-    def read(self, disk: str, block: int, count: int) -> bytes:
-        bs = self.block_size
-        did = self.disk_ids[disk]
-        hits = self.index.lookup(did, block, count)
-        if not hits:
-            return self.base.read(disk, block, count)
-        out = bytearray(count * bs)
-        pos = block
-        for e in [*hits, None]:
-            upto = block + count if e is None else max(e.start, block)
-            if upto > pos:
-                out[(pos - block) * bs : (upto - block) * bs] = self.base.read(disk, pos,
-                                                                              upto - pos)
-            if e is None:
-                break
-            rec = self._reader(e.path).read_at(e.offset)
-            lo, hi = max(e.start, block), min(e.start + e.count, block + count)
-            out[(lo - block) * bs : (hi - block) * bs] = \
-                rec.data[(lo - e.start) * bs : (hi - e.start) * bs]
-            pos = hi
-        return bytes(out)
-
-    def close(self) -> None:
-        for r in self._readers.values():
-            r.close()
 
 
 def apply_log(log: str | os.PathLike[str], image: str | os.PathLike[str], *, disk_id: int,

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdbackup import __version__
-from sdbackup.backup.bilog import BiEntry, read_entries
 from sdbackup.backup.copy import BATCH_BYTES, GAP_BYTES, RECORD_BYTES, Copier, CopyResult
 from sdbackup.backup.plan import Plan, make_plan
 from sdbackup.backup.source import BackupSource, Snapshot, SourceConfig
@@ -41,6 +40,7 @@ from sdbackup.backup.window import LOG_MODES
 from sdbackup.blocks.blockset import BlockSet
 from sdbackup.blocks.durable import fsync_path
 from sdbackup.errors import CorruptError, NoSpaceError, SdbError, UsageError
+from sdbackup.media.bilog import BiEntry, read_entries
 from sdbackup.media.index import make_entries, write_index
 from sdbackup.media.medium import (
     INDEX,

@@ -22,9 +22,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from sdbackup.backup.bilog import read_entries
 from sdbackup.blocks.durable import fsync_path, sync_dir, write_atomic
 from sdbackup.errors import CorruptError, NoSpaceError, UsageError
+from sdbackup.media.bilog import read_entries
 from sdbackup.media.generation import Generation, external_log
 from sdbackup.media.index import make_entries, read_index, write_index
 from sdbackup.media.medium import MANIFEST, FileEntry, stream_name

@@ -2,8 +2,8 @@
 implementation.
 
 The backup engine (``backup/engine.py``) is written against this small protocol only,
-so that the embedded cluster (:class:`LocalClusterSource`, here) and the coordinator
-process (later) are backed up by the same code. A source gives:
+so that the embedded cluster and the coordinator (both in
+``cluster/backup_source.py``) are backed up by the same code. A source gives:
 
 * ``config`` -- the cluster's identity, block size and disks (id, name, block count);
 * ``disks`` -- the live disks (a :class:`~sdbackup.blocks.diskset.DiskSet`: a
@@ -22,20 +22,16 @@ process (later) are backed up by the same code. A source gives:
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from sdbackup.blocks.diskset import DiskSet
-
-if TYPE_CHECKING:  # the engine must not depend on the embedded cluster at run time
-    from sdbackup.cluster.local import LocalCluster
 
 
 @dataclass(frozen=True)
@@ -80,47 +76,3 @@ class BackupSource(Protocol):
     def freeze(self, snapshot_path: Path) -> AbstractContextManager[Snapshot]: ...
 
     def used_runs(self, disk_id: int) -> Runs: ...
-
-
-class LocalClusterSource:
-    """:class:`BackupSource` over a cluster opened in this process (embedded coordinator).
-
-    The cluster lock that :class:`~sdbackup.cluster.local.LocalCluster` holds keeps every
-    other process from writing. ``freeze`` also holds the metadata store's lock, so
-    that metadata operations of this process (allocations, commits) wait until the
-    freeze ends, syncs the disks and the store (nothing is cached in between on this
-    node), and snapshots the store with SQLite's online backup in one step.
-    """
-
-    def __init__(self, cluster: LocalCluster) -> None:
-        self.cluster = cluster
-        rows = cluster.store.query("SELECT id, name, nblocks FROM disks ORDER BY id")
-        self._config = SourceConfig(
-            cluster.config.cluster_id,
-            cluster.config.block_size,
-            tuple(SourceDisk(int(i), str(n), int(nb)) for i, n, nb in rows),
-        )
-
-    @property
-    def config(self) -> SourceConfig:
-        return self._config
-
-    @property
-    def disks(self) -> DiskSet:
-        return self.cluster.disks
-
-    def freeze(self, snapshot_path: Path) -> AbstractContextManager[Snapshot]:
-        return self._freeze(snapshot_path)
-
-    @contextmanager
-    def _freeze(self, snapshot_path: Path) -> Iterator[Snapshot]:
-        store = self.cluster.store
-        with store.lock:
-            self.cluster.disks.fsync()
-            store.sync()
-            t0 = time.time_ns()
-            store.snapshot_to(snapshot_path)
-            yield Snapshot(snapshot_path, t0, 0)
-
-    def used_runs(self, disk_id: int) -> Runs:
-        return self.cluster.meta.used_runs(disk_id)

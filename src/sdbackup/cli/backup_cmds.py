@@ -14,10 +14,10 @@ import click
 
 from sdbackup.backup.engine import BackupOptions, parse_compression, run_backup
 from sdbackup.backup.plan import Plan
-from sdbackup.backup.source import LocalClusterSource
 from sdbackup.backup.verify import verify_generation
 from sdbackup.cli.progress import ByteProgress
 from sdbackup.cluster.access import try_coordinator_client
+from sdbackup.cluster.backup_source import LocalClusterSource
 from sdbackup.cluster.local import open_cluster
 from sdbackup.errors import EXIT_CHECK_FAILED, EXIT_CORRUPT, CorruptError, UsageError
 from sdbackup.media.generation import Generation, GenerationReader
@@ -458,7 +458,8 @@ def log_apply(log_medium: Path, image: Path, gen: str | None, disk_id: int | Non
     Each record of the log says which disk, where and how many blocks; the oldest
     before image of each block is written over the image.
     """
-    from sdbackup.backup.bilog import apply_log, read_entries
+    from sdbackup.backup.bilog import apply_log
+    from sdbackup.media.bilog import read_entries
 
     if log_medium.is_dir():
         logs = sorted(log_medium.glob("*.bilog"))

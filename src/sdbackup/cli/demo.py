@@ -245,8 +245,8 @@ def _fuse_step(base: Path) -> None:
 def _backup_step(base: Path, cdir: Path, sample: Path) -> None:
     """Full backup to a disk medium, verify, restore files, restore the whole cluster."""
     from sdbackup.backup.engine import BackupOptions, run_backup
-    from sdbackup.backup.source import LocalClusterSource
     from sdbackup.backup.verify import verify_generation
+    from sdbackup.cluster.backup_source import LocalClusterSource
     from sdbackup.media.generation import Generation, GenerationReader
     from sdbackup.media.medium import DiskMedium
     from sdbackup.restore.files import restore_files

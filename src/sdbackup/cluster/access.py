@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from sdbackup.blocks.diskset import DiskSet
-from sdbackup.cluster.auth import load_secret
-from sdbackup.cluster.config import load_config
+from sdbackup.cluster.config import load_config, read_addr
 from sdbackup.cluster.local import open_cluster
 from sdbackup.cluster.node import ClusterClient, node_control_address
-from sdbackup.cluster.remote import RemoteMeta, read_addr
-from sdbackup.cluster.rpc import ConnectFailed, RpcClient
 from sdbackup.errors import RemoteError
 from sdbackup.fs.filesystem import FileSystem
+from sdbackup.net.auth import load_secret
+from sdbackup.net.remote import RemoteMeta
+from sdbackup.net.rpc import ConnectFailed, RpcClient
 
 
 class NodeFileSystem(FileSystem):

@@ -34,6 +34,7 @@ log = logging.getLogger("sdbackup.backup")
 
 if TYPE_CHECKING:
     from sdbackup.cluster.coordinator import Coordinator
+    from sdbackup.cluster.local import LocalCluster
 
 
 class CoordinatorSource:
@@ -104,3 +105,47 @@ class CoordinatorSource:
 
     def disarm(self, out_log: Path | None, work_dir: Path) -> dict[str, Any]:
         return self.coord.end_window(out_log, work_dir)
+
+
+class LocalClusterSource:
+    """:class:`BackupSource` over a cluster opened in this process (embedded coordinator).
+
+    The cluster lock that :class:`~sdbackup.cluster.local.LocalCluster` holds keeps every
+    other process from writing. ``freeze`` also holds the metadata store's lock, so
+    that metadata operations of this process (allocations, commits) wait until the
+    freeze ends, syncs the disks and the store (nothing is cached in between on this
+    node), and snapshots the store with SQLite's online backup in one step.
+    """
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        rows = cluster.store.query("SELECT id, name, nblocks FROM disks ORDER BY id")
+        self._config = SourceConfig(
+            cluster.config.cluster_id,
+            cluster.config.block_size,
+            tuple(SourceDisk(int(i), str(n), int(nb)) for i, n, nb in rows),
+        )
+
+    @property
+    def config(self) -> SourceConfig:
+        return self._config
+
+    @property
+    def disks(self) -> DiskSet:
+        return self.cluster.disks
+
+    def freeze(self, snapshot_path: Path) -> AbstractContextManager[Snapshot]:
+        return self._freeze(snapshot_path)
+
+    @contextmanager
+    def _freeze(self, snapshot_path: Path) -> Iterator[Snapshot]:
+        store = self.cluster.store
+        with store.lock:
+            self.cluster.disks.fsync()
+            store.sync()
+            t0 = time.time_ns()
+            store.snapshot_to(snapshot_path)
+            yield Snapshot(snapshot_path, t0, 0)
+
+    def used_runs(self, disk_id: int) -> Runs:
+        return self.cluster.meta.used_runs(disk_id)

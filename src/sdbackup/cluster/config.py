@@ -23,6 +23,7 @@ from pathlib import Path
 from sdbackup.errors import NotFoundError, UsageError
 
 CONFIG_NAME = "cluster.toml"
+ADDR_FILE = "coordinator.addr"  # "HOST:PORT pid=... epoch=..." while one runs
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)?\s*$", re.IGNORECASE)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -118,3 +119,19 @@ def load_config(cluster_dir: str | os.PathLike[str]) -> ClusterConfig:
         raise UsageError(f"malformed {path}: {e}; fix the file or re-create the cluster") from None
     check_block_size(cfg.block_size)
     return cfg
+
+
+def read_addr(cluster_dir: str | os.PathLike[str]) -> tuple[str, int] | None:
+    """The running coordinator's address from CLUSTER_DIR, or None."""
+    p = Path(cluster_dir) / ADDR_FILE
+    try:
+        text = p.read_text().split()
+    except OSError:  # none there (or CLUSTER_DIR is not a directory: said elsewhere)
+        return None
+    if len(text) < 2:
+        return None
+    host, _, port = text[0].rpartition(":")
+    try:
+        return host, int(port)
+    except ValueError:
+        return None

@@ -41,13 +41,9 @@ from sdbackup.blocks.blockset import BlockSet
 from sdbackup.blocks.disk_access import disk_identity
 from sdbackup.blocks.diskset import DiskSet
 from sdbackup.blocks.durable import write_atomic
-from sdbackup.cluster import wire
-from sdbackup.cluster.auth import load_secret
-from sdbackup.cluster.config import load_config
+from sdbackup.cluster.config import ADDR_FILE, load_config
 from sdbackup.cluster.local import ClusterLock, open_disks
-from sdbackup.cluster.remote import ADDR_FILE
 from sdbackup.cluster.rights import RecallFailed, RightsManager
-from sdbackup.cluster.rpc import BaseHandler, Connection, RpcServer
 from sdbackup.errors import (
     BusyError,
     FencedError,
@@ -62,6 +58,9 @@ from sdbackup.meta import fsck as fsck_mod
 from sdbackup.meta.service import MetadataService
 from sdbackup.meta.store import MetaStore
 from sdbackup.meta.types import Attr, Extent, WriteRun
+from sdbackup.net import wire
+from sdbackup.net.auth import load_secret
+from sdbackup.net.rpc import BaseHandler, Connection, RpcServer
 
 log = logging.getLogger("sdbackup.coordinator")
 

@@ -38,11 +38,14 @@ from sdbackup.backup.bilog import BiLog
 from sdbackup.blocks.disk_access import DiskPlace, disk_identity, open_disk_set
 from sdbackup.blocks.diskset import DiskSet
 from sdbackup.blocks.durable import write_atomic
-from sdbackup.cluster import wire
-from sdbackup.cluster.auth import load_secret
-from sdbackup.cluster.protocol import Blob
-from sdbackup.cluster.remote import RemoteMeta, RemoteRights, read_addr
-from sdbackup.cluster.rpc import (
+from sdbackup.cluster.config import read_addr
+from sdbackup.errors import FencedError, NotFoundError, RemoteError, SdbError, UsageError
+from sdbackup.fs.cached import CachedFileSystem
+from sdbackup.net import wire
+from sdbackup.net.auth import load_secret
+from sdbackup.net.protocol import Blob
+from sdbackup.net.remote import RemoteMeta, RemoteRights
+from sdbackup.net.rpc import (
     Args,
     BaseHandler,
     Connection,
@@ -51,8 +54,6 @@ from sdbackup.cluster.rpc import (
     RpcClient,
     RpcServer,
 )
-from sdbackup.errors import FencedError, NotFoundError, RemoteError, SdbError, UsageError
-from sdbackup.fs.cached import CachedFileSystem
 
 log = logging.getLogger("sdbackup.node")
 

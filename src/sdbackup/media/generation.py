@@ -168,7 +168,7 @@ class GenerationReader:
         if ext is not None:
             # c.5: a before-image log that was not overlaid is read first (BI entries
             # win over DATA), from its own medium.
-            from sdbackup.backup.bilog import read_entries
+            from sdbackup.media.bilog import read_entries
             from sdbackup.media.index import make_entries
 
             ents = read_entries(ext)

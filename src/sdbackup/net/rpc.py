@@ -67,14 +67,15 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeAlias
 
 import sdbackup.errors as _errors
-from sdbackup.cluster.auth import (
+from sdbackup.errors import BusyError, FsError, RemoteError, SdbError, UsageError
+from sdbackup.net.auth import (
     HANDSHAKE_TIMEOUT,
     AuthenticationFailed,
     check_secret,
     client_handshake,
     server_handshake,
 )
-from sdbackup.cluster.protocol import (
+from sdbackup.net.protocol import (
     Blob,
     ConnectionLost,
     Frame,
@@ -83,7 +84,6 @@ from sdbackup.cluster.protocol import (
     ProtocolError,
     VersionMismatch,
 )
-from sdbackup.errors import BusyError, FsError, RemoteError, SdbError, UsageError
 
 log = logging.getLogger("sdbackup.cluster")
 

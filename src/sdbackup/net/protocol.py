@@ -19,7 +19,7 @@ The first 6 bytes (magic, version) keep this meaning in every future version, so
 a peer can always tell "not sdbackup" from "another sdbackup version" and answer with
 an error naming both versions.
 
-MAC (after the handshake, :mod:`sdbackup.cluster.auth`): ``HMAC-SHA256(direction key)``
+MAC (after the handshake, :mod:`sdbackup.net.auth`): ``HMAC-SHA256(direction key)``
 truncated to 16 bytes, over ``header[0:24] || body || blob || counter``, where ``counter``
 is a u64 big-endian count of the frames already sent in that direction on this
 connection. The counter is implicit (never on the wire): a dropped, replayed, reordered

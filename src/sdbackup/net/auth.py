@@ -47,7 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdbackup.cluster.protocol import (
+from sdbackup.errors import NotFoundError, RemoteError, UsageError
+from sdbackup.net.protocol import (
     PROTOCOL_VERSION,
     ConnectionLost,
     Frame,
@@ -56,7 +57,6 @@ from sdbackup.cluster.protocol import (
     ProtocolError,
     VersionMismatch,
 )
-from sdbackup.errors import NotFoundError, RemoteError, UsageError
 
 CONTEXT = b"sdbackup cluster auth\x00"
 KEY_CONTEXT = b"sdbackup cluster session key\x00"

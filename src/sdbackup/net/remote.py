@@ -7,17 +7,13 @@ system code is the same in-process and across processes.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
-from sdbackup.cluster import wire
-from sdbackup.cluster.protocol import Blob
-from sdbackup.cluster.rpc import Args, Result
 from sdbackup.meta.types import Attr, DirEntry, Extent, StatFs, WriteRun
-
-ADDR_FILE = "coordinator.addr"
+from sdbackup.net import wire
+from sdbackup.net.protocol import Blob
+from sdbackup.net.rpc import Args, Result
 
 
 class Caller(Protocol):
@@ -150,19 +146,3 @@ class RemoteRights:
         self._counter += 1
         self.client.notify("dirty", {"ino": ino, "segs": segs, "dirty": dirty,
                                      "n": self._counter})
-
-
-def read_addr(cluster_dir: str | os.PathLike[str]) -> tuple[str, int] | None:
-    """The running coordinator's address from CLUSTER_DIR, or None."""
-    p = Path(cluster_dir) / ADDR_FILE
-    try:
-        text = p.read_text().split()
-    except OSError:  # none there (or CLUSTER_DIR is not a directory: said elsewhere)
-        return None
-    if len(text) < 2:
-        return None
-    host, _, port = text[0].rpartition(":")
-    try:
-        return host, int(port)
-    except ValueError:
-        return None

@@ -1,0 +1,1 @@
+"""sdbackup net layer: the cluster protocol (frames, handshake, RPC) and its clients."""
