@@ -50,10 +50,10 @@ try:
 except ModuleNotFoundError:  # tests/ imported as a package
     from tests.cluster_helpers import ClusterProcs, sdb, sdb_cmd, wait_for, write_file_via
 
-from sdbackup.net import rpc
 from sdbackup.cluster.config import read_addr
 from sdbackup.cluster.node import ClusterClient, node_control_address
 from sdbackup.errors import SdbError
+from sdbackup.net import rpc
 from sdbackup.net.auth import (
     AUTH_FAILED_MESSAGE,
     client_handshake,
