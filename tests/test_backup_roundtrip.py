@@ -23,6 +23,7 @@ from test_backup_support import (
 )
 
 from sdbackup.backup.engine import BackupOptions, parse_compression, run_backup
+from sdbackup.blocks.source import read_blocks
 from sdbackup.cluster.backup_source import LocalClusterSource
 from sdbackup.cluster.local import open_cluster
 from sdbackup.errors import UsageError
@@ -30,6 +31,7 @@ from sdbackup.fs import transfer
 from sdbackup.media.generation import Generation, GenerationReader
 from sdbackup.media.medium import GEN_ID_RE, new_generation_id
 from sdbackup.media.records import Kind, RecordReader
+from sdbackup.types import DiskId
 
 
 @pytest.fixture
@@ -101,7 +103,8 @@ def test_generation_reader_equals_live_disks(populated: tuple[Path, Path],
                 b = int(rng.integers(0, nb))
                 n = int(rng.integers(1, min(300, nb - b) + 1))
                 got = np.frombuffer(g.read(d.name, b, n), dtype=np.uint8).reshape(n, bs)
-                live = np.frombuffer(c.disks.read(d.name, b, n), dtype=np.uint8).reshape(n, bs)
+                raw = read_blocks(c.disks, DiskId(d.id), b, n)
+                live = np.frombuffer(raw, dtype=np.uint8).reshape(n, bs)
                 u = used[b : b + n]
                 assert (got[u] == live[u]).all()
                 assert not got[~u].any()  # unused blocks read as zeros

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import mmap
-import os
 import queue
 import threading
 from collections.abc import Callable, Mapping
@@ -28,8 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sdbackup.blocks.blockset import BlockSet
-from sdbackup.blocks.diskset import DiskSet
+from sdbackup.blocks.source import BlockSource
 from sdbackup.media.records import Kind, RecordLocation, RecordWriter
+from sdbackup.types import DiskId
 
 MiB = 1 << 20
 BATCH_BYTES = 8 * MiB
@@ -60,7 +60,7 @@ class Copier:
 
     def __init__(
         self,
-        disks: DiskSet,
+        disks: BlockSource,
         block_size: int,
         writer: RecordWriter,
         *,
@@ -98,18 +98,13 @@ class Copier:
                 for disk_id, blocks in plan.items():
                     if not blocks:
                         continue
-                    dev = self.disks.device(disk_id)
-                    if not dev.direct:
-                        try:
-                            os.posix_fadvise(dev.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                        except OSError:
-                            pass
+                    did = DiskId(disk_id)
                     for start, count in blocks.coalesced_runs(self.gap_blocks,
                                                               self.batch_blocks):
                         bi = free.get()
                         if stop.is_set():
                             return
-                        dev.readinto(start, views[bi][: count * bs])
+                        self.disks.readinto(did, start, views[bi][: count * bs])
                         full.put((disk_id, start, count, bi))
                 full.put(None)
             except BaseException as e:  # handed to the copying thread

@@ -39,6 +39,7 @@ from sdbackup.backup.source import BackupSource, Snapshot, SourceConfig
 from sdbackup.backup.window import LOG_MODES
 from sdbackup.blocks.blockset import BlockSet
 from sdbackup.blocks.durable import fsync_path
+from sdbackup.blocks.source import read_blocks
 from sdbackup.errors import CorruptError, NoSpaceError, SdbError, UsageError
 from sdbackup.media.bilog import BiEntry, read_entries
 from sdbackup.media.index import make_entries, write_index
@@ -55,6 +56,7 @@ from sdbackup.media.medium import (
 )
 from sdbackup.media.records import Compression, Kind, RecordReader, RecordWriter, StreamDigest
 from sdbackup.media.snapshot import SnapshotMeta
+from sdbackup.types import DiskId
 
 CRASH_ENV = "SDBACKUP_TEST_CRASH_AT"
 CRASH_POINTS = ("after-snapshot", "mid-copy", "before-manifest")
@@ -386,7 +388,7 @@ def _dump_t0_image(source: BackupSource, plan: Plan, gen_id: str) -> None:
             f.truncate(d.nblocks * bs)
             for start, count in plan.disks[d.id].runs():
                 f.seek(start * bs)
-                f.write(source.disks.read(d.name, start, count))
+                f.write(read_blocks(source.disks, DiskId(d.id), start, count))
 
 
 def _run_hook(name: str, cmd: str | None) -> None:

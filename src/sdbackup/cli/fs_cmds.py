@@ -15,6 +15,7 @@ import click
 
 from sdbackup.cli.progress import ByteProgress
 from sdbackup.cluster.access import open_fs
+from sdbackup.cluster.config import load_config
 from sdbackup.errors import FsError, UsageError
 from sdbackup.fs import transfer
 from sdbackup.fs.filesystem import FileSystem
@@ -273,6 +274,7 @@ def stat_cmd(ctx: click.Context, path: str, extents: bool) -> None:
         if a.is_link:
             click.echo(f"target    {os.fsdecode(f.readlink(a.ino))}")
         if extents and a.is_reg:
+            names = {d.id: d.name for d in load_config(ctx.obj["dir"]).disks}
             for e in f.meta.map_read(a.ino, 0, (a.size + f.bs - 1) // f.bs):
-                disk = f.disks.names.get(e.disk, str(e.disk))
+                disk = names.get(e.disk, str(e.disk))
                 click.echo(f"extent    file {e.fblock}+{e.length} -> {disk}:{e.dblock}")

@@ -61,6 +61,7 @@ from sdbackup.meta.types import Attr, Extent, WriteRun
 from sdbackup.net import wire
 from sdbackup.net.auth import load_secret
 from sdbackup.net.rpc import BaseHandler, Connection, RpcServer
+from sdbackup.types import DiskId
 
 log = logging.getLogger("sdbackup.coordinator")
 
@@ -532,7 +533,7 @@ class Coordinator:
                 f = cut
         return {str(seg): wire.enc_runs(m) for seg, m in maps.items()}
 
-    def _own_before_image(self, disk: int, block: int, old: bytes) -> None:
+    def _own_before_image(self, disk: DiskId, block: int, old: bytes) -> None:
         """The coordinator overwrites a block itself: same write-ahead rule as nodes."""
         w = self.window
         if w is None:

@@ -40,7 +40,7 @@ from sdbackup.blocks.diskset import DiskSet
 from sdbackup.blocks.durable import write_atomic
 from sdbackup.cluster.config import read_addr
 from sdbackup.errors import FencedError, NotFoundError, RemoteError, SdbError, UsageError
-from sdbackup.fs.cached import CachedFileSystem
+from sdbackup.fs.cached import BiItem, CachedFileSystem
 from sdbackup.net import wire
 from sdbackup.net.auth import load_secret
 from sdbackup.net.protocol import Blob
@@ -399,7 +399,7 @@ class LocalBiSink:
         self._lock = threading.Lock()
         self.closed = False
 
-    def log(self, items: list[tuple[int, int, bytes, int]]) -> None:
+    def log(self, items: list[BiItem]) -> None:
         with self._lock:
             if self.closed:
                 return  # the copy is finished, or logging failed and the backup is off
@@ -433,7 +433,7 @@ class RemoteBiSink:
         self.gen = gen
         self.block_size = block_size
 
-    def log(self, items: list[tuple[int, int, bytes, int]]) -> None:
+    def log(self, items: list[BiItem]) -> None:
         desc = [[d, s, len(data) // self.block_size, t] for d, s, data, t in items]
         try:
             self.ref.call("put_bi", {"gen": self.gen, "items": desc},
@@ -448,7 +448,7 @@ class ClosedBiSink:
     """After the coordinator started gathering this node's log: the copy is finished,
     so no overwrite from now on needs a before image."""
 
-    def log(self, items: list[tuple[int, int, bytes, int]]) -> None:
+    def log(self, items: list[BiItem]) -> None:
         pass
 
 

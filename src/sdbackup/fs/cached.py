@@ -50,11 +50,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from sdbackup.blocks.diskset import DiskSet
+from sdbackup.blocks.source import BlockStore, read_blocks
 from sdbackup.errors import FsError, NoSpaceError, RemoteError, SdbError
-from sdbackup.fs.filesystem import FileSystem, MetaApi
+from sdbackup.fs.filesystem import FileSystem
 from sdbackup.fs.segments import SEGMENT_BYTES
+from sdbackup.meta.api import MetaApi
 from sdbackup.meta.types import Attr, Extent, WriteRun
+from sdbackup.types import DiskId
 
 log = logging.getLogger("sdbackup.cache")
 
@@ -70,10 +72,13 @@ class WriteBackError(FsError):
         self.failed = failed
 
 
+BiItem = tuple[DiskId, int, bytes, int]  # disk, start block, old blocks, logical time
+
+
 class BiSink(Protocol):
     """Where this node's before images go while a backup runs (see backup/bilog.py)."""
 
-    def log(self, items: list[tuple[int, int, bytes, int]]) -> None:
+    def log(self, items: list[BiItem]) -> None:
         """Store (disk, start block, old blocks, logical time) items; durable on return."""
 
 
@@ -155,9 +160,9 @@ def _mask(lo: int, hi: int) -> int:
 class CachedFileSystem(FileSystem):
     """File system operations of a node with a coherent write-back cache."""
 
-    def __init__(self, meta: MetaApi, disks: DiskSet, rights: RightsApi, *,
+    def __init__(self, meta: MetaApi, blocks: BlockStore, rights: RightsApi, *,
                  cache_bytes: int = 64 << 20, flush_delay: float = 5.0) -> None:
-        super().__init__(meta, disks)
+        super().__init__(meta, blocks)
         self.rights = rights
         self.cache_bytes = max(cache_bytes, 4 * SEGMENT_BYTES)
         self.flush_delay = flush_delay
@@ -425,8 +430,8 @@ class CachedFileSystem(FileSystem):
                 if a >= b:
                     continue
                 lo = (a - fb0) * self.bs
-                dev = self.disks.device(ext.disk)
-                dev.readinto(ext.dblock + (a - ext.fblock), mv[lo : lo + (b - a) * self.bs])
+                self.blocks.readinto(ext.disk, ext.dblock + (a - ext.fblock),
+                                     mv[lo : lo + (b - a) * self.bs])
         # Holes read as zeros: a block that is not valid was never written into buf
         # (valid bits are only cleared together with the whole buffer).
         o.valid |= want
@@ -599,8 +604,7 @@ class CachedFileSystem(FileSystem):
                                     "(cut off from the coordinator, or fenced); the data "
                                     "stays dirty")
                             lo = (r.fblock - fb0) * bs
-                            self.disks.device(r.disk).write(r.dblock,
-                                                            mv[lo : lo + r.length * bs])
+                            self.blocks.write(r.disk, r.dblock, mv[lo : lo + r.length * bs])
                     except SdbError as e:
                         if isinstance(e, RemoteError):
                             raise
@@ -614,7 +618,7 @@ class CachedFileSystem(FileSystem):
                         _crash_point("after-bi-write")
             if pending:
                 try:
-                    self.disks.datasync({r.disk for _, _, _, runs in pending for r in runs})
+                    self.blocks.datasync({r.disk for _, _, _, runs in pending for r in runs})
                 except OSError as e:  # nothing written since the last flush is safe
                     for ino in {x[0].ino for x in pending}:
                         fail(ino, e)
@@ -696,7 +700,7 @@ class CachedFileSystem(FileSystem):
         if sink is None:
             raise RemoteError("a backup needs before images of these blocks, but this node "
                               "has no before-image log set up; retry")
-        items = [(r.disk, r.dblock, self.disks.device(r.disk).read(r.dblock, r.length),
+        items = [(r.disk, r.dblock, read_blocks(self.blocks, r.disk, r.dblock, r.length),
                   r.bi_time) for r in need]
         sink.log(items)
         self.stats["bi_runs"] = self.stats.get("bi_runs", 0) + len(items)

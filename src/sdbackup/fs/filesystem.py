@@ -1,9 +1,10 @@
-"""File system operations on a node: namespace through the coordinator, data direct.
+"""The writable file system: the read half plus namespace changes and ordered writes.
 
-``FileSystem`` is written once against two seams: the metadata API (the coordinator's
-:class:`~sdbackup.meta.service.MetadataService`, in-process or over the cluster
-protocol) and a set of block devices. The CLI's ``sdbackup fs`` commands, the FUSE
-adapter and the tests all drive this class.
+:class:`FileSystem` extends :class:`~sdbackup.fs.readonly.ReadOnlyFileSystem` and is
+written against the write halves of the two seams: the metadata API
+(:class:`~sdbackup.meta.api.MetaApi`: the coordinator's metadata service, in-process or
+over the cluster protocol) and a block store (the live shared disks). The CLI's
+``sdbackup fs`` commands, the FUSE adapter and the tests all drive this class.
 
 Write path (ordered, like ext4's data=ordered, across power loss too): map the range
 (holes get *reserved* blocks), write the data to the disks, ``fdatasync`` them, then
@@ -21,71 +22,36 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Protocol
+from collections.abc import Callable
 
-from sdbackup.blocks.diskset import DiskSet
+from sdbackup.blocks.source import BlockStore, read_blocks
 from sdbackup.errors import FsError
-from sdbackup.meta.types import Attr, DirEntry, Extent, StatFs, WriteRun
-from sdbackup.types import ROOT_INODE
+from sdbackup.fs.readonly import ReadOnlyFileSystem
+from sdbackup.meta.api import MetaApi
+from sdbackup.meta.types import Attr
+from sdbackup.types import DiskId
 
 
-class MetaApi(Protocol):
-    """What a node needs from the coordinator's metadata service."""
-
-    block_size: int
-
-    def getattr(self, ino: int) -> Attr: ...
-    def lookup(self, parent: int, name: bytes) -> Attr: ...
-    def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
-              rdev: int = 0) -> Attr: ...
-    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr: ...
-    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr: ...
-    def readlink(self, ino: int) -> bytes: ...
-    def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr: ...
-    def unlink(self, parent: int, name: bytes) -> None: ...
-    def rmdir(self, parent: int, name: bytes) -> None: ...
-    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
-               flags: int = 0) -> None: ...
-    def readdir(self, ino: int, after: int = 0, limit: int = ...) -> list[DirEntry]: ...
-    def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
-                gid: int | None = None, atime_ns: int | None = None,
-                mtime_ns: int | None = None) -> Attr: ...
-    def statfs(self) -> StatFs: ...
-    def open(self, ino: int) -> None: ...
-    def release(self, ino: int) -> None: ...
-    def map_read(self, ino: int, fblock: int, count: int) -> list[Extent]: ...
-    def map_write(self, ino: int, fblock: int, count: int) -> list[WriteRun]: ...
-    def abort_write(self, runs: list[WriteRun]) -> None: ...
-    def commit_write(self, ino: int, runs: list[WriteRun], end: int,
-                     mtime_ns: int | None = None) -> Attr: ...
-    def truncate(self, ino: int, size: int) -> Attr: ...
-    def sync(self) -> None: ...
-
-
-class FileSystem:
+class FileSystem(ReadOnlyFileSystem):
     """POSIX file system operations by inode, plus path helpers for scripts."""
 
-    def __init__(self, meta: MetaApi, disks: DiskSet, *,
+    meta: MetaApi
+    blocks: BlockStore
+
+    def __init__(self, meta: MetaApi, blocks: BlockStore, *,
                  sync_before_commit: bool = True) -> None:
         """``sync_before_commit=False`` only where the metadata store itself flushes the
         disks before its commits can become durable (the embedded cluster's group
         commit, see MetaStore.group_commits): then writes skip their own flush."""
+        super().__init__(meta, blocks)
         self.meta = meta
-        self.disks = disks
+        self.blocks = blocks
         self.sync_before_commit = sync_before_commit
-        self.bs = meta.block_size
         # Writes and truncates of one inode are serialised on this node (striped
         # locks); across nodes the coherence protocol grants one writer per area.
         self._locks = [threading.Lock() for _ in range(64)]
 
     # -- namespace (straight to the coordinator) ------------------------------------------
-    def getattr(self, ino: int) -> Attr:
-        return self.meta.getattr(ino)
-
-    def lookup(self, parent: int, name: bytes) -> Attr:
-        return self.meta.lookup(parent, name)
-
     def create(self, parent: int, name: bytes, mode: int = 0o644, uid: int | None = None,
                gid: int | None = None) -> Attr:
         return self.meta.mknod(parent, name, stat.S_IFREG | (mode & 0o7777),
@@ -98,9 +64,6 @@ class FileSystem:
     def symlink(self, parent: int, name: bytes, target: bytes, uid: int | None = None,
                 gid: int | None = None) -> Attr:
         return self.meta.symlink(parent, name, target, _uid(uid), _gid(gid))
-
-    def readlink(self, ino: int) -> bytes:
-        return self.meta.readlink(ino)
 
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
         return self.meta.link(ino, new_parent, new_name)
@@ -115,18 +78,6 @@ class FileSystem:
                flags: int = 0) -> None:
         self.meta.rename(parent, name, new_parent, new_name, flags)
 
-    def readdir(self, ino: int, after: int = 0) -> list[DirEntry]:
-        return self.meta.readdir(ino, after)
-
-    def listdir(self, ino: int) -> Iterator[DirEntry]:
-        after = 0
-        while True:
-            batch = self.meta.readdir(ino, after)
-            if not batch:
-                return
-            yield from batch
-            after = batch[-1].cookie
-
     def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
                 mtime_ns: int | None = None) -> Attr:
@@ -135,9 +86,6 @@ class FileSystem:
         return self.meta.setattr(ino, mode=mode, uid=uid, gid=gid, atime_ns=atime_ns,
                                  mtime_ns=mtime_ns)
 
-    def statfs(self) -> StatFs:
-        return self.meta.statfs()
-
     def open(self, ino: int) -> None:
         self.meta.open(ino)
 
@@ -145,36 +93,6 @@ class FileSystem:
         self.meta.release(ino)
 
     # -- data --------------------------------------------------------------------------------
-    def read(self, ino: int, offset: int, size: int) -> bytes:
-        """Up to ``size`` bytes at ``offset``; holes read as zeros; short at end of file."""
-        if offset < 0 or size < 0:
-            raise FsError(errno.EINVAL, "negative offset or size")
-        attr = self.meta.getattr(ino)
-        if attr.is_dir:
-            raise FsError(errno.EISDIR, "is a directory")
-        end = min(attr.size, offset + size)
-        if end <= offset:
-            return b""
-        bs = self.bs
-        fb = offset // bs
-        nb = (end + bs - 1) // bs - fb
-        skip = offset - fb * bs
-        exts = self.meta.map_read(ino, fb, nb)
-        if len(exts) == 1 and exts[0].fblock == fb and exts[0].length == nb:
-            # One run, no hole (the common case): read straight into the result, with
-            # no zero-filled buffer and no second copy.
-            ext = exts[0]
-            data = self.disks.device(ext.disk).read(ext.dblock, nb)
-            if skip == 0 and len(data) == end - offset:
-                return data
-            return data[skip : skip + end - offset]
-        buf = bytearray(nb * bs)
-        mv = memoryview(buf)
-        for ext in exts:
-            lo = (ext.fblock - fb) * bs
-            self.disks.device(ext.disk).readinto(ext.dblock, mv[lo : lo + ext.length * bs])
-        return bytes(mv[skip : skip + end - offset])
-
     def write(self, ino: int, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write ``data`` at ``offset``; the file grows as needed. Returns bytes written."""
         src = memoryview(data).cast("B")
@@ -200,7 +118,7 @@ class FileSystem:
             old_size = self.meta.getattr(ino).size
             synced = {r.disk for r in runs}
             if offset > old_size and old_size // bs < fb:
-                zeroed = zero_tail(self.meta, self.disks, ino, old_size)
+                zeroed = zero_tail(self.meta, self.blocks, ino, old_size)
                 if zeroed is not None:
                     synced.add(zeroed)
             head = offset - fb * bs
@@ -218,8 +136,8 @@ class FileSystem:
                     for e in edges:
                         if r.fblock <= e < r.fblock + r.length:
                             lo = (e - fb) * bs
-                            self.disks.device(r.disk).readinto(
-                                r.dblock + (e - r.fblock), buf[lo : lo + bs]
+                            self.blocks.readinto(
+                                r.disk, r.dblock + (e - r.fblock), buf[lo : lo + bs]
                             )
                             cut = max(old_size - e * bs, 0)  # past EOF: zeros
                             if cut < bs:
@@ -227,11 +145,11 @@ class FileSystem:
                 buf[head : head + n] = src
             for r in runs:
                 lo = (r.fblock - fb) * bs
-                self.disks.device(r.disk).write(r.dblock, buf[lo : lo + r.length * bs])
+                self.blocks.write(r.disk, r.dblock, buf[lo : lo + r.length * bs])
             # Data before metadata, across power loss too: the blocks are on stable
             # storage before the commit that makes them reachable can be.
             if self.sync_before_commit:
-                self.disks.datasync(synced)
+                self.blocks.datasync(synced)
         except BaseException:
             self.meta.abort_write(runs)
             raise
@@ -250,59 +168,18 @@ class FileSystem:
         # Zero the tail of the block holding the new end (shrinking), or the old end
         # (growing: bytes past the old end on disk are not trusted, see _write).
         if size != attr.size:
-            disk = zero_tail(self.meta, self.disks, ino, min(size, attr.size))
+            disk = zero_tail(self.meta, self.blocks, ino, min(size, attr.size))
             if disk is not None:
-                self.disks.datasync([disk])
+                self.blocks.datasync([disk])
         return self.meta.truncate(ino, size)
 
     def fsync(self, ino: int | None = None) -> None:
         """Make the file's data and all committed metadata durable."""
-        self.disks.fsync()
+        self.blocks.fsync()
         self.meta.sync()
 
-    # -- paths (for scripts and the CLI) -------------------------------------------------------
-    def resolve(self, path: str | bytes, *, follow: bool = True) -> Attr:
-        """The inode at an absolute path inside the file system."""
-        parts = [p for p in os.fsencode(path).split(b"/") if p and p != b"."]
-        attr = self.meta.getattr(ROOT_INODE)
-        depth = 0
-        stack: list[Attr] = []
-        while parts:
-            name = parts.pop(0)
-            if name == b"..":
-                attr = stack.pop() if stack else attr
-                continue
-            if not attr.is_dir:
-                raise FsError(errno.ENOTDIR, f"{os.fsdecode(path)}: not a directory")
-            child = self.meta.lookup(attr.ino, name)
-            if child.is_link and (parts or follow):
-                depth += 1
-                if depth > 40:
-                    raise FsError(errno.ELOOP, f"{os.fsdecode(path)}: too many symlinks")
-                target = self.meta.readlink(child.ino)
-                parts = [p for p in target.split(b"/") if p and p != b"."] + parts
-                if target.startswith(b"/"):
-                    attr = self.meta.getattr(ROOT_INODE)
-                    stack = []
-                continue
-            stack.append(attr)
-            attr = child
-        return attr
-
-    def split(self, path: str | bytes) -> tuple[Attr, bytes]:
-        """(parent directory, last name) of a path, the parent resolved."""
-        p = os.fsencode(path).rstrip(b"/")
-        head, _, name = p.rpartition(b"/")
-        if not name:
-            raise FsError(errno.EINVAL, f"{os.fsdecode(path)!r} names no file")
-        parent = self.resolve(head or b"/")
-        if not parent.is_dir:
-            raise FsError(errno.ENOTDIR, f"{os.fsdecode(head)}: not a directory")
-        return parent, name
-
-
-def zero_tail(meta: MetaApi, disks: DiskSet, ino: int, pos: int,
-              before: Callable[[int, int, bytes], None] | None = None) -> int | None:
+def zero_tail(meta: MetaApi, blocks: BlockStore, ino: int, pos: int,
+              before: Callable[[DiskId, int, bytes], None] | None = None) -> DiskId | None:
     """Zero the bytes from ``pos`` to the end of its block on disk, if it is mapped.
 
     Bytes past a file's end are never trusted (a write that failed before its commit
@@ -314,13 +191,12 @@ def zero_tail(meta: MetaApi, disks: DiskSet, ino: int, pos: int,
     if pos % bs == 0:
         return None
     for ext in meta.map_read(ino, pos // bs, 1):
-        dev = disks.device(ext.disk)
-        old = dev.read(ext.dblock, 1)
+        old = read_blocks(blocks, ext.disk, ext.dblock, 1)
         if before is not None:
             before(ext.disk, ext.dblock, old)
         block = bytearray(old)
         block[pos % bs :] = bytes(bs - pos % bs)
-        dev.write(ext.dblock, block)
+        blocks.write(ext.disk, ext.dblock, block)
         return ext.disk
     return None
 

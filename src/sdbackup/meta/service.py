@@ -29,12 +29,12 @@ from typing import Any
 
 from sdbackup.errors import FsError
 from sdbackup.meta.alloc import DiskBitmap, allocate
+from sdbackup.meta.api import READDIR_BATCH
 from sdbackup.meta.store import MetaStore
 from sdbackup.meta.types import Attr, DirEntry, Extent, StatFs, WriteRun
-from sdbackup.types import ROOT_INODE
+from sdbackup.types import ROOT_INODE, DiskId
 
 NAME_MAX = 255
-READDIR_BATCH = 1000
 SPREAD_RUN = 1 << 16  # blocks: how far a file that ran into another one may jump ahead
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -426,7 +426,7 @@ class MetadataService:
         for f, c, d, b in rows:
             s, e = max(f, fblock), min(f + c, end)
             if s < e:
-                out.append(Extent(s, e - s, d, b + (s - f)))
+                out.append(Extent(s, e - s, DiskId(d), b + (s - f)))
         return out
 
     def map_read(self, ino: int, fblock: int, count: int) -> list[Extent]:
@@ -466,7 +466,7 @@ class MetadataService:
             pos = fblock
             end = fblock + count
             try:
-                for ext in [*have, Extent(end, 0, -1, -1)]:
+                for ext in [*have, Extent(end, 0, DiskId(-1), -1)]:
                     if ext.fblock > pos:
                         for r in self._reserve(ino, pos, ext.fblock - pos):
                             reserved.append(r)
@@ -510,7 +510,7 @@ class MetadataService:
             g = goal.get(disk, bm.cursor)
             got = allocate(bm, need, g)
             for start, n in got:
-                runs.append(WriteRun(pos, n, disk, start, True))
+                runs.append(WriteRun(pos, n, DiskId(disk), start, True))
                 pos += n
                 need -= n
             if got and disk not in goal:

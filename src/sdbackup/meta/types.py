@@ -6,6 +6,8 @@ import stat
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
+from sdbackup.types import DiskId
+
 
 @dataclass(frozen=True, slots=True)
 class Attr:
@@ -48,7 +50,7 @@ class Extent(NamedTuple):
 
     fblock: int
     length: int
-    disk: int
+    disk: DiskId
     dblock: int
 
 
@@ -62,7 +64,7 @@ class WriteRun(NamedTuple):
 
     fblock: int
     length: int
-    disk: int
+    disk: DiskId
     dblock: int
     new: bool
     bi_time: int = 0

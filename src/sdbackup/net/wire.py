@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from sdbackup.meta.types import Attr, DirEntry, Extent, StatFs, WriteRun
+from sdbackup.types import DiskId
 
 
 def enc_name(name: bytes) -> str:
@@ -35,11 +36,11 @@ def enc_runs(runs: list[WriteRun] | list[Extent]) -> list[list[Any]]:
 
 
 def dec_extents(rows: Any) -> list[Extent]:
-    return [Extent(*map(int, r)) for r in rows]
+    return [Extent(int(r[0]), int(r[1]), DiskId(int(r[2])), int(r[3])) for r in rows]
 
 
 def dec_write_runs(rows: Any) -> list[WriteRun]:
-    return [WriteRun(int(r[0]), int(r[1]), int(r[2]), int(r[3]), bool(r[4]),
+    return [WriteRun(int(r[0]), int(r[1]), DiskId(int(r[2])), int(r[3]), bool(r[4]),
                      int(r[5]) if len(r) > 5 else 0) for r in rows]
 
 
