@@ -2,8 +2,9 @@
 
 :class:`Generation` is a generation opened for reading: its manifest, its index, its
 streams and its metadata snapshot, each checked against the manifest before use.
-:class:`GenerationReader` is the generation as a :class:`~sdbackup.blocks.reader.BlockReader`:
-``read(disk, block, count)`` finds the records holding those blocks in the index
+:class:`GenerationReader` is the generation as a block source (the block seam,
+:mod:`sdbackup.blocks.source`): ``readinto(disk, block, buf)`` finds the records
+holding those blocks in the index
 (O(log n)), reads and verifies them (``RecordReader.read_at``) and returns the blocks;
 blocks the generation does not hold (unused at T0) read as zeros; a damaged record
 raises :class:`~sdbackup.errors.CorruptError` naming the generation, the disk, the
@@ -21,10 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from sdbackup.blocks.source import Buffer
 from sdbackup.errors import CorruptError, SdbError, UsageError
 from sdbackup.media.index import BlockIndex, Entries, read_index
 from sdbackup.media.medium import META, DiskMedium, Manifest, file_digest, stream_name
 from sdbackup.media.records import Kind, RecordReader
+from sdbackup.types import DiskId
 
 
 class Generation:
@@ -147,7 +150,7 @@ class Generation:
 
 
 class GenerationReader:
-    """A generation as a BlockReader: ``read(disk_name, block, count)``.
+    """A generation as a block source: ``readinto(disk_id, block, buf)``.
 
     Decoded records are kept in a small LRU cache (``cache_records``), so reading a
     file block by block does not decode the same 1 MiB record again for every block.
@@ -208,13 +211,13 @@ class GenerationReader:
     def index(self) -> BlockIndex:
         return self._index
 
-    def disk_id(self, disk: str | int) -> int:
+    def disk_id(self, disk: str | int) -> DiskId:
         if isinstance(disk, int):
             if disk not in self._nblocks:
                 raise UsageError(f"generation {self.gen.id} has no disk id {disk}")
-            return disk
+            return DiskId(disk)
         try:
-            return self._ids[disk]
+            return DiskId(self._ids[disk])
         except KeyError:
             known = ", ".join(sorted(self._ids)) or "none"
             raise UsageError(f"generation {self.gen.id} has no disk {disk!r} "
@@ -258,26 +261,42 @@ class GenerationReader:
                                f"generation's block size is {self.block_size}")
         return rec.data
 
-    # -- BlockReader ----------------------------------------------------------------------
+    # -- the block seam (BlockSource) -------------------------------------------------------
+
+    def readinto(self, disk: DiskId, block: int, buf: Buffer) -> None:
+        """Fill ``buf`` with blocks of ``disk`` from ``block``: zeros where the generation
+        holds nothing (blocks unused at T0); before images win over copied data."""
+        bs = self.block_size
+        with memoryview(buf) as mv:
+            out = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+            if out.nbytes % bs:
+                raise ValueError("buffer is not a whole number of blocks")
+            count = out.nbytes // bs
+            did = self._check_range(disk, block, count)
+            out[:] = _zeros(out.nbytes)
+            end = block + count
+            for kind in (int(Kind.DATA), int(Kind.BI)):  # BI wins over DATA: applied last
+                for e in self._index.find(did, kind, block, count):
+                    s, c = int(e["start"]), int(e["count"])
+                    lo, hi = max(s, block), min(s + c, end)
+                    data = self.record(e)
+                    out[(lo - block) * bs : (hi - block) * bs] = \
+                        data[(lo - s) * bs : (hi - s) * bs]
 
     def read(self, disk: str | int, block: int, count: int) -> bytes:
-        """``count`` blocks of ``disk`` from ``block``: zeros where the generation holds
-        nothing (blocks unused at T0)."""
+        """``count`` blocks of ``disk`` (by id or name) from ``block``, as bytes."""
+        did = self._check_range(disk, block, count)
+        buf = bytearray(count * self.block_size)
+        self.readinto(did, block, buf)
+        return bytes(buf)
+
+    def _check_range(self, disk: str | int, block: int, count: int) -> DiskId:
         did = self.disk_id(disk)
         nb = self._nblocks[did]
         if block < 0 or count < 0 or block + count > nb:
             raise UsageError(f"block range {block}+{count} is outside disk "
                              f"{self.gen.disk_name(did)} ({nb} blocks)")
-        bs = self.block_size
-        out = bytearray(count * bs)
-        end = block + count
-        for kind in (int(Kind.DATA), int(Kind.BI)):  # BI wins over DATA: applied last
-            for e in self._index.find(did, kind, block, count):
-                s, c = int(e["start"]), int(e["count"])
-                lo, hi = max(s, block), min(s + c, end)
-                data = self.record(e)
-                out[(lo - block) * bs : (hi - block) * bs] = data[(lo - s) * bs : (hi - s) * bs]
-        return bytes(out)
+        return did
 
     def records(self, disk: str | int, *, threads: int = 2, ahead: int = 8,
                 kind: int = int(Kind.DATA)) -> Iterator[tuple[int, int, bytes]]:
@@ -304,6 +323,14 @@ class GenerationReader:
             finally:
                 for _, _, f in pending:
                     f.cancel()
+
+
+_ZEROS = memoryview(bytes(8 << 20))
+
+
+def _zeros(n: int) -> memoryview:
+    """``n`` zero bytes without allocating them (most reads are ≤ 8 MiB)."""
+    return _ZEROS[:n] if n <= len(_ZEROS) else memoryview(bytes(n))
 
 
 def external_log(gen: Generation, log_medium: str | os.PathLike[str] | None = None

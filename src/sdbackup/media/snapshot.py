@@ -1,4 +1,4 @@
-"""Read-only access to a generation's metadata snapshot (the store at T0).
+"""A generation's metadata snapshot (the store at T0), read-only: its metadata source.
 
 The snapshot is opened with SQLite's ``immutable`` read-only mode: nothing is ever
 written next to it on the medium (no journal, no WAL, no lock files). The caller checks
@@ -16,25 +16,34 @@ import numpy as np
 import numpy.typing as npt
 
 from sdbackup.blocks.blockset import BlockSet
-from sdbackup.errors import CorruptError
+from sdbackup.errors import CorruptError, SdbError
 from sdbackup.meta.alloc import CHUNK_BYTES
+from sdbackup.meta.reader import MetadataReader
+from sdbackup.meta.store import MetaStore
 
 
-class SnapshotMeta:
-    """Queries on one metadata snapshot file."""
+class SnapshotMeta(MetadataReader):
+    """A generation's metadata snapshot at T0: that generation's metadata source (the
+    read half of the metadata seam, as the live cluster's), plus what ``verify`` checks.
+    """
 
     def __init__(self, path: Path, where: str) -> None:
         self.path = path
         self.where = where
         try:
-            self.db = sqlite3.connect(path.absolute().as_uri() + "?mode=ro&immutable=1",
-                                      uri=True, check_same_thread=False)
-            self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            store = MetaStore(path, read_only=True)
+        except SdbError as e:
+            raise CorruptError(f"{where}: metadata snapshot {path} cannot be read "
+                               f"({e.message})") from None
+        try:
+            super().__init__(store)
         except sqlite3.DatabaseError as e:
-            raise CorruptError(f"{where}: metadata snapshot {path} cannot be read ({e})") from None
+            store.close()
+            raise CorruptError(f"{where}: metadata snapshot {path} cannot be read ({e})"
+                               ) from None
 
     def close(self) -> None:
-        self.db.close()
+        self.store.close()
 
     def __enter__(self) -> SnapshotMeta:
         return self
@@ -44,7 +53,7 @@ class SnapshotMeta:
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         try:
-            return self.db.execute(sql, params).fetchall()
+            return self.store.query(sql, params)
         except sqlite3.DatabaseError as e:
             raise CorruptError(f"{self.where}: metadata snapshot {self.path} is damaged "
                                f"({e})") from None
@@ -72,7 +81,7 @@ class SnapshotMeta:
         used.remove_run(nblocks, bits.size * 8 - nblocks)  # padding bits are set
         return used
 
-    def all_extents(self) -> npt.NDArray[np.int64]:
+    def extent_rows(self) -> npt.NDArray[np.int64]:
         """Every extent as rows (ino, fblock, count, disk, dblock)."""
         rows = self.query("SELECT ino, fblock, count, disk, dblock FROM extents "
                           "ORDER BY ino, fblock")

@@ -28,18 +28,16 @@ from contextlib import contextmanager
 from typing import Any
 
 from sdbackup.errors import FsError
-from sdbackup.meta.alloc import DiskBitmap, allocate
-from sdbackup.meta.api import READDIR_BATCH
+from sdbackup.meta.alloc import allocate
+from sdbackup.meta.reader import NAME_MAX, MetadataReader
 from sdbackup.meta.store import MetaStore
-from sdbackup.meta.types import Attr, DirEntry, Extent, StatFs, WriteRun
+from sdbackup.meta.types import Attr, Extent, WriteRun
 from sdbackup.types import ROOT_INODE, DiskId
 
-NAME_MAX = 255
 SPREAD_RUN = 1 << 16  # blocks: how far a file that ran into another one may jump ahead
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
-_ATTR_COLS = "id, mode, nlink, uid, gid, rdev, size, atime_ns, mtime_ns, ctime_ns"
 
 
 def check_name(name: bytes) -> None:
@@ -52,21 +50,13 @@ def check_name(name: bytes) -> None:
         raise FsError(errno.ENAMETOOLONG, f"file name is {len(name)} bytes, over {NAME_MAX}")
 
 
-class MetadataService:
-    """All metadata operations of the cluster file system."""
+class MetadataService(MetadataReader):
+    """All metadata operations of the cluster file system: the reads of
+    :class:`~sdbackup.meta.reader.MetadataReader` and every change."""
 
     def __init__(self, store: MetaStore) -> None:
-        self.store = store
-        self.block_size = int(store.get_meta("block_size") or 4096)
-        self.bitmaps: dict[int, DiskBitmap] = {}
-        self.disk_names: dict[int, str] = {}
-        for disk_id, name, nblocks, _reserved in store.query(
-            "SELECT id, name, nblocks, reserved FROM disks ORDER BY id"
-        ):
-            bm = DiskBitmap(disk_id, nblocks)
-            bm.load(store)
-            self.bitmaps[disk_id] = bm
-            self.disk_names[disk_id] = name
+        super().__init__(store)
+        self.bitmaps  # noqa: B018 - allocation needs them from the start
         self._opens: dict[int, int] = {}
         self._purge_orphans()
 
@@ -87,47 +77,6 @@ class MetadataService:
     def _reload_bitmaps(self) -> None:
         for bm in self.bitmaps.values():
             bm.reload(self.store)
-
-    def _attr_row(self, ino: int) -> tuple[Any, ...]:
-        row = self.store.get_row(f"SELECT {_ATTR_COLS} FROM inodes WHERE id=?", (ino,))
-        if row is None:
-            raise FsError(errno.ENOENT, f"inode {ino} does not exist")
-        return row
-
-    def _make_attr(self, row: Sequence[Any]) -> Attr:
-        ino = int(row[0])
-        nblk = 0
-        if stat.S_ISREG(row[1]):
-            nblk = int(
-                self.store.get_val(
-                    "SELECT COALESCE(SUM(count), 0) FROM extents WHERE ino=?", (ino,)
-                )
-            )
-        return Attr(
-            ino=ino,
-            mode=row[1],
-            nlink=row[2],
-            uid=row[3],
-            gid=row[4],
-            rdev=row[5],
-            size=row[6],
-            blocks=nblk * self.block_size // 512,
-            atime_ns=row[7],
-            mtime_ns=row[8],
-            ctime_ns=row[9],
-        )
-
-    def _dir_row(self, ino: int) -> tuple[Any, ...]:
-        row = self._attr_row(ino)
-        if not stat.S_ISDIR(row[1]):
-            raise FsError(errno.ENOTDIR, f"inode {ino} is not a directory")
-        return row
-
-    def _child(self, parent: int, name: bytes) -> int | None:
-        row = self.store.get_row(
-            "SELECT ino FROM dirents WHERE parent=? AND name=?", (parent, name)
-        )
-        return None if row is None else int(row[0])
 
     def _touch_dir(self, ino: int, now: int) -> None:
         self.store.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE id=?", (now, now, ino))
@@ -180,32 +129,6 @@ class MetadataService:
                 self._maybe_delete(int(ino))
 
     # -- namespace --------------------------------------------------------------------
-    def getattr(self, ino: int) -> Attr:
-        with self.store.lock:
-            return self._make_attr(self._attr_row(ino))
-
-    def lookup(self, parent: int, name: bytes) -> Attr:
-        with self.store.lock:
-            self._dir_row(parent)
-            if name == b".":
-                return self.getattr(parent)
-            if name == b"..":
-                return self.getattr(self.parent_of(parent))
-            if len(name) > NAME_MAX:
-                raise FsError(errno.ENAMETOOLONG, "file name too long")
-            ino = self._child(parent, name)
-            if ino is None:
-                raise FsError(errno.ENOENT, f"{name.decode(errors='replace')} not found")
-            return self.getattr(ino)
-
-    def parent_of(self, ino: int) -> int:
-        if ino == ROOT_INODE:
-            return ROOT_INODE
-        row = self.store.get_row("SELECT parent FROM dirents WHERE ino=? LIMIT 1", (ino,))
-        if row is None:
-            raise FsError(errno.ENOENT, f"inode {ino} has no parent")
-        return int(row[0])
-
     def _create(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
                 rdev: int = 0, target: bytes | None = None) -> Attr:
         check_name(name)
@@ -240,14 +163,6 @@ class MetadataService:
         if not target or len(target) > 4095 or b"\0" in target:
             raise FsError(errno.EINVAL if target else errno.ENOENT, "bad symlink target")
         return self._create(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
-
-    def readlink(self, ino: int) -> bytes:
-        row = self.store.get_row("SELECT mode, target FROM inodes WHERE id=?", (ino,))
-        if row is None:
-            raise FsError(errno.ENOENT, f"inode {ino} does not exist")
-        if not stat.S_ISLNK(row[0]):
-            raise FsError(errno.EINVAL, f"inode {ino} is not a symlink")
-        return bytes(row[1])
 
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
         check_name(new_name)
@@ -361,17 +276,6 @@ class MetadataService:
             if new_parent != parent:
                 self._touch_dir(new_parent, now)
 
-    def readdir(self, ino: int, after: int = 0, limit: int = READDIR_BATCH) -> list[DirEntry]:
-        """Entries with cookie > ``after`` in a stable order (no '.' or '..')."""
-        with self.store.lock:
-            self._dir_row(ino)
-            rows = self.store.query(
-                f"SELECT d.id, d.name, i.{_ATTR_COLS.replace(', ', ', i.')} FROM dirents d "
-                "JOIN inodes i ON i.id = d.ino WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?",
-                (ino, after, limit),
-            )
-            return [DirEntry(int(r[0]), bytes(r[1]), self._make_attr(r[2:])) for r in rows]
-
     def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, atime_ns: int | None = None,
                 mtime_ns: int | None = None) -> Attr:
@@ -392,13 +296,6 @@ class MetadataService:
             self.store.execute(f"UPDATE inodes SET {', '.join(sets)} WHERE id=?", (*vals, ino))
             return self.getattr(ino)
 
-    def statfs(self) -> StatFs:
-        with self.store.lock:
-            total = sum(bm.nblocks for bm in self.bitmaps.values())
-            free = sum(bm.free_blocks() for bm in self.bitmaps.values())
-            files = int(self.store.get_val("SELECT COUNT(*) FROM inodes"))
-            return StatFs(block_size=self.block_size, blocks=total, free=free, files=files)
-
     def open(self, ino: int) -> None:
         with self.store.lock:
             self._attr_row(ino)
@@ -414,31 +311,6 @@ class MetadataService:
                 self._opens[ino] = n
 
     # -- data mapping -------------------------------------------------------------------
-    def _extents(self, ino: int, fblock: int, count: int) -> list[Extent]:
-        rows = self.store.query(
-            "SELECT fblock, count, disk, dblock FROM extents WHERE ino=? AND fblock<? "
-            "AND fblock>=COALESCE((SELECT MAX(fblock) FROM extents WHERE ino=? AND fblock<=?), 0)"
-            " ORDER BY fblock",
-            (ino, fblock + count, ino, fblock),
-        )
-        out = []
-        end = fblock + count
-        for f, c, d, b in rows:
-            s, e = max(f, fblock), min(f + c, end)
-            if s < e:
-                out.append(Extent(s, e - s, DiskId(d), b + (s - f)))
-        return out
-
-    def map_read(self, ino: int, fblock: int, count: int) -> list[Extent]:
-        """The extents that hold file blocks [fblock, fblock+count), clipped; gaps are holes."""
-        with self.store.lock:
-            return self._extents(ino, fblock, count)
-
-    def all_extents(self, ino: int) -> list[Extent]:
-        return [Extent(*r) for r in self.store.query(
-            "SELECT fblock, count, disk, dblock FROM extents WHERE ino=? ORDER BY fblock", (ino,)
-        )]
-
     def _pick_disk(self, ino: int, need: int) -> list[int]:
         ids = sorted(self.bitmaps)
         first = ids[ino % len(ids)]
@@ -636,17 +508,3 @@ class MetadataService:
         return any(taken.values())
 
     # -- block lists (for info, blocks --used, backup planning) -------------------------
-    def disk_ids(self) -> dict[str, int]:
-        return {n: i for i, n in self.disk_names.items()}
-
-    def used_runs(self, disk: int) -> list[tuple[int, int]]:
-        """Runs (start, count) of used blocks of one disk, from the allocation bitmap."""
-        import numpy as np
-
-        with self.store.lock:
-            bm = self.bitmaps[disk]
-            bits = np.unpackbits(bm.committed, bitorder="little")[: bm.nblocks].astype(np.int8)
-        edges = np.diff(np.concatenate(([0], bits, [0])))
-        starts = np.flatnonzero(edges == 1)
-        ends = np.flatnonzero(edges == -1)
-        return [(int(s), int(e - s)) for s, e in zip(starts, ends, strict=True)]

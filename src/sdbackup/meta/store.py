@@ -139,24 +139,32 @@ class MetaStore:
     way to change data: it commits everything or nothing.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, create: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = False,
+                 read_only: bool = False) -> None:
+        """``read_only``: an immutable store (a backup generation's metadata snapshot,
+        checksummed before it is opened): SQLite's ``immutable`` read-only mode writes
+        nothing next to it (no journal, no WAL, no lock file)."""
         self.path = Path(path)
+        self.read_only = read_only
         if not create and not self.path.exists():
             from sdbackup.errors import NotFoundError
 
             raise NotFoundError(f"metadata store {self.path} is missing")
-        self.db = sqlite3.connect(
-            str(self.path), isolation_level=None, check_same_thread=False, timeout=30
-        )
+        if read_only:
+            self.db = sqlite3.connect(self.path.absolute().as_uri() + "?mode=ro&immutable=1",
+                                      uri=True, isolation_level=None, check_same_thread=False)
+        else:
+            self.db = sqlite3.connect(
+                str(self.path), isolation_level=None, check_same_thread=False, timeout=30
+            )
         try:
             if not create:  # reads the schema first (a truncated or foreign file fails
                 # here, before anything is written to it)
                 self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA foreign_keys=OFF")
-            # A big page cache: the metadata of 100,000 files fits in memory.
-            self.db.execute("PRAGMA cache_size=-65536")
+            if read_only:
+                self.db.execute("PRAGMA cache_size=-65536")
+            else:
+                self._set_pragmas()
         except sqlite3.DatabaseError as e:
             self.db.close()
             raise damaged_store(self.path, e) from None
@@ -168,6 +176,13 @@ class MetaStore:
         self._group_started = 0.0
         if create:
             create_tables(self.db)
+
+    def _set_pragmas(self) -> None:
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=OFF")
+        # A big page cache: the metadata of 100,000 files fits in memory.
+        self.db.execute("PRAGMA cache_size=-65536")
 
     def group_commits(self, before_commit: Callable[[], None]) -> None:
         """From now on, commit transactions in groups, each after ``before_commit()``

@@ -267,7 +267,7 @@ def restore_files(
         unmatched = [p for p, h in zip(patterns, hits, strict=True) if not h]
         if unmatched:
             raise NotFoundError(f"{where} holds nothing matching {', '.join(unmatched)}")
-        extents = snap.all_extents()
+        extents = snap.extent_rows()
     nodes = tree.nodes
     bs = gen.block_size
     disks = {d.id: d.nblocks for d in gen.manifest.disks}
