@@ -14,7 +14,7 @@ import stat
 from collections.abc import Sequence
 from typing import Any
 
-from sdbackup.errors import FsError
+from sdbackup.errors import CorruptError, FsError
 from sdbackup.meta.alloc import DiskBitmap
 from sdbackup.meta.api import READDIR_BATCH
 from sdbackup.meta.store import MetaStore
@@ -126,15 +126,24 @@ class MetadataReader:
         return bytes(row[1])
 
     def readdir(self, ino: int, after: int = 0, limit: int = READDIR_BATCH) -> list[DirEntry]:
-        """Entries with cookie > ``after`` in a stable order (no '.' or '..')."""
+        """Entries with cookie > ``after`` (0: from the start) in a stable order (no '.'
+        or '..'). An entry naming an inode that does not exist is a CorruptError: a
+        damaged (or forged) store is reported, never skipped."""
         with self.store.lock:
             self._dir_row(ino)
             rows = self.store.query(
-                f"SELECT d.id, d.name, i.{_ATTR_COLS.replace(', ', ', i.')} FROM dirents d "
-                "JOIN inodes i ON i.id = d.ino WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?",
-                (ino, after, limit),
+                f"SELECT d.id, d.name, d.ino, i.{_ATTR_COLS.replace(', ', ', i.')} "
+                "FROM dirents d LEFT JOIN inodes i ON i.id = d.ino "
+                "WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?",
+                (ino, after if after else -(1 << 63), limit),
             )
-            return [DirEntry(int(r[0]), bytes(r[1]), self._make_attr(r[2:])) for r in rows]
+            out = []
+            for r in rows:
+                if r[3] is None:
+                    raise CorruptError(f"directory entry {bytes(r[1])!r} of inode {ino} names "
+                                       f"inode {r[2]}, which does not exist")
+                out.append(DirEntry(int(r[0]), bytes(r[1]), self._make_attr(r[3:])))
+            return out
 
     def statfs(self) -> StatFs:
         with self.store.lock:

@@ -29,12 +29,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from sdbackup.blocks.device import pwrite_all
+from sdbackup.blocks.source import read_blocks
 from sdbackup.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
+from sdbackup.fs.readonly import ReadOnlyFileSystem
 from sdbackup.media.generation import Generation, GenerationReader
 from sdbackup.media.snapshot import SnapshotMeta
+from sdbackup.meta.types import Attr, Extent
 from sdbackup.types import ROOT_INODE
 
 CHUNK_BLOCKS_BYTES = 8 << 20
@@ -109,27 +110,19 @@ def _may_contain(path: list[bytes], pat: list[bytes]) -> bool:
 
 
 class _Tree:
-    """The namespace at T0, walked from the root, with the selection marked."""
+    """The namespace at T0, walked from the root through the read-only file system over
+    the generation (its T0 metadata, its blocks), with the selection marked. Only the
+    directories that may hold something selected are listed."""
 
-    def __init__(self, snap: SnapshotMeta, where: str) -> None:
+    def __init__(self, fs: ReadOnlyFileSystem, where: str) -> None:
+        self.fs = fs
         self.where = where
-        self.inodes = {
-            int(r[0]): r for r in snap.query(
-                "SELECT id, mode, uid, gid, size, atime_ns, mtime_ns, rdev, target FROM inodes")
-        }
-        self.children: dict[int, list[tuple[bytes, int]]] = collections.defaultdict(list)
-        for parent, name, ino in snap.query("SELECT parent, name, ino FROM dirents ORDER BY id"):
-            self.children[int(parent)].append((bytes(name), int(ino)))
         self.nodes: list[_Node] = []
 
-    def _node(self, parent: int, name: bytes, ino: int) -> _Node:
-        r = self.inodes.get(ino)
-        if r is None:
-            raise CorruptError(f"{self.where}: directory entry {name!r} names inode {ino}, "
-                               "which the metadata snapshot does not hold")
-        target = None if r[8] is None else bytes(r[8])
-        return _Node(parent, name, ino, int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]),
-                     int(r[6]), int(r[7]), target)
+    def _node(self, parent: int, name: bytes, a: Attr) -> _Node:
+        target = self.fs.readlink(a.ino) if stat.S_ISLNK(a.mode) else None
+        return _Node(parent, name, a.ino, a.mode, a.uid, a.gid, a.size, a.atime_ns,
+                     a.mtime_ns, a.rdev, target)
 
     def path(self, i: int) -> bytes:
         parts = []
@@ -141,21 +134,22 @@ class _Tree:
     def select(self, pats: list[list[bytes]]) -> list[int]:
         """Walk from the root; mark wanted nodes; return how often each pattern matched."""
         hits = [0] * len(pats)
-        self.nodes = [self._node(-1, b"", ROOT_INODE)]
-        if not stat.S_ISDIR(self.nodes[0].mode):
+        root = self.fs.getattr(ROOT_INODE)
+        if not root.is_dir:
             raise CorruptError(f"{self.where}: the root inode is not a directory")
+        self.nodes = [self._node(-1, b"", root)]
         seen_dirs: set[int] = {ROOT_INODE}
         # (node index, its path components, whole subtree selected)
         stack: list[tuple[int, list[bytes], bool]] = [(0, [], not pats)]
         while stack:
             idx, path, whole = stack.pop()
-            kids = self.children.get(self.nodes[idx].ino, [])
+            kids = [(e.name, e.attr) for e in self.fs.listdir(self.nodes[idx].ino)]
             if len({name for name, _ in kids}) != len(kids):
                 names = [name for name, _ in kids]
                 dup = next(n for n in names if names.count(n) > 1)
                 raise CorruptError(f"{self.where}: the metadata snapshot lists {dup!r} twice "
                                    f"in directory {self.path(idx)!r} (damaged or forged)")
-            for name, ino in reversed(kids):
+            for name, attr in reversed(kids):
                 check_name(name, self.where)
                 cpath = [*path, name]
                 sel = whole
@@ -164,10 +158,11 @@ class _Tree:
                         if _matches(cpath, p):
                             hits[k] += 1
                             sel = True
-                node = self._node(idx, name, ino)
-                is_dir = stat.S_ISDIR(node.mode)
+                ino = attr.ino
+                is_dir = attr.is_dir
                 if not sel and not (is_dir and any(_may_contain(cpath, p) for p in pats)):
                     continue
+                node = self._node(idx, name, attr)
                 self.nodes.append(node)
                 ci = len(self.nodes) - 1
                 if sel:
@@ -261,48 +256,43 @@ def restore_files(
     """
     pats = parse_patterns(patterns)
     where = f"generation {gen.id}"
+    bs = gen.block_size
+    disks = {d.id: d.nblocks for d in gen.manifest.disks}
+    stats = RestoreStats()
     with SnapshotMeta(gen.meta_file(), where) as snap:
-        tree = _Tree(snap, where)
+        # The same read-only file-system code as the live cluster, over the generation:
+        # its T0 metadata and its blocks (log first where not overlaid).
+        fs = ReadOnlyFileSystem(snap, reader)
+        tree = _Tree(fs, where)
         hits = tree.select(pats)
         unmatched = [p for p, h in zip(patterns, hits, strict=True) if not h]
         if unmatched:
             raise NotFoundError(f"{where} holds nothing matching {', '.join(unmatched)}")
-        extents = snap.extent_rows()
-    nodes = tree.nodes
-    bs = gen.block_size
-    disks = {d.id: d.nblocks for d in gen.manifest.disks}
-    stats = RestoreStats()
-
-    # Regular files: one data copy per inode, the other names become hard links.
-    first_name: dict[int, int] = {}
-    links: list[int] = []
-    for i, n in enumerate(nodes):
-        if n.wanted and stat.S_ISREG(n.mode):
-            if n.ino in first_name:
-                links.append(i)
-            else:
-                first_name[n.ino] = i
-    ext_ino = extents[:, 0]
-    order_key = []
-    for ino, i in first_name.items():
-        lo = int(np.searchsorted(ext_ino, ino, side="left"))
-        hi = int(np.searchsorted(ext_ino, ino, side="right"))
-        rows = extents[lo:hi]
-        if rows.size:
-            bad = ~np.isin(rows[:, 3], list(disks))
-            if bad.any():
-                raise CorruptError(f"{where}: file {tree.path(i)!r} maps blocks to unknown "
-                                   f"disk id {int(rows[bad][0, 3])}")
-            nb = np.array([disks[int(d)] for d in rows[:, 3]], dtype=np.int64)
-            if ((rows[:, 4] < 0) | (rows[:, 2] < 1) | (rows[:, 4] + rows[:, 2] > nb)
-                    | (rows[:, 1] < 0)).any():
-                raise CorruptError(f"{where}: file {tree.path(i)!r} maps blocks outside "
-                                   "its disks")
-            first = (int(rows[0, 3]), int(rows[0, 4]))
-        else:
-            first = (-1, 0)
-        order_key.append((first, i, lo, hi))
-    order_key.sort()
+        nodes = tree.nodes
+        # Regular files: one data copy per inode, the other names become hard links.
+        first_name: dict[int, int] = {}
+        links: list[int] = []
+        for i, n in enumerate(nodes):
+            if n.wanted and stat.S_ISREG(n.mode):
+                if n.ino in first_name:
+                    links.append(i)
+                else:
+                    first_name[n.ino] = i
+        # Each file's extents; files in the order of their first block on disk, so that
+        # the medium is read in order and each decoded record serves all its files.
+        order_key: list[tuple[tuple[int, int], int, list[Extent]]] = []
+        bad_maps: dict[int, str] = {}
+        for ino, i in first_name.items():
+            nfb = (nodes[i].size + bs - 1) // bs
+            exts = fs.meta.map_read(ino, 0, nfb) if nfb else []
+            for e in exts:
+                if e.disk not in disks:
+                    bad_maps[i] = f"maps blocks to unknown disk id {e.disk}"
+                elif e.dblock < 0 or e.length < 1 or e.dblock + e.length > disks[e.disk]:
+                    bad_maps[i] = "maps blocks outside its disks"
+            first = (int(exts[0].disk), exts[0].dblock) if exts else (-1, 0)
+            order_key.append((first, i, exts))
+    order_key.sort(key=lambda t: (t[0], t[1]))
     if on_total is not None:
         on_total(sum(nodes[i].size for i in first_name.values()))
 
@@ -318,20 +308,23 @@ def restore_files(
                 stats.directories += 1
         # 2. file data, in disk order
         bad_inos: set[int] = set()
-        for _first, i, lo, hi in order_key:
+        step = max(1, CHUNK_BLOCKS_BYTES // bs)
+        for _first, i, exts in order_key:
             n = nodes[i]
+            if i in bad_maps:  # a damaged or forged snapshot: this file only
+                bad_inos.add(n.ino)
+                stats.damaged.append(f"{os.fsdecode(tree.path(i))}: the metadata "
+                                     f"snapshot {bad_maps[i]}")
+                continue
             pfd = dirs.get(n.parent)
             fd = os.open(n.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600, dir_fd=pfd)
             try:
-                nfb = (n.size + bs - 1) // bs
-                for _ino, fblock, count, disk, dblock in extents[lo:hi].tolist():
-                    count = min(count, nfb - fblock)
-                    step = max(1, CHUNK_BLOCKS_BYTES // bs)
-                    for k in range(0, max(count, 0), step):
-                        c = min(step, count - k)
-                        data = reader.read(disk, dblock + k, c)
-                        pwrite_all(fd, data, (fblock + k) * bs)
+                for e in exts:
+                    for k in range(0, e.length, step):
+                        c = min(step, e.length - k)
+                        data = read_blocks(fs.blocks, e.disk, e.dblock + k, c)
+                        pwrite_all(fd, data, (e.fblock + k) * bs)
                 os.ftruncate(fd, n.size)
                 _attrs_fd(fd, n)
             except CorruptError as err:  # this file only: the others are restored
