@@ -53,7 +53,10 @@ from sdbackup.media.medium import (
     file_digest,
     stream_name,
 )
-from sdbackup.media.records import Compression, Kind, RecordReader, RecordWriter, StreamDigest
+from sdbackup.media.record_format import Compression, Kind
+from sdbackup.media.record_reader import RecordReader
+from sdbackup.media.record_scan import StreamDigest
+from sdbackup.media.record_writer import RecordWriter
 from sdbackup.media.snapshot import SnapshotMeta
 
 CRASH_ENV = "SDBACKUP_TEST_CRASH_AT"

@@ -24,7 +24,8 @@ import numpy as np
 from sdbackup.errors import CorruptError, SdbError, UsageError
 from sdbackup.media.index import BlockIndex, Entries, read_index
 from sdbackup.media.medium import META, DiskMedium, Manifest, file_digest, stream_name
-from sdbackup.media.records import Kind, RecordReader
+from sdbackup.media.record_format import Kind
+from sdbackup.media.record_reader import RecordReader
 
 
 class Generation:
