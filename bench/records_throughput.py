@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sdbackup.media.records import Compression, Kind, RecordReader, RecordWriter
+from sdbackup.media.record_format import Compression, Kind
+from sdbackup.media.record_reader import RecordReader
+from sdbackup.media.record_writer import RecordWriter
 
 RECORD = 1 << 20
 BS = 4096

@@ -19,7 +19,8 @@ from test_backup_support import backup, cli, gen_dir, make_cluster, make_tree, p
 from sdbackup.errors import CorruptError
 from sdbackup.media.generation import Generation, GenerationReader
 from sdbackup.media.medium import MANIFEST
-from sdbackup.media.records import Kind, RecordReader
+from sdbackup.media.record_format import Kind
+from sdbackup.media.record_reader import RecordReader
 
 HEADER_FIELDS = [  # name, offset, size (docs/FORMAT.md)
     ("magic", 0, 4), ("version", 4, 2), ("kind", 6, 1), ("flags", 7, 1),

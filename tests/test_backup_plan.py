@@ -18,7 +18,7 @@ from sdbackup.cluster.backup_source import LocalClusterSource
 from sdbackup.cluster.local import open_cluster
 from sdbackup.errors import FsError
 from sdbackup.media.index import BlockIndex, check_entries, make_entries
-from sdbackup.media.records import Kind
+from sdbackup.media.record_format import Kind
 
 _ops = st.lists(
     st.one_of(

@@ -30,7 +30,8 @@ from sdbackup.errors import UsageError
 from sdbackup.fs import transfer
 from sdbackup.media.generation import Generation, GenerationReader
 from sdbackup.media.medium import GEN_ID_RE, new_generation_id
-from sdbackup.media.records import Kind, RecordReader
+from sdbackup.media.record_format import Kind
+from sdbackup.media.record_reader import RecordReader
 from sdbackup.types import DiskId
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from sdbackup.backup.bilog import BiLog, apply_log, merge_logs
 from sdbackup.errors import CorruptError
 from sdbackup.media.bilog import LogIndex, read_entries
-from sdbackup.media.records import RecordReader
+from sdbackup.media.record_reader import RecordReader
 
 BS = 512
 NBLOCKS = 64

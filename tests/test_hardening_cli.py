@@ -56,7 +56,8 @@ from sdbackup.cluster.coordinator import Coordinator
 from sdbackup.cluster.launch import Proc, start_node
 from sdbackup.cluster.node import ClusterClient
 from sdbackup.media.medium import MANIFEST, Manifest
-from sdbackup.media.records import HEADER_SIZE, Kind, RecordReader
+from sdbackup.media.record_format import HEADER_SIZE, Kind
+from sdbackup.media.record_reader import RecordReader
 
 ERR = "sdbackup: error: "
 NOT_RESTORED = "sdbackup: not restored (damaged on the medium): "

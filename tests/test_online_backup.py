@@ -131,7 +131,7 @@ def _check_restores_t0(c: Cluster, medium: Path, gen: str, tag: str = "") -> Non
 
 def _check_log_apply(c: Cluster, medium: Path, gen: str, log_medium: Path) -> None:
     from sdbackup.media.generation import Generation, GenerationReader
-    from sdbackup.media.records import Kind
+    from sdbackup.media.record_format import Kind
 
     g = Generation.open(medium, gen)
     with GenerationReader(g) as reader:

@@ -19,7 +19,7 @@ import pytest
 import xxhash
 
 from sdbackup.errors import CorruptError, NoSpaceError
-from sdbackup.media.records import (
+from sdbackup.media.record_format import (
     FLAG_BLOCKS,
     HEADER_SIZE,
     MAGIC,
@@ -27,13 +27,13 @@ from sdbackup.media.records import (
     Kind,
     Record,
     RecordHeader,
-    RecordReader,
-    RecordWriter,
     StreamTruncatedError,
     decode_header,
     encode_header,
     verify_payload,
 )
+from sdbackup.media.record_reader import RecordReader
+from sdbackup.media.record_writer import RecordWriter
 
 # The layout as docs/FORMAT.md states it (offset, struct format), written out again
 # here on purpose: the tests check the code against the document, not against itself.
@@ -480,7 +480,7 @@ _HOSTILE = textwrap.dedent(
     """
     import resource, struct, sys, xxhash
     from sdbackup.errors import CorruptError
-    from sdbackup.media.records import (
+    from sdbackup.media.record_format import (
         FLAG_BLOCKS, Kind, RecordHeader, decode_header, encode_header, verify_payload)
 
     resource.setrlimit(resource.RLIMIT_AS, (256 << 20, 256 << 20))

@@ -5,9 +5,9 @@ backup's block set first saves the block's old contents, its *before image*, in 
 (durably, before the overwrite reaches the disk). Writing the oldest before image of
 every block over the copied data yields exactly the image at T0.
 
-A log is one record stream (``media/records.py``) of BI records; each record carries its
-disk, original block address, block count and logical time (Fig. 16), so a log can be
-merged, overlaid or applied with no other file.
+A log is one record stream (``media/record_format.py``) of BI records; each record
+carries its disk, original block address, block count and logical time (Fig. 16), so a
+log can be merged, overlaid or applied with no other file.
 
 - :class:`BiLog` appends to one log file and keeps the index of what it holds.
   ``dedup=True`` makes it the seed's log manager (a.3): a run is stored only for the
@@ -32,7 +32,9 @@ from typing import Any
 from sdbackup.blocks.blockset import BlockSet
 from sdbackup.errors import CorruptError, UsageError
 from sdbackup.media.bilog import BiEntry, read_entries
-from sdbackup.media.records import Kind, RecordReader, RecordWriter
+from sdbackup.media.record_format import Kind
+from sdbackup.media.record_reader import RecordReader
+from sdbackup.media.record_writer import RecordWriter
 
 
 class BiLog:

@@ -8,8 +8,8 @@ Reading, checksumming/compressing and writing overlap:
   fills a small ring of reused, page-aligned buffers with one ``preadv`` per batch;
 * the **calling thread** cuts every batch into records holding only used blocks (the
   gap blocks that were read through are not stored), at most ``record_bytes`` each,
-  and hands them to :class:`~sdbackup.media.records.RecordWriter`, whose thread pool
-  compresses and checksums them while earlier records are written in order.
+  and hands them to :class:`~sdbackup.media.record_writer.RecordWriter`, whose thread
+  pool compresses and checksums them while earlier records are written in order.
 
 Python work is per batch and per record, never per block.
 """
@@ -28,7 +28,8 @@ import numpy as np
 
 from sdbackup.blocks.blockset import BlockSet
 from sdbackup.blocks.source import BlockSource
-from sdbackup.media.records import Kind, RecordLocation, RecordWriter
+from sdbackup.media.record_format import Kind
+from sdbackup.media.record_writer import RecordLocation, RecordWriter
 from sdbackup.types import DiskId
 
 MiB = 1 << 20

@@ -54,7 +54,10 @@ from sdbackup.media.medium import (
     file_digest,
     stream_name,
 )
-from sdbackup.media.records import Compression, Kind, RecordReader, RecordWriter, StreamDigest
+from sdbackup.media.record_format import Compression, Kind
+from sdbackup.media.record_reader import RecordReader
+from sdbackup.media.record_scan import StreamDigest
+from sdbackup.media.record_writer import RecordWriter
 from sdbackup.media.snapshot import SnapshotMeta
 from sdbackup.types import DiskId
 

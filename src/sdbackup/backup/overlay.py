@@ -28,7 +28,7 @@ from sdbackup.media.bilog import read_entries
 from sdbackup.media.generation import Generation, external_log
 from sdbackup.media.index import make_entries, read_index, write_index
 from sdbackup.media.medium import MANIFEST, FileEntry, stream_name
-from sdbackup.media.records import Kind
+from sdbackup.media.record_format import Kind
 
 
 def overlay_generation(gen: Generation, log_medium: str | os.PathLike[str] | None = None

@@ -32,7 +32,9 @@ from sdbackup.blocks.blockset import BlockSet
 from sdbackup.errors import CorruptError, SdbError
 from sdbackup.media.generation import Generation, external_log
 from sdbackup.media.index import BlockIndex, Entries
-from sdbackup.media.records import Kind, RecordReader, StreamDigest
+from sdbackup.media.record_format import Kind
+from sdbackup.media.record_reader import RecordReader
+from sdbackup.media.record_scan import StreamDigest
 from sdbackup.media.snapshot import SnapshotMeta
 
 

@@ -1,9 +1,10 @@
 """Reading before-image logs: their entries, and which record holds a block.
 
-A before-image log is a record stream of BI records (see :mod:`sdbackup.media.records`),
-each carrying its disk, original block address, block count and logical time (a.7,
-Fig. 16). Writing, merging and applying logs is the backup layer's
-(:mod:`sdbackup.backup.bilog`); reading them is needed wherever a generation is read.
+A before-image log is a record stream of BI records (see
+:mod:`sdbackup.media.record_format`), each carrying its disk, original block address,
+block count and logical time (a.7, Fig. 16). Writing, merging and applying logs is the
+backup layer's (:mod:`sdbackup.backup.bilog`); reading them is needed wherever a
+generation is read.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 
 from sdbackup.blocks.blockset import BlockSet
 from sdbackup.errors import CorruptError
-from sdbackup.media.records import Kind, RecordReader, StreamTruncatedError
+from sdbackup.media.record_format import Kind, StreamTruncatedError
+from sdbackup.media.record_reader import RecordReader
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from sdbackup.blocks.source import Buffer
 from sdbackup.errors import CorruptError, SdbError, UsageError
 from sdbackup.media.index import BlockIndex, Entries, read_index
 from sdbackup.media.medium import META, DiskMedium, Manifest, file_digest, stream_name
-from sdbackup.media.records import Kind, RecordReader
+from sdbackup.media.record_format import Kind
+from sdbackup.media.record_reader import RecordReader
 from sdbackup.types import DiskId
 
 

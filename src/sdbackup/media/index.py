@@ -30,7 +30,10 @@ import numpy as np
 import numpy.typing as npt
 
 from sdbackup.errors import CorruptError
-from sdbackup.media.records import Kind, RecordReader, RecordWriter, StreamDigest
+from sdbackup.media.record_format import Kind
+from sdbackup.media.record_reader import RecordReader
+from sdbackup.media.record_scan import StreamDigest
+from sdbackup.media.record_writer import RecordWriter
 
 ENTRY_DTYPE = np.dtype(
     {

@@ -120,8 +120,8 @@ class FileEntry:
     """A file of the generation with its size and checksum.
 
     For record streams (and the index, a record stream too) ``digest`` is the stream's
-    header digest (:class:`~sdbackup.media.records.StreamDigest`); for ``meta.db`` it is
-    XXH3-64 of the file's bytes.
+    header digest (:class:`~sdbackup.media.record_scan.StreamDigest`); for ``meta.db`` it
+    is XXH3-64 of the file's bytes.
     """
 
     name: str

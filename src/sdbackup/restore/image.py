@@ -37,7 +37,7 @@ from sdbackup.blocks.label import make_label, read_label
 from sdbackup.cluster.config import CONFIG_NAME, ClusterConfig, DiskConfig
 from sdbackup.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
 from sdbackup.media.generation import Generation, GenerationReader
-from sdbackup.media.records import Kind
+from sdbackup.media.record_format import Kind
 from sdbackup.meta import fsck as fsck_mod
 from sdbackup.meta.store import MetaStore
 
