@@ -1,5 +1,10 @@
 """Backup and restore commands: backup, generations, verify, gc, restore, restore-image,
-restore-cluster."""
+restore-cluster, overlay, log apply.
+
+Each command imports what it runs on when it runs (see :mod:`sdbackup.cli.main`);
+``generations`` and ``gc`` need only :mod:`sdbackup.media.medium` (the medium's JSON
+label and manifests), which imports nothing heavy.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +13,17 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from sdbackup.backup.engine import BackupOptions, parse_compression, run_backup
-from sdbackup.backup.plan import Plan
-from sdbackup.backup.verify import verify_generation
 from sdbackup.cli.progress import ByteProgress
-from sdbackup.cluster.access import try_coordinator_client
-from sdbackup.cluster.backup_source import LocalClusterSource
-from sdbackup.cluster.local import open_cluster
 from sdbackup.errors import EXIT_CHECK_FAILED, EXIT_CORRUPT, CorruptError, UsageError
-from sdbackup.media.generation import Generation, GenerationReader
-from sdbackup.media.medium import FAILED, DiskMedium, Manifest, iso_utc, looks_like_generation
-from sdbackup.restore.files import restore_files
-from sdbackup.restore.image import parse_disk_paths, restore_cluster, restore_image
+
+if TYPE_CHECKING:
+    from sdbackup.backup.plan import Plan
+    from sdbackup.media.generation import Generation, GenerationReader
+    from sdbackup.media.medium import Manifest
 
 MEDIUM = click.option("--medium", "medium", required=True, metavar="DIR",
                       type=click.Path(path_type=Path),
@@ -112,6 +112,11 @@ def backup(cluster_dir: Path, medium: Path, full: bool, compress: str, wait: flo
     block the backup still needs saves its before image first, and the generation holds
     exactly the data at T0. With a coordinator running, the coordinator runs the backup.
     """
+    from sdbackup.backup.engine import BackupOptions, parse_compression, run_backup
+    from sdbackup.cluster.access import try_coordinator_client
+    from sdbackup.cluster.backup_source import LocalClusterSource
+    from sdbackup.cluster.local import open_cluster
+
     comp, level = parse_compression(compress)
     if log_medium is not None and log_mode != "separate":
         raise UsageError("--log-medium goes with --log-mode separate")
@@ -171,6 +176,8 @@ def _print_backup(s: dict[str, Any], medium: Path, as_json: bool) -> None:
 # -- generations -----------------------------------------------------------------------------
 
 def _gen_row(m: Manifest) -> dict[str, Any]:
+    from sdbackup.media.medium import iso_utc
+
     return {"id": m.id, "kind": m.kind, "parent": m.parent, "t0": iso_utc(m.t0_wall_ns),
             "group": m.group, "blocks": m.blocks, "stored_bytes": m.stored_bytes,
             "total_bytes": m.total_bytes, "compression": m.compression, "state": m.state,
@@ -188,6 +195,8 @@ def generations(medium: Path, as_json: bool) -> None:
     removes them. A damaged manifest, or one of another cluster, is reported and makes
     the exit code non-zero.
     """
+    from sdbackup.media.medium import FAILED, DiskMedium
+
     med = DiskMedium.open(medium)
     entries = med.scan()
     rows = [_gen_row(e.manifest) for e in entries if e.manifest is not None]
@@ -239,6 +248,10 @@ def verify(medium: Path, gen: str | None, all_gens: bool, log_medium: Path | Non
     checked too (a missing one is a problem). Each problem names the generation, the
     disk, the blocks and the medium offset. Exit code 1 when a problem is found.
     """
+    from sdbackup.backup.verify import verify_generation
+    from sdbackup.media.generation import Generation
+    from sdbackup.media.medium import DiskMedium
+
     med = DiskMedium.open(medium)
     if all_gens:
         if gen is not None:
@@ -276,6 +289,8 @@ def gc(medium: Path, dry_run: bool, as_json: bool) -> None:
 
     Never touches committed generations, nor a generation a running backup is writing.
     """
+    from sdbackup.media.medium import DiskMedium
+
     med = DiskMedium.open(medium)
     removed = med.gc(dry_run=dry_run)
     if as_json:
@@ -292,6 +307,8 @@ def gc(medium: Path, dry_run: bool, as_json: bool) -> None:
 @contextmanager
 def _open_gen(medium: Path, gen: str | None, log_medium: Path | None = None
              ) -> Iterator[tuple[Generation, GenerationReader]]:
+    from sdbackup.media.generation import Generation, GenerationReader
+
     g = Generation.open(medium, gen)
     with GenerationReader(g, log_medium=log_medium) as reader:
         yield g, reader
@@ -329,6 +346,9 @@ def restore(medium: Path, args: tuple[str, ...], dest: Path, log_medium: Path | 
     restored; nothing is written outside DIR, whatever the medium says. GEN is told
     apart from a PATTERN by its form (20261124T...).
     """
+    from sdbackup.media.medium import looks_like_generation
+    from sdbackup.restore.files import restore_files
+
     gen: str | None = None
     patterns = list(args)
     if patterns and (looks_like_generation(patterns[0]) or patterns[0] == "latest"):
@@ -369,6 +389,8 @@ def restore_image_cmd(medium: Path, gen: str | None, disk: str, dest: Path, forc
     Blocks unused at T0 are holes in a new image file. The image is the disk as it was
     at T0, its label included.
     """
+    from sdbackup.restore.image import restore_image
+
     with _open_gen(medium, gen, log_medium) as (g, reader):
         d = g.manifest.disk(disk)
         with ByteProgress("restore-image", d.blocks * g.block_size, quiet=quiet) as prog:
@@ -400,6 +422,8 @@ def restore_cluster_cmd(medium: Path, gen: str | None, dest: Path, disks: tuple[
     gets mixed up with the original cluster or its backups. The restored cluster is
     checked with fsck before the command succeeds.
     """
+    from sdbackup.restore.image import parse_disk_paths, restore_cluster
+
     paths = parse_disk_paths(disks)
     with _open_gen(medium, gen, log_medium) as (g, reader):
         total = g.manifest.blocks * g.block_size
@@ -431,6 +455,7 @@ def overlay(medium: Path, gen: str | None, log_medium: Path | None, as_json: boo
     win over the copied data, so every reader gets the data at T0 from one medium.
     """
     from sdbackup.backup.overlay import overlay_generation
+    from sdbackup.media.generation import Generation
 
     g = Generation.open(medium, gen)
     r = overlay_generation(g, log_medium)

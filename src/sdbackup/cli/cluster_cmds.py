@@ -1,4 +1,7 @@
-"""Cluster-level commands: init, info, blocks, fsck."""
+"""Cluster-level commands: init, info, blocks, fsck.
+
+Each command imports what it runs on when it runs (see :mod:`sdbackup.cli.main`).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +11,7 @@ from typing import Any
 
 import click
 
-from sdbackup.cluster.access import try_coordinator_client
-from sdbackup.cluster.config import load_config
-from sdbackup.cluster.local import DiskSpec, init_cluster, open_cluster, open_store
-from sdbackup.errors import EXIT_CHECK_FAILED, UsageError
-from sdbackup.meta import fsck as fsck_mod
+from sdbackup.errors import EXIT_CHECK_FAILED
 
 CLUSTER_DIR = click.argument("cluster_dir", type=click.Path(path_type=Path))
 
@@ -39,6 +38,8 @@ def init(cluster_dir: Path, disks: tuple[str, ...], block_size: int, force: bool
     Writes a readable config (cluster.toml), the metadata store, and a random secret
     (readable by its owner only) that nodes use to authenticate.
     """
+    from sdbackup.cluster.local import DiskSpec, init_cluster
+
     specs = [DiskSpec.parse(d) for d in disks]
     cfg = init_cluster(cluster_dir, specs, block_size=block_size, force=force)
     click.echo(f"created cluster {cfg.cluster_id} in {cluster_dir}")
@@ -61,6 +62,10 @@ def _human(n: float) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def info(cluster_dir: Path, as_json: bool) -> None:
     """Show disks, block size, blocks used/free per disk, files and directories."""
+    from sdbackup.cluster.access import try_coordinator_client
+    from sdbackup.cluster.config import load_config
+    from sdbackup.cluster.local import open_cluster
+
     rc = try_coordinator_client(cluster_dir)
     if rc is not None:
         with rc:
@@ -121,6 +126,10 @@ def blocks(cluster_dir: Path, disk_name: str | None, used: bool, as_json: bool) 
     This is the list a full backup copies (the seed's Fig. 19), in runs of contiguous
     blocks (Fig. 24).
     """
+    from sdbackup.cluster.access import try_coordinator_client
+    from sdbackup.cluster.config import load_config
+    from sdbackup.cluster.local import open_cluster
+
     rc = try_coordinator_client(cluster_dir)
     if rc is not None:
         cfg = load_config(cluster_dir)
@@ -151,6 +160,10 @@ def fsck(cluster_dir: Path, as_json: bool) -> None:
     extents, directory entries and link counts are right, and every directory is
     reachable from the root.
     """
+    from sdbackup.cluster.access import try_coordinator_client
+    from sdbackup.cluster.local import open_store
+    from sdbackup.meta import fsck as fsck_mod
+
     rc = try_coordinator_client(cluster_dir)
     if rc is not None:  # the running coordinator checks its own store
         with rc:
@@ -169,5 +182,3 @@ def fsck(cluster_dir: Path, as_json: bool) -> None:
     if problems:
         raise SystemExit(EXIT_CHECK_FAILED)
 
-
-_ = UsageError

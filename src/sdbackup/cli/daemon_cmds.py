@@ -1,5 +1,8 @@
 """Commands that run or talk to the cluster's processes: coordinator, node, status,
-cache ls, flush."""
+cache ls, flush, umount.
+
+Each command imports what it runs on when it runs (see :mod:`sdbackup.cli.main`).
+"""
 
 from __future__ import annotations
 
@@ -13,8 +16,6 @@ from typing import Any
 
 import click
 
-from sdbackup.cluster.access import coordinator_client
-from sdbackup.cluster.config import load_config, parse_size
 from sdbackup.errors import UsageError
 
 
@@ -68,6 +69,7 @@ def coordinator(cluster_dir: Path, listen: str, lease: float) -> None:
     sdbackup command on the cluster goes through it. Logs go to stderr and to
     CLUSTER_DIR/logs/coordinator.log.
     """
+    from sdbackup.cluster.config import load_config
     from sdbackup.cluster.coordinator import Coordinator
 
     host, _, port = listen.rpartition(":")
@@ -122,6 +124,7 @@ def node(cluster_dir: Path | None, name: str, cache_size: str, flush_delay: floa
     read-only or foreign disk is an error and the node does not join.
     """
     from sdbackup.blocks.disk_access import parse_disk_overrides
+    from sdbackup.cluster.config import load_config, parse_size
     from sdbackup.cluster.node import NodeAgent
 
     overrides = parse_disk_overrides(disk_paths)
@@ -154,6 +157,8 @@ def node(cluster_dir: Path | None, name: str, cache_size: str, flush_delay: floa
 
 
 def _rpc(cluster_dir: Path, method: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    from sdbackup.cluster.access import coordinator_client
+
     with coordinator_client(cluster_dir) as c:
         body, _ = c.call(method, args or {}, timeout=300)
         return body

@@ -1,7 +1,8 @@
 """``sdbackup demo``: the whole product working on a throw-away cluster.
 
 Each feature adds its step here, so that the demo always shows everything that
-works, end to end, through the same code paths as the real commands.
+works, end to end, through the same code paths as the real commands. The steps import
+what they use when they run (see :mod:`sdbackup.cli.main`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,7 @@ from pathlib import Path
 
 import click
 
-from sdbackup.cluster.local import DiskSpec, init_cluster, open_cluster
 from sdbackup.errors import SdbError
-from sdbackup.fs import transfer
-from sdbackup.meta import fsck as fsck_mod
 
 
 def register(cli: click.Group) -> None:
@@ -80,6 +78,10 @@ def _step(msg: str) -> None:
 
 
 def _run(base: Path) -> None:
+    from sdbackup.cluster.local import DiskSpec, init_cluster, open_cluster
+    from sdbackup.fs import transfer
+    from sdbackup.meta import fsck as fsck_mod
+
     cdir = base / "cluster"
     _step(f"init a cluster in {cdir} with two sparse 256 MiB disks")
     init_cluster(cdir, [DiskSpec.parse(f"d0={base}/disk0.img:256MiB"),
@@ -247,6 +249,8 @@ def _backup_step(base: Path, cdir: Path, sample: Path) -> None:
     from sdbackup.backup.engine import BackupOptions, run_backup
     from sdbackup.backup.verify import verify_generation
     from sdbackup.cluster.backup_source import LocalClusterSource
+    from sdbackup.cluster.local import open_cluster
+    from sdbackup.fs import transfer
     from sdbackup.media.generation import Generation, GenerationReader
     from sdbackup.media.medium import DiskMedium
     from sdbackup.restore.files import restore_files

@@ -1,4 +1,8 @@
-"""``sdbackup fs CLUSTER_DIR ...``: the file system for scripts (copy in/out, inspect)."""
+"""``sdbackup fs CLUSTER_DIR ...``: the file system for scripts (copy in/out, inspect).
+
+The cluster's modules are imported when a subcommand runs, in :func:`_fs` (see
+:mod:`sdbackup.cli.main`).
+"""
 
 from __future__ import annotations
 
@@ -10,16 +14,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from sdbackup.cli.progress import ByteProgress
-from sdbackup.cluster.access import open_fs
-from sdbackup.cluster.config import load_config
 from sdbackup.errors import FsError, UsageError
-from sdbackup.fs import transfer
-from sdbackup.fs.filesystem import FileSystem
-from sdbackup.meta.types import Attr
+
+if TYPE_CHECKING:
+    from sdbackup.fs.filesystem import FileSystem
+    from sdbackup.meta.types import Attr
 
 
 def register(cli: click.Group) -> None:
@@ -69,6 +73,8 @@ _node_option = click.option(
 
 @contextmanager
 def _fs(ctx: click.Context) -> Iterator[FileSystem]:
+    from sdbackup.cluster.access import open_fs
+
     with open_fs(ctx.obj["dir"], node=ctx.obj["node"], wait=ctx.obj["wait"]) as f:
         yield f
 
@@ -82,6 +88,8 @@ def _fs(ctx: click.Context) -> Iterator[FileSystem]:
 @click.pass_context
 def put(ctx: click.Context, src: tuple[Path, ...], dest: str, quiet: bool) -> None:
     """Copy local files or trees SRC... to cluster path DEST (like cp -a)."""
+    from sdbackup.fs import transfer
+
     for s in src:
         if not s.exists() and not s.is_symlink():
             raise UsageError(f"{s} does not exist")
@@ -108,6 +116,8 @@ def _local_size(p: Path) -> int:
 @click.pass_context
 def get(ctx: click.Context, src: tuple[str, ...], dest: Path, quiet: bool) -> None:
     """Copy cluster paths SRC... to local DEST (like cp -a)."""
+    from sdbackup.fs import transfer
+
     if len(src) > 1 and not dest.is_dir():
         raise UsageError(f"{dest} is not a directory (needed for several sources)")
     if not dest.parent.exists():
@@ -153,6 +163,8 @@ def ls(ctx: click.Context, path: str, long: bool) -> None:
 @click.pass_context
 def cat(ctx: click.Context, path: str) -> None:
     """Write a file's contents to standard output."""
+    from sdbackup.fs import transfer
+
     with _fs(ctx) as f:
         a = f.resolve(path)
         if a.is_dir:
@@ -274,6 +286,7 @@ def stat_cmd(ctx: click.Context, path: str, extents: bool) -> None:
         if a.is_link:
             click.echo(f"target    {os.fsdecode(f.readlink(a.ino))}")
         if extents and a.is_reg:
+            from sdbackup.cluster.config import load_config
             names = {d.id: d.name for d in load_config(ctx.obj["dir"]).disks}
             for e in f.meta.map_read(a.ino, 0, (a.size + f.bs - 1) // f.bs):
                 disk = names.get(e.disk, str(e.disk))

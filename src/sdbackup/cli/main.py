@@ -3,6 +3,13 @@
 A :class:`~sdbackup.errors.SdbError` becomes one line on stderr and its exit code; a
 POSIX error from the file system becomes one line naming the path; anything else is a
 bug and keeps its traceback.
+
+Start-up stays light (issue 11): every command module is loaded to build the command
+tree (``sdbackup --help`` lists them all), so at load a command module imports only
+click, the standard library, :mod:`sdbackup.errors` and :mod:`sdbackup.cli.progress`.
+Each command imports the modules it runs on inside its function (numpy, zstandard
+and pyroaring come with them; rich only when a progress bar is shown), and names
+their types for annotations under ``TYPE_CHECKING``. ``tests/test_cli_startup.py`` checks it.
 """
 
 from __future__ import annotations

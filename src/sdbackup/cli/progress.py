@@ -1,19 +1,17 @@
-"""Progress display for long work: bytes, rate and ETA on a terminal, silent otherwise."""
+"""Progress display for long work: bytes, rate and ETA on a terminal, silent otherwise.
+
+``rich`` is imported only when a bar is shown (stderr is a terminal and not
+``quiet``): a command whose output goes to a pipe or a file never loads it.
+"""
 
 from __future__ import annotations
 
 import sys
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 
 class ByteProgress:
@@ -25,6 +23,15 @@ class ByteProgress:
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
             self._progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                 TransferSpeedColumn(), TimeRemainingColumn(), transient=True,

@@ -5,6 +5,10 @@
 - a coordinator is running: join it as a short-lived client with a small coherent
   cache, written back before the command exits;
 - otherwise: open the cluster in this process (the embedded default), holding the lock.
+
+The node client (:mod:`sdbackup.cluster.node`: the cache, before-image logs, zstandard,
+pyroaring) is imported only when a coordinator is running or a node is named, so that
+a command on a cluster without a coordinator starts fast (issue 11).
 """
 
 from __future__ import annotations
@@ -13,17 +17,19 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdbackup.blocks.diskset import DiskSet
 from sdbackup.cluster.config import load_config, read_addr
 from sdbackup.cluster.local import open_cluster
-from sdbackup.cluster.node import ClusterClient, node_control_address
 from sdbackup.errors import RemoteError
 from sdbackup.fs.filesystem import FileSystem
 from sdbackup.net.auth import load_secret
 from sdbackup.net.remote import RemoteMeta
 from sdbackup.net.rpc import ConnectFailed, RpcClient
+
+if TYPE_CHECKING:
+    from sdbackup.cluster.node import ClusterClient
 
 
 class NodeFileSystem(FileSystem):
@@ -57,6 +63,8 @@ def open_fs(cluster_dir: str | os.PathLike[str], *, node: str | None = None,
             wait: float = 10.0) -> Iterator[FileSystem]:
     """The cluster's file system for one command (see the module docstring)."""
     if node is not None:
+        from sdbackup.cluster.node import node_control_address
+
         host, port = node_control_address(cluster_dir, node)
         secret = load_secret(Path(cluster_dir) / "secret")
         client = RpcClient.connect(host, port, secret, timeout=wait)
@@ -80,6 +88,8 @@ def _try_client(cluster_dir: str | os.PathLike[str]) -> ClusterClient | None:
     """Join the running coordinator; None when none is running (stale address file)."""
     if read_addr(cluster_dir) is None:
         return None
+    from sdbackup.cluster.node import ClusterClient
+
     try:
         return ClusterClient(f"cli-{os.getpid()}", cluster_dir=cluster_dir)
     except ConnectFailed:
