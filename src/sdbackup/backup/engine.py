@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
 import sqlite3
 import subprocess
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +61,10 @@ from sdbackup.media.record_reader import RecordReader
 from sdbackup.media.record_scan import StreamDigest
 from sdbackup.media.record_writer import RecordWriter
 from sdbackup.media.snapshot import SnapshotMeta
+from sdbackup.meta.tracking import ChangeTracker, TrackingLost
 from sdbackup.types import DiskId
+
+log = logging.getLogger("sdbackup.backup")
 
 CRASH_ENV = "SDBACKUP_TEST_CRASH_AT"
 CRASH_POINTS = ("after-snapshot", "mid-copy", "before-manifest")
@@ -101,6 +106,10 @@ class BackupOptions:
     batch_bytes: int = BATCH_BYTES
     record_bytes: int = RECORD_BYTES
     gap_bytes: int = GAP_BYTES
+    # Incrementals (issue 12): copy only the blocks changed since the newest generation
+    # of the chain (or since a mark); with no usable parent, fail, or take a full.
+    incremental: bool = False
+    full_if_needed: bool = False
 
     @property
     def compression_text(self) -> str:
@@ -143,6 +152,38 @@ def take_t0(source: BackupSource) -> Plan:
     return make_plan(source)
 
 
+@dataclass(frozen=True)
+class T0Tracking:
+    """What the change tracking said at T0: the changed blocks since ``base`` (None for
+    a full), and the era that T0 started."""
+
+    token: str
+    era: int
+    base: int | None
+    mark: str | None
+    changed: dict[int, BlockSet] | None
+
+
+def t0_tracking(tracker: ChangeTracker, gen_id: str, chain: str, parent: Manifest | None
+                ) -> T0Tracking:
+    """Inside the freeze: the blocks changed since the parent's T0 (or since the newest
+    mark after it, a.11), then a new era, kept for this chain until a newer generation
+    of it commits. Cost: the size of the change sets (set algebra in C), not of the
+    disks."""
+    with tracker.store.lock, tracker.store.transaction():
+        changed = None
+        base: int | None = None
+        mark: str | None = None
+        if parent is not None:
+            assert parent.tracking is not None
+            base, m = tracker.base_for(parent.tracking[1])
+            mark = m.name if m is not None else None
+            changed = tracker.changed_since(base)
+        era = tracker.new_era(f"backup {gen_id}")
+        tracker.chain_at(chain, era)
+        return T0Tracking(tracker.token, era, base, mark, changed)
+
+
 def run_backup(
     source: BackupSource,
     medium_path: str | os.PathLike[str],
@@ -157,9 +198,65 @@ def run_backup(
     cfg = source.config
     medium = DiskMedium.open_for_backup(medium_path, cfg.cluster_id)
     started = time.monotonic()
-    pending = medium.begin()
+    with medium.chain_lock():
+        parent = choose_parent(medium, source.tracker, opts)
+        pending = medium.begin()
+        result = _run(source, medium, pending, parent, opts, started, on_plan, progress)
+    _after_commit(source.tracker, result.manifest)
+    return result
+
+
+def choose_parent(medium: DiskMedium, tracker: ChangeTracker, opts: BackupOptions
+                  ) -> Manifest | None:
+    """The generation an incremental is relative to: the newest whole-cluster
+    generation on the medium, when the cluster's changed-block tracking still knows
+    what changed since its T0. None for a full (asked for, or ``--full-if-needed``)."""
+    if not opts.incremental:
+        return None
+    head = medium.catalog().head(None)
+    why: str | None = None
+    if head is None:
+        why = f"backup medium {medium.root} holds no backup of this cluster yet"
+    elif head.tracking is None or head.chain is None:
+        why = (f"the newest generation {head.id} was made before changed-block tracking "
+               "existed")
+    elif head.tracking[0] != tracker.token:
+        why = (f"the cluster's changed-block tracking started anew after generation "
+               f"{head.id} (the cluster was restored from a backup, or its tracking was "
+               "reset), so what changed since then is not known")
+    else:
+        try:
+            tracker.changed_since(head.tracking[1])
+        except TrackingLost as e:
+            why = f"after generation {head.id}, {e.message}"
+    if why is None:
+        return head
+    if opts.full_if_needed:
+        log.warning("%s: taking a full backup (--full-if-needed)", why)
+        return None
+    raise TrackingLost(f"no incremental possible: {why}; take a full backup first (without "
+                       "--incremental), or add --full-if-needed")
+
+
+def _after_commit(tracker: ChangeTracker, m: Manifest) -> None:
+    """The chain no longer needs eras before this generation's; fold the tracking.
+    A failure here costs only memory (eras kept longer): the generation is committed."""
+    if m.chain is None or m.tracking is None:
+        return
     try:
-        return _backup(source, medium, pending, opts, started, on_plan, progress)
+        tracker.chain_committed(m.chain, m.tracking[1])
+        tracker.compact()
+    except (SdbError, OSError, sqlite3.Error) as e:
+        log.warning("generation %s is committed, but the change tracking could not be "
+                    "compacted: %s", m.id, e)
+
+
+def _run(source: BackupSource, medium: DiskMedium, pending: PendingGeneration,
+         parent: Manifest | None, opts: BackupOptions, started: float,
+         on_plan: Callable[[Plan], None] | None, progress: Callable[[int], None] | None
+         ) -> BackupResult:
+    try:
+        return _backup(source, medium, pending, parent, opts, started, on_plan, progress)
     except BackupFailed as e:
         pending.fail(e.message)
         if pending.id in e.message:
@@ -177,7 +274,8 @@ def run_backup(
 
 
 def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration,
-            opts: BackupOptions, started: float, on_plan: Callable[[Plan], None] | None,
+            parent: Manifest | None, opts: BackupOptions, started: float,
+            on_plan: Callable[[Plan], None] | None,
             progress: Callable[[int], None] | None) -> BackupResult:
     cfg = source.config
     gdir = pending.path
@@ -198,13 +296,19 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
         work.mkdir()
     _run_hook("pre-freeze", opts.pre_freeze)
     t_freeze = time.monotonic()
+    chain = parent.chain if parent is not None and parent.chain else uuid.uuid4().hex
     with source.freeze(gdir / META) as snap:
-        # T0: the snapshot is written; list the used blocks at the same instant.
-        plan = take_t0(source)
+        # T0: the snapshot is written; list the used blocks at the same instant, and
+        # (for an incremental) the blocks changed since the parent; a new era starts.
+        used = take_t0(source)
+        track = t0_tracking(source.tracker, pending.id, chain, parent)
+        plan = used if track.changed is None else Plan(
+            {d: b & track.changed.get(d, BlockSet()) for d, b in used.disks.items()},
+            used.info)
         _crash_point("after-snapshot")
         if on_plan is not None:
             on_plan(plan)
-        _dump_t0_image(source, plan, pending.id)
+        _dump_t0_image(source, used, pending.id)
         if online and arm is not None:
             assert log_path is not None and opts.log_mode is not None
             arm(pending.id, opts.log_mode, plan.disks, log_path, work)
@@ -273,8 +377,13 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
         gdir / INDEX, entries, {"cluster": cfg.cluster_id, "generation": pending.id,
                                 "medium": medium.medium_id})
     _crash_point("before-manifest")
+    tracking: dict[str, object] = {"token": track.token, "era": track.era}
+    if parent is not None:
+        tracking.update(base=track.base, parent_era=parent.tracking[1] if parent.tracking
+                        else None, mark=track.mark)
     manifest = Manifest(
-        id=pending.id, kind="full", parent=None, group=None, cluster_id=cfg.cluster_id,
+        id=pending.id, kind="full" if parent is None else "incremental",
+        parent=None if parent is None else parent.id, group=None, cluster_id=cfg.cluster_id,
         medium_id=medium.medium_id, block_size=cfg.block_size, t0_wall_ns=snap.wall_ns,
         t0_logical=snap.logical_time, committed_ns=time.time_ns(),
         disks=tuple(DiskEntry(d.id, d.name, d.nblocks, len(plan.disks[d.id]))
@@ -282,7 +391,9 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
         streams=tuple(streams), index=FileEntry(INDEX, isize, idigest, irecs),
         index_entries=int(entries.size), meta=meta, compression=opts.compression_text,
         freeze_seconds=freeze_s, copy_seconds=copy_s,
-        extra={"writer": f"sdbackup {__version__}",
+        extra={"chain": chain, "tracking": tracking,
+               "used": {str(d): len(b) for d, b in used.disks.items()},
+               "writer": f"sdbackup {__version__}",
                "copy": {"read_bytes": copied.read_bytes, "records": copied.records,
                         "batches": copied.batches, "runs": plan.runs(),
                         "batch_bytes": opts.batch_bytes, "record_bytes": opts.record_bytes,

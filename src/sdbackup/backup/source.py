@@ -18,6 +18,8 @@ so that the embedded cluster and the coordinator (both in
   before-image logging, without changing this protocol's shape.
 * ``used_runs(disk_id)`` -- the used blocks of a disk from the allocation bitmap, as
   ``(start, count)`` runs (a list of pairs or an ``(N, 2)`` integer array).
+* ``tracker`` -- the cluster's changed-block tracking (``meta/tracking.py``), read and
+  advanced inside the freeze (an incremental copies what changed since its parent).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sdbackup.blocks.diskset import DiskSet
+from sdbackup.meta.tracking import ChangeTracker
 
 
 @dataclass(frozen=True)
@@ -76,3 +79,6 @@ class BackupSource(Protocol):
     def freeze(self, snapshot_path: Path) -> AbstractContextManager[Snapshot]: ...
 
     def used_runs(self, disk_id: int) -> Runs: ...
+
+    @property
+    def tracker(self) -> ChangeTracker: ...

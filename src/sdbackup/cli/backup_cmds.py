@@ -77,7 +77,16 @@ def _progress(label: str, quiet: bool) -> Iterator[_LazyProgress]:
 @click.argument("cluster_dir", type=click.Path(path_type=Path))
 @MEDIUM
 @click.option("--full", is_flag=True,
-              help="A full backup: every used block (the default, and the only kind yet).")
+              help="A full backup: every block in use at T0 (the default). It starts a "
+                   "new chain.")
+@click.option("--incremental", is_flag=True,
+              help="Copy only the blocks changed since the newest generation on the medium "
+                   "(its parent), or since the newest mark made after it: the cluster "
+                   "tracks changed blocks as they are written, so nothing is scanned. Fails "
+                   "(exit 2) when the medium holds no generation it can follow.")
+@click.option("--full-if-needed", is_flag=True,
+              help="With --incremental: take a full backup instead of failing when no "
+                   "incremental is possible.")
 @click.option("--compress", "compress", default="zstd:1", show_default=True,
               metavar="none|zstd[:LEVEL]", help="Compression of the copied blocks.")
 @click.option("--wait", default=10.0, show_default=True,
@@ -97,7 +106,8 @@ def _progress(label: str, quiet: bool) -> Iterator[_LazyProgress]:
 @click.option("--post-thaw", metavar="CMD", help="Shell command run right after the thaw.")
 @JSON
 @QUIET
-def backup(cluster_dir: Path, medium: Path, full: bool, compress: str, wait: float,
+def backup(cluster_dir: Path, medium: Path, full: bool, incremental: bool,
+           full_if_needed: bool, compress: str, wait: float,
            log_mode: str | None, log_medium: Path | None, overlay: bool,
            pre_freeze: str | None, post_thaw: str | None, as_json: bool, quiet: bool) -> None:
     """Back up the cluster's disks to a new generation on the medium DIR.
@@ -118,6 +128,10 @@ def backup(cluster_dir: Path, medium: Path, full: bool, compress: str, wait: flo
     from sdbackup.cluster.local import open_cluster
 
     comp, level = parse_compression(compress)
+    if full and incremental:
+        raise UsageError("--full and --incremental exclude each other")
+    if full_if_needed and not incremental:
+        raise UsageError("--full-if-needed goes with --incremental")
     if log_medium is not None and log_mode != "separate":
         raise UsageError("--log-medium goes with --log-mode separate")
     if log_medium is not None:
@@ -131,7 +145,8 @@ def backup(cluster_dir: Path, medium: Path, full: bool, compress: str, wait: flo
                          "in the generation already)")
     opts = BackupOptions(compression=comp, level=level or 1, log_mode=log_mode,
                          log_medium=log_medium.absolute() if log_medium else None,
-                         overlay=overlay, pre_freeze=pre_freeze, post_thaw=post_thaw)
+                         overlay=overlay, pre_freeze=pre_freeze, post_thaw=post_thaw,
+                         incremental=incremental, full_if_needed=full_if_needed)
     rc = try_coordinator_client(cluster_dir)
     if rc is not None:
         with rc:
@@ -139,7 +154,8 @@ def backup(cluster_dir: Path, medium: Path, full: bool, compress: str, wait: flo
                                    "level": opts.level, "log_mode": log_mode,
                                    "log_medium": str(opts.log_medium) if opts.log_medium
                                    else None, "overlay": overlay, "pre_freeze": pre_freeze,
-                                   "post_thaw": post_thaw}, timeout=None)[0]
+                                   "post_thaw": post_thaw, "incremental": incremental,
+                                   "full_if_needed": full_if_needed}, timeout=None)[0]
         _print_backup(s, medium, as_json)
         return
     cluster = open_cluster(cluster_dir, wait=wait)

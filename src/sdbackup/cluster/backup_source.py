@@ -29,6 +29,7 @@ from sdbackup.blocks.blockset import BlockSet
 from sdbackup.blocks.diskset import DiskSet
 from sdbackup.cluster.rights import RecallFailed
 from sdbackup.errors import NoSpaceError, RemoteError
+from sdbackup.meta.tracking import ChangeTracker
 
 log = logging.getLogger("sdbackup.backup")
 
@@ -88,6 +89,10 @@ class CoordinatorSource:
 
     def used_runs(self, disk_id: int) -> Runs:
         return self.coord.meta.used_runs(disk_id)
+
+    @property
+    def tracker(self) -> ChangeTracker:
+        return self.coord.meta.tracker
 
     # -- online backup --------------------------------------------------------------------
     def arm(self, gen_id: str, mode: str, blocks: dict[int, BlockSet], log_path: Path,
@@ -149,3 +154,7 @@ class LocalClusterSource:
 
     def used_runs(self, disk_id: int) -> Runs:
         return self.cluster.meta.used_runs(disk_id)
+
+    @property
+    def tracker(self) -> ChangeTracker:
+        return self.cluster.meta.tracker

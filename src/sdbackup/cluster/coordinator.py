@@ -1028,7 +1028,9 @@ class _Handler(BaseHandler):
                              level=int(a.get("level", 1)), log_mode=a.get("log_mode"),
                              log_medium=Path(lm) if lm else None,
                              overlay=bool(a.get("overlay")), pre_freeze=a.get("pre_freeze"),
-                             post_thaw=a.get("post_thaw"))
+                             post_thaw=a.get("post_thaw"),
+                             incremental=a.get("incremental") is True,
+                             full_if_needed=a.get("full_if_needed") is True)
         if not self.c.backup_lock.acquire(blocking=False):
             raise BusyError("a backup of this cluster is running already; wait for it")
         try:

@@ -191,6 +191,9 @@ def zero_tail(meta: MetaApi, blocks: BlockStore, ino: int, pos: int,
     if pos % bs == 0:
         return None
     for ext in meta.map_read(ino, pos // bs, 1):
+        # Asking to write the mapped block records it as changed (durably, before the
+        # write: changed-block tracking); it reserves nothing, the block is mapped.
+        meta.map_write(ino, pos // bs, 1)
         old = read_blocks(blocks, ext.disk, ext.dblock, 1)
         if before is not None:
             before(ext.disk, ext.dblock, old)

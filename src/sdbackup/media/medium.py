@@ -29,7 +29,8 @@ import secrets
 import shutil
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,12 @@ GEN_ID_RE = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{8}$")
 bits, e.g. ``20261124T202353.481923Z-3f9a1c2b``. They sort in time order as strings."""
 _GEN_PREFIX_RE = re.compile(r"^\d{8}T[0-9a-fTZ.\-]*$")
 
-KINDS = ("full",)
+KINDS = ("full", "incremental", "synthetic")
+"""``full``: every block in use at T0. ``incremental``: the blocks that changed since
+its parent's T0 (or since a mark), read through its chain. ``synthetic``: a full made
+by merging a chain's generations (a.10), not by reading the disks."""
+FULL_KINDS = ("full", "synthetic")
+CHAIN_LOCK = "chains.lock"
 
 
 def stream_name(n: int) -> str:
@@ -158,6 +164,33 @@ class Manifest:
     @property
     def blocks(self) -> int:
         return sum(d.blocks for d in self.disks)
+
+    @property
+    def is_full(self) -> bool:
+        return self.kind in FULL_KINDS
+
+    @property
+    def chain(self) -> str | None:
+        """The chain this generation belongs to (a full starts one; None for
+        generations written before chains existed, each a chain of its own)."""
+        c = self.extra.get("chain")
+        return c if isinstance(c, str) else None
+
+    @property
+    def tracking(self) -> tuple[str, int] | None:
+        """(token, era) of the changed-block tracking at this generation's T0: an
+        incremental may follow it only while the cluster's tracking has that token."""
+        t = self.extra.get("tracking")
+        if isinstance(t, dict) and isinstance(t.get("token"), str) \
+                and isinstance(t.get("era"), int):
+            return str(t["token"]), int(t["era"])
+        return None
+
+    @property
+    def replaces(self) -> tuple[str, ...]:
+        """The generations a merge made this one from (they are superseded by it)."""
+        r = self.extra.get("replaces")
+        return tuple(str(x) for x in r) if isinstance(r, list) else ()
 
     @property
     def stored_bytes(self) -> int:
@@ -266,6 +299,13 @@ class Manifest:
             raise bad(f"bad generation id {m.id!r}")
         if m.kind not in KINDS:
             raise bad(f"unknown generation kind {m.kind!r} (known: {', '.join(KINDS)})")
+        if (m.parent is None) != m.is_full:
+            raise bad(f"a {m.kind} generation {'needs' if m.parent is None else 'has no'} "
+                      "parent")
+        if m.parent is not None and not GEN_ID_RE.match(m.parent):
+            raise bad(f"bad parent generation id {m.parent!r}")
+        if not m.is_full and m.chain is None:
+            raise bad("an incremental generation names no chain")
         if m.state != "committed":
             raise bad(f"state is {m.state!r}, not 'committed'")
         bs = m.block_size
@@ -317,6 +357,78 @@ def _opt_str(v: Any) -> str | None:
 def _file(x: Mapping[str, Any], with_records: bool) -> FileEntry:
     return FileEntry(_str(x["name"]), _int(x["bytes"]), int(_str(x["digest"]), 16),
                      _int(x["records"]) if with_records else 0)
+
+
+# ---------------------------------------------------------------------------------------
+# chains
+
+
+class Catalog:
+    """The committed generations of a medium and how they chain (c.2).
+
+    A full (or synthetic full) starts a chain; each incremental names its parent, the
+    generation its changes are relative to. A merge (a.10) commits one generation that
+    ``replaces`` two adjacent ones; until ``gc`` removes them they stay on the medium
+    but are not *current*, and a parent id naming one of them resolves to the
+    generation that replaced it (a merge keeps the newer one's T0 and view).
+    """
+
+    def __init__(self, manifests: list[Manifest]) -> None:
+        self.all = {m.id: m for m in manifests}
+        self.replaced_by: dict[str, str] = {}
+        for m in manifests:
+            for r in m.replaces:
+                if r != m.id:
+                    self.replaced_by[r] = m.id
+        self.current = [m for m in manifests if m.id not in self.replaced_by]
+
+    def replaced(self) -> list[Manifest]:
+        return [m for m in self.all.values() if m.id in self.replaced_by]
+
+    def get(self, gen_id: str) -> Manifest | None:
+        """The current generation standing for ``gen_id`` (itself, or what replaced it)."""
+        seen = set()
+        while gen_id in self.replaced_by and gen_id not in seen:
+            seen.add(gen_id)
+            gen_id = self.replaced_by[gen_id]
+        return self.all.get(gen_id)
+
+    def parent(self, m: Manifest) -> Manifest | None:
+        if m.parent is None:
+            return None
+        p = self.get(m.parent)
+        if p is None:
+            raise CorruptError(f"generation {m.id} is an incremental of {m.parent}, which is "
+                               "not on the medium (removed by hand?): its chain is broken "
+                               "and it cannot be read; take a new full backup")
+        return p
+
+    def chain(self, m: Manifest) -> list[Manifest]:
+        """``m`` and its ancestors, newest first, ending with the chain's full."""
+        out = [m]
+        while not out[-1].is_full:
+            p = self.parent(out[-1])
+            assert p is not None
+            if p in out or len(out) > len(self.all):
+                raise CorruptError(f"generation {m.id}: its chain loops through {p.id}")
+            if p.chain != m.chain:
+                raise CorruptError(f"generation {out[-1].id} names parent {p.id} of another "
+                                   f"chain ({p.chain}, not {m.chain})")
+            if p.t0_wall_ns > out[-1].t0_wall_ns or p.block_size != m.block_size:
+                raise CorruptError(f"generation {out[-1].id} names parent {p.id}, which is "
+                                   "newer or of another block size")
+            out.append(p)
+        return out
+
+    def children(self, m: Manifest) -> list[Manifest]:
+        """Current generations whose parent is ``m`` (or what ``m`` replaced)."""
+        return [c for c in self.current
+                if c.parent is not None and self.get(c.parent) is m]
+
+    def head(self, group: str | None = None) -> Manifest | None:
+        """The newest current generation of ``group`` (None: whole-cluster backups)."""
+        mine = [m for m in self.current if m.group == group]
+        return max(mine, key=lambda m: (m.t0_wall_ns, m.id)) if mine else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -472,15 +584,33 @@ class DiskMedium:
         return m
 
     def committed(self) -> list[Manifest]:
-        """Committed, valid generations, oldest first."""
-        return [e.manifest for e in self.scan() if e.manifest is not None]
+        """Committed, valid generations, oldest T0 first, without those a committed
+        merge replaced (they wait for ``gc``)."""
+        return sorted(self.catalog().current, key=lambda m: (m.t0_wall_ns, m.id))
+
+    def catalog(self) -> Catalog:
+        """The committed generations and how they chain (see :class:`Catalog`)."""
+        return Catalog([e.manifest for e in self.scan() if e.manifest is not None])
+
+    @contextmanager
+    def chain_lock(self) -> Iterator[None]:
+        """Held by whatever adds to or rewrites chains (backup, merge, prune, gc), so that
+        two of them never pick the same parent or remove what the other reads."""
+        path = self.root / CHAIN_LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def resolve(self, gen: str | None) -> Manifest:
         """The generation named ``gen`` (an id or a unique prefix), or the newest
         committed one when ``gen`` is None."""
         entries = self.scan()
         if gen is None or gen == "latest":
-            good = [e.manifest for e in entries if e.manifest is not None]
+            good = Catalog([e.manifest for e in entries if e.manifest is not None]).current
+            good.sort(key=lambda m: (m.t0_wall_ns, m.id))  # a merge's id is newer than its T0
             if not good:
                 bad = [e.problem for e in entries if e.problem is not None]
                 if bad:  # say why rather than "nothing there"

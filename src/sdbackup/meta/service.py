@@ -31,6 +31,7 @@ from sdbackup.errors import FsError
 from sdbackup.meta.alloc import allocate
 from sdbackup.meta.reader import NAME_MAX, MetadataReader
 from sdbackup.meta.store import MetaStore
+from sdbackup.meta.tracking import ChangeTracker, Run
 from sdbackup.meta.types import Attr, Extent, WriteRun
 from sdbackup.types import ROOT_INODE, DiskId
 
@@ -58,6 +59,8 @@ class MetadataService(MetadataReader):
         super().__init__(store)
         self.bitmaps  # noqa: B018 - allocation needs them from the start
         self._opens: dict[int, int] = {}
+        self.tracker = ChangeTracker(store)
+        self._tracked: list[tuple[int, list[Run]]] = []  # recorded in the open transaction
         self._purge_orphans()
 
     # -- helpers ----------------------------------------------------------------------
@@ -72,7 +75,19 @@ class MetadataService(MetadataReader):
         except BaseException:
             if not self.store._depth:
                 self._reload_bitmaps()
+                self._tracked.clear()
             raise
+        if not self.store._depth and self._tracked:
+            for era, runs in self._tracked:
+                self.tracker.confirm(era, runs)
+            self._tracked.clear()
+
+    def _track(self, runs: Sequence[Run]) -> None:
+        """Record changed blocks in the open transaction (allocations and frees: see
+        meta/tracking.py for why these need no sync of their own)."""
+        need = self.tracker.unrecorded(runs)
+        if need:
+            self._tracked.append((self.tracker.insert(need), need))
 
     def _reload_bitmaps(self) -> None:
         for bm in self.bitmaps.values():
@@ -118,9 +133,11 @@ class MetadataService(MetadataReader):
                     "UPDATE extents SET count=? WHERE ino=? AND fblock=?", (keep, ino, fblock)
                 )
                 self.bitmaps[disk].free(dblock + keep, count - keep)
+                self._track([(disk, dblock + keep, count - keep)])
             else:
                 self.store.execute("DELETE FROM extents WHERE ino=? AND fblock=?", (ino, fblock))
                 self.bitmaps[disk].free(dblock, count)
+                self._track([(disk, dblock, count)])
 
     def _purge_orphans(self) -> None:
         """Inodes with no names left over from a crash while they were open."""
@@ -349,7 +366,16 @@ class MetadataService(MetadataReader):
             except FsError:
                 self.abort_write(reserved)
                 raise
-            return out
+        # An overwrite in place may reach the disk as soon as this returns: its blocks
+        # are recorded durably first (changed-block tracking, meta/tracking.py).
+        over = [(r.disk, r.dblock, r.length) for r in out if not r.new]
+        if over:
+            try:
+                self.tracker.record_overwrites(over)
+            except BaseException:
+                self.abort_write(reserved)
+                raise
+        return out
 
     def _reserve(self, ino: int, fblock: int, count: int) -> list[WriteRun]:
         prev = self.store.get_row(
@@ -423,6 +449,7 @@ class MetadataService(MetadataReader):
                 for run in new:
                     self._insert_extent(ino, run.fblock, run.length, run.disk, run.dblock)
                     self.bitmaps[run.disk].commit(run.dblock, run.length)
+                self._track([(r.disk, r.dblock, r.length) for r in new])
                 now = mtime_ns if mtime_ns is not None else time.time_ns()
                 self.store.execute(
                     "UPDATE inodes SET size=MAX(size, ?), mtime_ns=?, ctime_ns=? WHERE id=?",

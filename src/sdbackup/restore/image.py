@@ -40,6 +40,7 @@ from sdbackup.media.generation import Generation, GenerationReader
 from sdbackup.media.record_format import Kind
 from sdbackup.meta import fsck as fsck_mod
 from sdbackup.meta.store import MetaStore
+from sdbackup.meta.tracking import TOKEN_KEY
 
 
 @dataclass
@@ -250,6 +251,9 @@ def restore_cluster(
                          ("restored_from_generation", m.id),
                          ("restored_at_ns", str(time.time_ns()))):
                 con.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (k, v))
+            # The restored cluster starts a tracking history of its own: no incremental
+            # can ever be taken relative to the generations of the one it came from.
+            con.execute("DELETE FROM meta WHERE key=?", (TOKEN_KEY,))
             con.execute("COMMIT")
             con.execute("PRAGMA journal_mode=WAL").fetchall()
         finally:
