@@ -22,6 +22,7 @@ from sdbackup.cluster.local import open_cluster
 from sdbackup.errors import EXIT_CHECK_FAILED, EXIT_CORRUPT, CorruptError, UsageError
 from sdbackup.media.generation import Generation, GenerationReader
 from sdbackup.media.medium import FAILED, DiskMedium, Manifest, iso_utc, looks_like_generation
+from sdbackup.net import messages as msg
 from sdbackup.restore.files import restore_files
 from sdbackup.restore.image import parse_disk_paths, restore_cluster, restore_image
 
@@ -130,11 +131,10 @@ def backup(cluster_dir: Path, medium: Path, full: bool, compress: str, wait: flo
     rc = try_coordinator_client(cluster_dir)
     if rc is not None:
         with rc:
-            s = rc.call("backup", {"medium": str(medium.absolute()), "compression": comp,
-                                   "level": opts.level, "log_mode": log_mode,
-                                   "log_medium": str(opts.log_medium) if opts.log_medium
-                                   else None, "overlay": overlay, "pre_freeze": pre_freeze,
-                                   "post_thaw": post_thaw}, timeout=None)[0]
+            request = msg.Backup(str(medium.absolute()), comp, opts.level, log_mode,
+                                 str(opts.log_medium) if opts.log_medium else None, overlay,
+                                 pre_freeze, post_thaw)
+            s = msg.call(rc, request, timeout=None)[0]
         _print_backup(s, medium, as_json)
         return
     cluster = open_cluster(cluster_dir, wait=wait)

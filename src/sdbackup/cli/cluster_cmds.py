@@ -13,6 +13,7 @@ from sdbackup.cluster.config import load_config
 from sdbackup.cluster.local import DiskSpec, init_cluster, open_cluster, open_store
 from sdbackup.errors import EXIT_CHECK_FAILED, UsageError
 from sdbackup.meta import fsck as fsck_mod
+from sdbackup.net import messages as msg
 
 CLUSTER_DIR = click.argument("cluster_dir", type=click.Path(path_type=Path))
 
@@ -64,7 +65,7 @@ def info(cluster_dir: Path, as_json: bool) -> None:
     rc = try_coordinator_client(cluster_dir)
     if rc is not None:
         with rc:
-            data = rc.call("info")[0]
+            data = msg.call(rc, msg.Info())[0]
         for d in data["disks"]:
             d["free"] = d["blocks"] - d["used"]
         data.update(cluster_dir=str(cluster_dir), cluster_id=load_config(cluster_dir).cluster_id)
@@ -126,7 +127,7 @@ def blocks(cluster_dir: Path, disk_name: str | None, used: bool, as_json: bool) 
         cfg = load_config(cluster_dir)
         wanted = [cfg.disk(disk_name)] if disk_name else cfg.disks
         with rc:
-            out = {d.name: [tuple(r) for r in rc.call("used_runs", {"disk": d.name})[0]["runs"]]
+            out = {d.name: [tuple(r) for r in msg.call(rc, msg.UsedRuns(d.name))[0]["runs"]]
                    for d in wanted}
     else:
         with open_cluster(cluster_dir) as c:
@@ -154,7 +155,7 @@ def fsck(cluster_dir: Path, as_json: bool) -> None:
     rc = try_coordinator_client(cluster_dir)
     if rc is not None:  # the running coordinator checks its own store
         with rc:
-            problems = [fsck_mod.Problem(c, m) for c, m in rc.call("fsck")[0]["problems"]]
+            problems = [fsck_mod.Problem(c, m) for c, m in msg.call(rc, msg.Fsck())[0]["problems"]]
     else:
         with open_store(cluster_dir) as store:  # not open_cluster: it would purge orphans
             problems = fsck_mod.check_all(store)
