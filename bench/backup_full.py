@@ -47,8 +47,8 @@ if str(_REPO / "src") not in sys.path:
 from common import drop_caches  # noqa: E402 - bench/ is the script's directory
 
 from sdbackup.backup.engine import BackupOptions, run_backup  # noqa: E402
-from sdbackup.cluster.backup_source import LocalClusterSource  # noqa: E402
 from sdbackup.blocks.blockset import BlockSet  # noqa: E402
+from sdbackup.cluster.backup_source import LocalClusterSource  # noqa: E402
 from sdbackup.cluster.local import DiskSpec, init_cluster, open_cluster  # noqa: E402
 from sdbackup.fs import transfer  # noqa: E402
 from sdbackup.media.generation import Generation, GenerationReader  # noqa: E402

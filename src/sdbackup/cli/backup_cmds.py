@@ -150,12 +150,12 @@ def backup(cluster_dir: Path, medium: Path, full: bool, incremental: bool,
     rc = try_coordinator_client(cluster_dir)
     if rc is not None:
         with rc:
-            s = rc.call("backup", {"medium": str(medium.absolute()), "compression": comp,
-                                   "level": opts.level, "log_mode": log_mode,
-                                   "log_medium": str(opts.log_medium) if opts.log_medium
-                                   else None, "overlay": overlay, "pre_freeze": pre_freeze,
-                                   "post_thaw": post_thaw, "incremental": incremental,
-                                   "full_if_needed": full_if_needed}, timeout=None)[0]
+            from sdbackup.net import messages as msg
+
+            request = msg.Backup(str(medium.absolute()), comp, opts.level, log_mode,
+                                 str(opts.log_medium) if opts.log_medium else None, overlay,
+                                 pre_freeze, post_thaw, incremental, full_if_needed)
+            s = msg.call(rc, request, timeout=None)[0]
         _print_backup(s, medium, as_json)
         return
     cluster = open_cluster(cluster_dir, wait=wait)

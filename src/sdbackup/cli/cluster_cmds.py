@@ -65,11 +65,12 @@ def info(cluster_dir: Path, as_json: bool) -> None:
     from sdbackup.cluster.access import try_coordinator_client
     from sdbackup.cluster.config import load_config
     from sdbackup.cluster.local import open_cluster
+    from sdbackup.net import messages as msg
 
     rc = try_coordinator_client(cluster_dir)
     if rc is not None:
         with rc:
-            data = rc.call("info")[0]
+            data = msg.call(rc, msg.Info())[0]
         for d in data["disks"]:
             d["free"] = d["blocks"] - d["used"]
         data.update(cluster_dir=str(cluster_dir), cluster_id=load_config(cluster_dir).cluster_id)
@@ -129,13 +130,14 @@ def blocks(cluster_dir: Path, disk_name: str | None, used: bool, as_json: bool) 
     from sdbackup.cluster.access import try_coordinator_client
     from sdbackup.cluster.config import load_config
     from sdbackup.cluster.local import open_cluster
+    from sdbackup.net import messages as msg
 
     rc = try_coordinator_client(cluster_dir)
     if rc is not None:
         cfg = load_config(cluster_dir)
         wanted = [cfg.disk(disk_name)] if disk_name else cfg.disks
         with rc:
-            out = {d.name: [tuple(r) for r in rc.call("used_runs", {"disk": d.name})[0]["runs"]]
+            out = {d.name: [tuple(r) for r in msg.call(rc, msg.UsedRuns(d.name))[0]["runs"]]
                    for d in wanted}
     else:
         with open_cluster(cluster_dir) as c:
@@ -163,11 +165,12 @@ def fsck(cluster_dir: Path, as_json: bool) -> None:
     from sdbackup.cluster.access import try_coordinator_client
     from sdbackup.cluster.local import open_store
     from sdbackup.meta import fsck as fsck_mod
+    from sdbackup.net import messages as msg
 
     rc = try_coordinator_client(cluster_dir)
     if rc is not None:  # the running coordinator checks its own store
         with rc:
-            problems = [fsck_mod.Problem(c, m) for c, m in rc.call("fsck")[0]["problems"]]
+            problems = [fsck_mod.Problem(c, m) for c, m in msg.call(rc, msg.Fsck())[0]["problems"]]
     else:
         with open_store(cluster_dir) as store:  # not open_cluster: it would purge orphans
             problems = fsck_mod.check_all(store)

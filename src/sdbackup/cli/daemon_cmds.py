@@ -12,11 +12,14 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from sdbackup.errors import UsageError
+
+if TYPE_CHECKING:
+    from sdbackup.net import messages as msg
 
 
 def register(cli: click.Group) -> None:
@@ -156,11 +159,12 @@ def node(cluster_dir: Path | None, name: str, cache_size: str, flush_delay: floa
         agent.stop()
 
 
-def _rpc(cluster_dir: Path, method: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+def _rpc(cluster_dir: Path, request: msg.Request) -> dict[str, Any]:
     from sdbackup.cluster.access import coordinator_client
+    from sdbackup.net import messages as msg
 
     with coordinator_client(cluster_dir) as c:
-        body, _ = c.call(method, args or {}, timeout=300)
+        body, _ = msg.call(c, request, timeout=300)
         return body
 
 
@@ -169,7 +173,9 @@ def _rpc(cluster_dir: Path, method: str, args: dict[str, Any] | None = None) -> 
 @click.option("--json", "as_json", is_flag=True)
 def status(cluster_dir: Path, as_json: bool) -> None:
     """Show the coordinator, the nodes (host, state, cache used/dirty) and the disks."""
-    st = _rpc(cluster_dir, "status")
+    from sdbackup.net import messages as msg
+
+    st = _rpc(cluster_dir, msg.Status())
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return
@@ -184,8 +190,8 @@ def status(cluster_dir: Path, as_json: bool) -> None:
     for d in st["disks"]:
         click.echo(f"disk {d['name']}: {d['used']} of {d['blocks']} blocks used")
     for n in st["nodes"]:
-        for path, msg in (n.get("write_back_errors") or {}).items():
-            click.echo(f"write-back failing on node {n['name']}: {path}: {msg} (the data "
+        for path, what in (n.get("write_back_errors") or {}).items():
+            click.echo(f"write-back failing on node {n['name']}: {path}: {what} (the data "
                        "stays dirty there; its programs are told)")
     for loss in st.get("losses", []):
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loss["time"]))
@@ -203,7 +209,9 @@ def cache() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def cache_ls(cluster_dir: Path, as_json: bool) -> None:
     """Print the cache table: node, file, offset, size, right, dirty (the seed's Fig. 3)."""
-    rows = _rpc(cluster_dir, "cache_table")["entries"]
+    from sdbackup.net import messages as msg
+
+    rows = _rpc(cluster_dir, msg.CacheTable())["entries"]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -218,7 +226,9 @@ def cache_ls(cluster_dir: Path, as_json: bool) -> None:
 @click.option("--timeout", default=60.0, show_default=True)
 def flush(cluster_dir: Path, timeout: float) -> None:
     """Make every node write its dirty cache back; returns when nothing is dirty."""
-    r = _rpc(cluster_dir, "flush", {"timeout": timeout})
+    from sdbackup.net import messages as msg
+
+    r = _rpc(cluster_dir, msg.FlushAll(timeout))
     for name, err in r["errors"].items():
         click.echo(f"node {name}: {err}", err=True)
     if not r["clean"] or r["errors"]:

@@ -129,6 +129,7 @@ def _cluster_step(cdir: Path) -> None:
     """A coordinator and two node agents as processes, writing through their caches."""
     from sdbackup.cluster.access import coordinator_client, open_fs
     from sdbackup.cluster.launch import start_coordinator, start_node
+    from sdbackup.net import messages as msg
 
     _step("start a coordinator and two node agents (n1, n2) as processes")
     coord = start_coordinator(cdir)
@@ -142,7 +143,7 @@ def _cluster_step(cdir: Path) -> None:
                 ino = f.create(1, f"from-{n}.bin".encode()).ino
                 f.write(ino, 0, payload[n])
         with coordinator_client(cdir) as c:
-            rows = c.call("cache_table")[0]["entries"]
+            rows = msg.call(c, msg.CacheTable())[0]["entries"]
         _step("the cluster cache table (node, right, dirty, file area): writes sit dirty "
               "in each node's write-back cache")
         for r in rows:
@@ -160,8 +161,8 @@ def _cluster_step(cdir: Path) -> None:
                 raise SdbError("demo: a node read stale data (a bug: please report it)", 1)
         _step("cluster-wide flush: every node writes its dirty areas back")
         with coordinator_client(cdir) as c:
-            r = c.call("flush", {"timeout": 30})[0]
-            dirty = [e for e in c.call("cache_table")[0]["entries"] if e["dirty"]]
+            r = msg.call(c, msg.FlushAll(30))[0]
+            dirty = [e for e in msg.call(c, msg.CacheTable())[0]["entries"] if e["dirty"]]
         click.echo(f"  {r['nodes']} nodes flushed in {r['seconds'] * 1000:.1f} ms; "
                    f"dirty areas left: {len(dirty)}")
     finally:
@@ -307,6 +308,7 @@ def _online_step(base: Path, cdir: Path) -> None:
     from sdbackup.cluster.access import coordinator_client, open_fs
     from sdbackup.cluster.launch import start_coordinator, start_node
     from sdbackup.media.generation import Generation, GenerationReader
+    from sdbackup.net import messages as msg
     from sdbackup.restore.image import restore_image
 
     _step("online backup: two nodes keep writing while the coordinator backs up "
@@ -354,8 +356,8 @@ def _online_step(base: Path, cdir: Path) -> None:
         time.sleep(1.0)
         before = dict(acked)
         with coordinator_client(cdir) as c:
-            s = c.call("backup", {"medium": str(base / "medium"), "log_mode": "central",
-                                  "compression": "zstd", "level": 1}, timeout=None)[0]
+            s = msg.call(c, msg.Backup(str(base / "medium"), "zstd", 1, "central"),
+                         timeout=None)[0]
         during = sum(acked.values()) - sum(before.values())
         stop.set()
         for t in threads:

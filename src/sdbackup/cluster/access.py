@@ -24,6 +24,7 @@ from sdbackup.cluster.config import load_config, read_addr
 from sdbackup.cluster.local import open_cluster
 from sdbackup.errors import RemoteError
 from sdbackup.fs.filesystem import FileSystem
+from sdbackup.net import messages as msg
 from sdbackup.net.auth import load_secret
 from sdbackup.net.remote import RemoteMeta
 from sdbackup.net.rpc import ConnectFailed, RpcClient
@@ -40,22 +41,22 @@ class NodeFileSystem(FileSystem):
         self.client = client
 
     def read(self, ino: int, offset: int, size: int) -> bytes:
-        _, data = self.client.call("read", {"ino": ino, "offset": offset, "size": size})
+        _, data = msg.call(self.client, msg.Read(ino, offset, size))
         return bytes(data or b"")
 
     def write(self, ino: int, offset: int, data: bytes | bytearray | memoryview) -> int:
-        body, _ = self.client.call("write", {"ino": ino, "offset": offset}, data)
+        body, _ = msg.call(self.client, msg.Write(ino, offset), data)
         return int(body["written"])
 
     def truncate(self, ino: int, size: int) -> Any:
         return self.meta.truncate(ino, size)
 
     def fsync(self, ino: int | None = None) -> None:
-        self.client.call("fsync", {"ino": ino})
+        msg.call(self.client, msg.Fsync(ino))
 
     def flush_inode(self, ino: int) -> None:
         """The node writes the file's dirty data back now (errors come back here)."""
-        self.client.call("flush_inode", {"ino": ino})
+        msg.call(self.client, msg.FlushInode(ino))
 
 
 @contextmanager
@@ -69,7 +70,7 @@ def open_fs(cluster_dir: str | os.PathLike[str], *, node: str | None = None,
         secret = load_secret(Path(cluster_dir) / "secret")
         client = RpcClient.connect(host, port, secret, timeout=wait)
         try:
-            info, _ = client.call("join", {"name": f"cli-{os.getpid()}"})
+            info, _ = msg.call(client, msg.ControlJoin(f"cli-{os.getpid()}"))
             yield NodeFileSystem(client, int(info["block_size"]))
         finally:
             client.close()
@@ -109,9 +110,8 @@ def try_coordinator_client(cluster_dir: str | os.PathLike[str]) -> RpcClient | N
         return None
     try:
         token = _owner_token(cluster_dir)
-        client.call("join", {"name": f"admin-{os.getpid()}", "kind": "admin",
-                             "host": "localhost", "pid": os.getpid(),
-                             **({"owner_token": token} if token else {})})
+        msg.call(client, msg.Join(f"admin-{os.getpid()}", "admin", "localhost", os.getpid(),
+                                  token or None))
     except BaseException:
         client.close()
         raise

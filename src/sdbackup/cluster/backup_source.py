@@ -5,7 +5,8 @@ and every node's write rights are recalled, which writes every dirty cache back
 (a.1, Fig. 3); under the metadata store's lock the store is synced and snapshotted in
 one step, and the used blocks are listed; the engine then arms before-image logging
 (:meth:`arm`) before the freeze ends. Writes go on during the copy; whoever overwrites a
-block of the backup's set first logs its before image (see ``backup/window.py``).
+block of the backup's set first logs its before image (see ``backup/window.py``; the
+coordinator's window manager is ``backup/window_manager.py``).
 
 Developer note (what must stay adjacent): the snapshot, the listing of used blocks and
 arming the window happen while both the rights freeze and the store lock are held. The
@@ -97,19 +98,17 @@ class CoordinatorSource:
     # -- online backup --------------------------------------------------------------------
     def arm(self, gen_id: str, mode: str, blocks: dict[int, BlockSet], log_path: Path,
             work_dir: Path) -> None:
-        self.coord.begin_window(gen_id, mode, blocks, log_path, work_dir)
+        self.coord.windows.begin(gen_id, mode, blocks, log_path, work_dir)
 
     def aborted(self) -> str | None:
         """Why the running online backup was aborted (before-image logging failed)."""
-        w = self.coord.window
-        return w.failed if w is not None else None
+        return self.coord.windows.aborted()
 
     def logged(self, disk_id: int) -> BlockSet:
-        w = self.coord.window
-        return w.logged(disk_id) if w is not None else BlockSet()
+        return self.coord.windows.logged(disk_id)
 
     def disarm(self, out_log: Path | None, work_dir: Path) -> dict[str, Any]:
-        return self.coord.end_window(out_log, work_dir)
+        return self.coord.windows.end(out_log, work_dir)
 
 
 class LocalClusterSource:

@@ -30,13 +30,13 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdbackup.backup.bilog import BiLog, merge_logs
 from sdbackup.backup.window import BackupWindow
+from sdbackup.backup.window_manager import FETCH_TIMEOUT, WindowManager
 from sdbackup.blocks.blockset import BlockSet
 from sdbackup.blocks.disk_access import disk_identity
 from sdbackup.blocks.diskset import DiskSet
@@ -49,7 +49,6 @@ from sdbackup.errors import (
     FencedError,
     FsError,
     RemoteError,
-    SdbError,
     UsageError,
 )
 from sdbackup.fs.filesystem import zero_tail
@@ -58,10 +57,10 @@ from sdbackup.meta import fsck as fsck_mod
 from sdbackup.meta.service import MetadataService
 from sdbackup.meta.store import MetaStore
 from sdbackup.meta.types import Attr, Extent, WriteRun
+from sdbackup.net import messages as msg
 from sdbackup.net import wire
 from sdbackup.net.auth import load_secret
-from sdbackup.net.rpc import BaseHandler, Connection, RpcServer
-from sdbackup.types import DiskId
+from sdbackup.net.rpc import Connection, RpcServer
 
 log = logging.getLogger("sdbackup.coordinator")
 
@@ -147,9 +146,12 @@ class Coordinator:
         self.server = RpcServer(lambda conn: _Handler(self), self.secret, host=host, port=port,
                                 max_workers=64)
         self._monitor: threading.Thread | None = None
-        self.window: BackupWindow | None = None
+        # The online backup's before-image window (backup/window_manager.py).
+        self.windows: WindowManager[Session] = WindowManager(
+            _BackupNodes(self), cluster_id=self.config.cluster_id,
+            block_size=self.config.block_size, tick=self.rights.tick,
+            own_lock=self.store.lock)
         self.backup_lock = threading.Lock()
-        self._own_log: BiLog | None = None  # merged mode: the coordinator's own writes
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self) -> tuple[str, int]:
@@ -212,10 +214,9 @@ class Coordinator:
                            "identity": self.disk_identities.get(d.id)} for d in cfg.disks],
                 "epoch": self.epoch, "lease": self.lease, "segment_bytes": SEGMENT_BYTES}
 
-    def check_disk_views(self, views: Any, who: str) -> None:
+    def check_disk_views(self, views: dict[str, str], who: str) -> None:
         """A node may use a single-host disk only if it sees the very same file on the
         very same kernel (its page cache is the coordinator's)."""
-        views = views if isinstance(views, dict) else {}
         for d in self.config.disks:
             want = self.disk_identities.get(d.id)
             if want is None:
@@ -330,11 +331,7 @@ class Coordinator:
             opens, s.opens = s.opens, {}
         if runs:
             self.meta.abort_write(runs)
-        w = self.window
-        if w is not None and not w.central and s.key in w.asked and w.failed is None:
-            w.failed = (f"node {s.name} failed during the backup and took its before-image "
-                        "log with it (merged mode)")
-            log.error("backup %s: %s", w.gen_id, w.failed)
+        self.windows.session_gone(s.key, s.name)
         # A node that goes (or stops answering) because this coordinator stops keeps its
         # dirty data and reclaims it from the next coordinator: nothing is lost.
         lost = self.rights.node_failed(s.key)
@@ -378,7 +375,7 @@ class Coordinator:
             # Fenced, or gone without a goodbye: its rights go once it cannot write.
             self.fence(s, "recalled while fenced")
             return
-        s.conn.call("recall", {"ino": ino, "segs": segs, "keep": keep}, timeout=self.lease)
+        msg.call(s.conn, msg.Recall(ino, tuple(segs), keep), timeout=self.lease)
 
     def flush_writers(self, ino: int, exclude: str | None) -> None:
         """Make every other node holding a write right on ``ino`` write its data back."""
@@ -388,7 +385,7 @@ class Coordinator:
             s = self.by_key(key)
             if s is not None:
                 try:
-                    s.conn.call("flush_inode", {"ino": ino}, timeout=self.lease)
+                    msg.call(s.conn, msg.FlushInode(ino), timeout=self.lease)
                 except FsError as e:  # it answered: it cannot write this file back now
                     log.warning("node %s cannot write back %s: %s (its data stays "
                                 "dirty there)", s.name, self.path_of(ino), e.what or e)
@@ -404,7 +401,7 @@ class Coordinator:
 
         def one(s: Session) -> None:
             try:
-                s.conn.call("flush", {}, timeout=timeout)
+                msg.call(s.conn, msg.NodeFlush(), timeout=timeout)
             except (RemoteError, FsError) as e:  # FsError: files it cannot write back
                 errors[s.name] = re.sub(r"inode (\d+)", lambda m: self.path_of(
                     int(m.group(1))), str(e))
@@ -448,7 +445,7 @@ class Coordinator:
                                    "last_seen_s": round(time.monotonic() - s.last_seen, 1)}
             if s.kind == "node" and s.state == "up":
                 try:
-                    body, _ = s.conn.call("report", {}, timeout=5.0)
+                    body, _ = msg.call(s.conn, msg.Report(), timeout=5.0)
                     row.update(body)
                 except RemoteError as e:
                     row["error"] = str(e)
@@ -481,8 +478,8 @@ class Coordinator:
                 segs = self.rights.segments_of(key, ino)
                 if s is not None and segs:
                     try:
-                        s.conn.call("recall", {"ino": ino, "segs": segs,
-                                               "keep": "discard"}, timeout=self.lease)
+                        msg.call(s.conn, msg.Recall(ino, tuple(segs), "discard"),
+                                 timeout=self.lease)
                     except (RemoteError, FsError) as e:
                         self.fence(s, f"did not discard the data of removed inode {ino}: "
                                       f"{e}")
@@ -512,7 +509,7 @@ class Coordinator:
                 # (bytes past the end on disk are never trusted). On disk before the
                 # metadata that exposes them.
                 disk = zero_tail(self.meta, self.disks, ino, min(size, attr.size),
-                                 self._own_before_image)
+                                 self.windows.own_before_image)
                 if disk is not None:
                     self.disks.datasync([disk])
             return self.meta.truncate(ino, size)
@@ -533,128 +530,53 @@ class Coordinator:
                 f = cut
         return {str(seg): wire.enc_runs(m) for seg, m in maps.items()}
 
-    def _own_before_image(self, disk: DiskId, block: int, old: bytes) -> None:
-        """The coordinator overwrites a block itself: same write-ahead rule as nodes."""
-        w = self.window
-        if w is None:
-            return
-        run = [WriteRun(0, 1, disk, block, False)]
-        need = [r for r in w.split("coordinator", run, self.rights.tick) if r.bi_time]
-        if not need:
-            return
-        if w.central:
-            w.put([(disk, block, old, need[0].bi_time)])
-        elif self._own_log is not None:  # under the store lock (see truncate)
-            try:
-                self._own_log.append(disk, block, old, need[0].bi_time)
-                self._own_log.sync()
-            except (OSError, SdbError) as e:
-                w.fail(f"the coordinator's before-image log could not be written ({e})")
-
     # -- online backup window (issue 6) -----------------------------------------------------
+    # ``self.windows`` (backup/window_manager.py) holds the window, the logs and the
+    # gathering; the backup engine reaches it through CoordinatorSource. These two drive
+    # it by hand (tests/test_online_window.py).
     def begin_window(self, gen_id: str, mode: str, blocks: dict[int, BlockSet],
                      log_path: Path, work_dir: Path) -> BackupWindow:
         """Arm before-image logging (call while frozen: no write-back is in flight)."""
-        bs = self.config.block_size
-        # The log becomes stream 1 of the generation (or, in separate mode, can be
-        # brought into it by 'sdbackup overlay'), so it is labelled as that stream.
-        label = {"cluster": self.config.cluster_id, "generation": gen_id, "stream": 1}
-        central = mode != "merged"
-        w = BackupWindow(gen_id, mode, blocks,
-                         BiLog(log_path, block_size=bs, label=label, dedup=True)
-                         if central else None)
-        if not central:
-            self._own_log = BiLog(work_dir / "coordinator.bilog", block_size=bs, label=label,
-                                  dedup=True)
-        self.window = w
-        with self._mu:
-            nodes = [s for s in self.sessions.values()
-                     if s.state == "up" and s.kind != "admin"]
-        for sess in nodes:
-            try:
-                sess.conn.call("backup_begin", {"gen": gen_id, "mode": mode}, timeout=self.lease)
-            except RemoteError as e:
-                # Fenced before the thaw: a node that logs no before images must not
-                # write while the window is open.
-                self.fence(sess, f"did not arm before-image logging: {e}")
-        return w
+        return self.windows.begin(gen_id, mode, blocks, log_path, work_dir)
 
     def end_window(self, out_log: Path | None, work_dir: Path) -> dict[str, Any]:
         """Close the window after the copy: gather and merge logs (merged mode)."""
-        w = self.window
-        if w is None:
-            raise UsageError("no backup window is open")
-        stats: dict[str, Any] = {"mode": w.mode, "bi_runs": w.bi_runs}
-        self.window = None  # no more before images are asked for: the copy is done
-        try:
-            if w.central:
-                assert w.log is not None
-                w.close()
-                stats["log_bytes"] = w.log.bytes
-            else:
-                inputs: list[Path] = []
-                own, self._own_log = self._own_log, None
-                if own is not None and w.failed is None:
-                    try:
-                        with self.store.lock:  # _own_before_image appends under it
-                            own.close()
-                        inputs.append(own.path)
-                    except (OSError, SdbError) as e:
-                        w.fail(f"the coordinator's before-image log failed ({e})")
-                for key in sorted(w.asked - {"coordinator"}):
-                    if w.failed is not None:
-                        break  # aborted: nothing to gather
-                    sess = self.by_key(key)
-                    if sess is None:
-                        w.failed = w.failed or (f"node session {key} left before its log "
-                                                "was gathered")
-                        continue
-                    path = work_dir / f"node-{sess.name}.bilog"
-                    try:
-                        self._fetch_log(sess, w.gen_id, path)
-                    except (OSError, SdbError) as e:
-                        w.fail(f"the before-image log of node {sess.name} could not be "
-                               f"gathered ({e})")
-                        break
-                    inputs.append(path)
-                if w.failed is None and out_log is not None:
-                    m = merge_logs(inputs, out_log, block_size=self.config.block_size,
-                                   label={"cluster": self.config.cluster_id,
-                                          "generation": w.gen_id, "stream": 1,
-                                          "merged": len(inputs)})
-                    stats.update(records_in=m.records_in, records_out=m.records_out,
-                                 log_blocks=m.blocks_out)
-        finally:
-            self.window = None
-            self._own_log = None
-            with self._mu:
-                nodes = [s for s in self.sessions.values()
-                     if s.state == "up" and s.kind != "admin"]
-            for sess in nodes:
-                try:
-                    sess.conn.call("backup_end", {"gen": w.gen_id}, timeout=self.lease)
-                except RemoteError as e:
-                    log.warning("node %s did not end the backup window: %s", sess.name, e)
-        stats["failed"] = w.failed
-        return stats
-
-    def _fetch_log(self, sess: Session, gen_id: str, path: Path) -> None:
-        off = 0
-        with open(path, "wb") as f:
-            while True:
-                body, blob = sess.conn.call("bi_fetch", {"gen": gen_id, "offset": off,
-                                                         "size": 8 << 20}, timeout=60)
-                data = blob or b""
-                f.write(data)
-                off += len(data)
-                if body.get("eof") or not data:
-                    break
-            f.flush()
-            os.fsync(f.fileno())
+        return self.windows.end(out_log, work_dir)
 
 
-class _Handler(BaseHandler):
-    """One connection's requests. Names travel as latin-1 strings (see wire.py)."""
+class _BackupNodes:
+    """The coordinator's sessions as the window manager sees them (WindowNodes)."""
+
+    def __init__(self, coord: Coordinator) -> None:
+        self.c = coord
+
+    def writers(self) -> list[Session]:
+        with self.c._mu:
+            return [s for s in self.c.sessions.values() if s.state == "up" and s.kind != "admin"]
+
+    def by_key(self, key: str) -> Session | None:
+        return self.c.by_key(key)
+
+    def fence(self, peer: Session, why: str) -> None:
+        self.c.fence(peer, why)
+
+    def backup_begin(self, peer: Session, gen: str, mode: str) -> None:
+        msg.call(peer.conn, msg.BackupBegin(gen, mode), timeout=self.c.lease)
+
+    def bi_fetch(self, peer: Session, gen: str, offset: int, size: int) -> tuple[bytes, bool]:
+        body, blob = msg.call(peer.conn, msg.BiFetch(gen, offset, size),
+                              timeout=FETCH_TIMEOUT)
+        return blob or b"", bool(body.get("eof"))
+
+    def backup_end(self, peer: Session, gen: str) -> None:
+        msg.call(peer.conn, msg.BackupEnd(gen), timeout=self.c.lease)
+
+
+class _Handler(msg.RequestHandler):
+    """One connection's requests, each decoded and checked (net/messages.py) before it
+    reaches its ``rpc_`` method."""
+
+    requests = msg.COORDINATOR_REQUESTS
 
     def __init__(self, coord: Coordinator) -> None:
         self.c = coord
@@ -666,55 +588,45 @@ class _Handler(BaseHandler):
         return self.c.session(conn)
 
     # membership ---------------------------------------------------------------------------
-    def rpc_cluster_info(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+    def rpc_cluster_info(self, conn: Connection, r: msg.ClusterInfo, blob: bytes | None
                          ) -> dict[str, Any]:
         """What a node needs to open the disks before it joins (no session yet)."""
         return self.c.cluster_info()
 
-    def rpc_join(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> dict[str, Any]:
-        if str(a.get("kind", "node")) != "admin":  # admin sessions never open the disks
-            self.c.check_disk_views(a.get("disks"), str(a.get("name", "?")))
-        token = a.get("owner_token")
-        s = self.c.join(conn, str(a["name"]), str(a.get("kind", "node")),
-                        str(a.get("host", "?")), int(a.get("pid", 0)),
-                        token if isinstance(token, str) else None)
+    def rpc_join(self, conn: Connection, r: msg.Join, blob: bytes | None) -> dict[str, Any]:
+        if r.kind != "admin":  # admin sessions never open the disks
+            self.c.check_disk_views(r.disks or {}, r.name)
+        s = self.c.join(conn, r.name, r.kind, r.host, r.pid, r.owner_token)
         return {**self.c.cluster_info(), "session": s.key,
                 "grace": max(0.0, self.c.grace_until - time.monotonic()),
-                "backup": None if self.c.window is None else
-                {"gen": self.c.window.gen_id, "mode": self.c.window.mode}}
+                "backup": self.c.windows.current()}
 
-    def rpc_heartbeat(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+    def rpc_heartbeat(self, conn: Connection, r: msg.Heartbeat, blob: bytes | None
                       ) -> dict[str, Any]:
         self.c.renew(self._s(conn))
         return {"epoch": self.c.epoch}
 
-    def rpc_goodbye(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
+    def rpc_goodbye(self, conn: Connection, r: msg.Goodbye, blob: bytes | None) -> None:
         """A node or client that stops cleanly: everything written back, rights go now."""
         self.c.goodbye(self._s(conn))
 
-    def rpc_paths(self, conn: Connection, a: dict[str, Any], blob: bytes | None
-                  ) -> dict[str, Any]:
+    def rpc_paths(self, conn: Connection, r: msg.Paths, blob: bytes | None) -> dict[str, Any]:
         """One path per inode, for messages (a fenced node naming what it lost)."""
         self._s(conn)
-        inos = [int(i) for i in a["inos"]][:10000]
-        return {"paths": {str(i): self.c.path_of(i) for i in inos}}
+        return {"paths": {str(i): self.c.path_of(i) for i in r.inos}}
 
     # coherence ------------------------------------------------------------------------------------
-    def rpc_acquire(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+    def rpc_acquire(self, conn: Connection, r: msg.Acquire, blob: bytes | None
                     ) -> dict[str, Any]:
         s = self._s(conn)
-        ino = int(a["ino"])
-        segs = [int(x) for x in a["segs"]]
-        mode = str(a["mode"])
-        if mode not in ("r", "w") or not segs or len(segs) > 1 << 16:
-            raise UsageError("acquire: bad mode or segment list")
-        if not a.get("reclaim"):
+        ino, segs = r.ino, list(r.segs)
+        if not r.reclaim:
             wait = self.c.grace_until - time.monotonic()
             if wait > 0:
                 time.sleep(wait)  # let restarted nodes reclaim their dirty areas first
         self.c.meta.getattr(ino)  # ENOENT for a deleted inode
         try:
-            seq = self.c.rights.acquire(s.key, ino, segs, mode)
+            seq = self.c.rights.acquire(s.key, ino, segs, r.mode)
         except RecallFailed as e:
             # Another node holds newer data of this area it cannot write back: this
             # node cannot see it, which is an I/O error here (the other node's
@@ -736,78 +648,67 @@ class _Handler(BaseHandler):
             # Recalls fail while we stop; a grant made on that basis must not reach a
             # node, whose data would then meet the recalled node's at the next start.
             raise RemoteError("the coordinator is stopping; try again when it is back")
-        if not a.get("maps") or not attr.is_reg:
+        if not r.maps or not attr.is_reg:
             return {"seq": seq}
         # The segments' block maps, valid while the right is held (another node changes
         # them only under a write right, which recalls this one first).
         return {"seq": seq, "maps": self.c.segment_maps(ino, segs)}
 
-    def rpc_release_rights(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+    def rpc_release_rights(self, conn: Connection, r: msg.ReleaseRights, blob: bytes | None
                            ) -> None:
         s = self._s(conn)
-        self.c.rights.released(s.key, int(a["ino"]), [int(x) for x in a["segs"]])
+        self.c.rights.released(s.key, r.ino, list(r.segs))
 
-    def rpc_dirty(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
+    def rpc_dirty(self, conn: Connection, r: msg.Dirty, blob: bytes | None) -> None:
         s = self._s(conn)
-        ino, n, dirty = int(a["ino"]), int(a["n"]), bool(a["dirty"])
         segs = []
         with self.c._mu:
-            for seg in (int(x) for x in a["segs"]):
-                if s.dirty_n.get((ino, seg), 0) < n:
-                    s.dirty_n[(ino, seg)] = n
+            for seg in r.segs:
+                if s.dirty_n.get((r.ino, seg), 0) < r.n:
+                    s.dirty_n[(r.ino, seg)] = r.n
                     segs.append(seg)
-        self.c.rights.set_dirty(s.key, ino, segs, dirty)
+        self.c.rights.set_dirty(s.key, r.ino, segs, r.dirty)
 
     # metadata ------------------------------------------------------------------------
     def _attr(self, attr: Attr) -> dict[str, Any]:
         return {"attr": wire.enc_attr(attr)}
 
-    def rpc_getattr(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+    def rpc_getattr(self, conn: Connection, r: msg.GetAttr, blob: bytes | None
                     ) -> dict[str, Any]:
         s = self._s(conn)
-        ino = int(a["ino"])
-        self.c.flush_writers(ino, s.key)
-        return self._attr(self.c.meta.getattr(ino))
+        self.c.flush_writers(r.ino, s.key)
+        return self._attr(self.c.meta.getattr(r.ino))
 
-    def rpc_lookup(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+    def rpc_lookup(self, conn: Connection, r: msg.Lookup, blob: bytes | None
                    ) -> dict[str, Any]:
         s = self._s(conn)
-        attr = self.c.meta.lookup(int(a["parent"]), wire.dec_name(a["name"]))
+        attr = self.c.meta.lookup(r.parent, r.name)
         if attr.is_reg:
             self.c.flush_writers(attr.ino, s.key)
             attr = self.c.meta.getattr(attr.ino)
         return self._attr(attr)
 
-    def rpc_mknod(self, conn: Connection, a: dict[str, Any], blob: bytes | None
-                  ) -> dict[str, Any]:
+    def rpc_mknod(self, conn: Connection, r: msg.Mknod, blob: bytes | None) -> dict[str, Any]:
         self._s(conn)
-        return self._attr(self.c.meta.mknod(int(a["parent"]), wire.dec_name(a["name"]),
-                                            int(a["mode"]), int(a["uid"]), int(a["gid"]),
-                                            int(a.get("rdev", 0))))
+        return self._attr(self.c.meta.mknod(r.parent, r.name, r.mode, r.uid, r.gid, r.rdev))
 
-    def rpc_mkdir(self, conn: Connection, a: dict[str, Any], blob: bytes | None
-                  ) -> dict[str, Any]:
+    def rpc_mkdir(self, conn: Connection, r: msg.Mkdir, blob: bytes | None) -> dict[str, Any]:
         self._s(conn)
-        return self._attr(self.c.meta.mkdir(int(a["parent"]), wire.dec_name(a["name"]),
-                                            int(a["mode"]), int(a["uid"]), int(a["gid"])))
+        return self._attr(self.c.meta.mkdir(r.parent, r.name, r.mode, r.uid, r.gid))
 
-    def rpc_symlink(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+    def rpc_symlink(self, conn: Connection, r: msg.Symlink, blob: bytes | None
                     ) -> dict[str, Any]:
         self._s(conn)
-        return self._attr(self.c.meta.symlink(int(a["parent"]), wire.dec_name(a["name"]),
-                                              wire.dec_name(a["target"]), int(a["uid"]),
-                                              int(a["gid"])))
+        return self._attr(self.c.meta.symlink(r.parent, r.name, r.target, r.uid, r.gid))
 
-    def rpc_readlink(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+    def rpc_readlink(self, conn: Connection, r: msg.Readlink, blob: bytes | None
                      ) -> dict[str, Any]:
         self._s(conn)
-        return {"target": wire.enc_name(self.c.meta.readlink(int(a["ino"])))}
+        return {"target": wire.enc_name(self.c.meta.readlink(r.ino))}
 
-    def rpc_link(self, conn: Connection, a: dict[str, Any], blob: bytes | None
-                 ) -> dict[str, Any]:
+    def rpc_link(self, conn: Connection, r: msg.Link, blob: bytes | None) -> dict[str, Any]:
         self._s(conn)
-        return self._attr(self.c.meta.link(int(a["ino"]), int(a["new_parent"]),
-                                           wire.dec_name(a["new_name"])))
+        return self._attr(self.c.meta.link(r.ino, r.new_parent, r.new_name))
 
     def _target(self, parent: int, name: bytes) -> int | None:
         try:
@@ -815,65 +716,54 @@ class _Handler(BaseHandler):
         except FsError:
             return None
 
-    def rpc_unlink(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
+    def rpc_unlink(self, conn: Connection, r: msg.Unlink, blob: bytes | None) -> None:
         self._s(conn)
-        parent, name = int(a["parent"]), wire.dec_name(a["name"])
-        ino = self._target(parent, name)
+        ino = self._target(r.parent, r.name)
         if ino is None:
-            self.c.meta.unlink(parent, name)  # raises the right error
+            self.c.meta.unlink(r.parent, r.name)  # raises the right error
             return
         with self.c.may_free(ino):
-            self.c.meta.unlink(parent, name)
+            self.c.meta.unlink(r.parent, r.name)
 
-    def rpc_rmdir(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
+    def rpc_rmdir(self, conn: Connection, r: msg.Rmdir, blob: bytes | None) -> None:
         self._s(conn)
-        self.c.meta.rmdir(int(a["parent"]), wire.dec_name(a["name"]))
+        self.c.meta.rmdir(r.parent, r.name)
 
-    def rpc_rename(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
+    def rpc_rename(self, conn: Connection, r: msg.Rename, blob: bytes | None) -> None:
         self._s(conn)
-        args = (int(a["parent"]), wire.dec_name(a["name"]), int(a["new_parent"]),
-                wire.dec_name(a["new_name"]), int(a.get("flags", 0)))
-        target = self._target(args[2], args[3])
+        target = self._target(r.new_parent, r.new_name)
         if target is None:
-            self.c.meta.rename(*args)
+            self.c.meta.rename(r.parent, r.name, r.new_parent, r.new_name, r.flags)
             return
         with self.c.may_free(target):
-            self.c.meta.rename(*args)
+            self.c.meta.rename(r.parent, r.name, r.new_parent, r.new_name, r.flags)
 
-    def rpc_readdir(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+    def rpc_readdir(self, conn: Connection, r: msg.Readdir, blob: bytes | None
                     ) -> dict[str, Any]:
         self._s(conn)
-        ents = self.c.meta.readdir(int(a["ino"]), int(a.get("after", 0)),
-                                   min(int(a.get("limit", 1000)), 5000))
+        ents = self.c.meta.readdir(r.ino, r.after, min(r.limit, 5000))
         return {"entries": wire.enc_dirents(ents)}
 
-    def rpc_setattr(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+    def rpc_setattr(self, conn: Connection, r: msg.Setattr, blob: bytes | None
                     ) -> dict[str, Any]:
         self._s(conn)
+        return self._attr(self.c.meta.setattr(r.ino, mode=r.mode, uid=r.uid, gid=r.gid,
+                                              atime_ns=r.atime_ns, mtime_ns=r.mtime_ns))
 
-        def opt(k: str) -> int | None:
-            v = a.get(k)
-            return None if v is None else int(v)
-
-        return self._attr(self.c.meta.setattr(int(a["ino"]), mode=opt("mode"), uid=opt("uid"),
-                                              gid=opt("gid"), atime_ns=opt("atime_ns"),
-                                              mtime_ns=opt("mtime_ns")))
-
-    def rpc_statfs(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+    def rpc_statfs(self, conn: Connection, r: msg.Statfs, blob: bytes | None
                    ) -> dict[str, Any]:
         self._s(conn)
         return {"statfs": wire.enc_statfs(self.c.meta.statfs())}
 
-    def rpc_open(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
+    def rpc_open(self, conn: Connection, r: msg.Open, blob: bytes | None) -> None:
         s = self._s(conn)
-        ino = int(a["ino"])
-        self.c.meta.open(ino)
+        self.c.meta.open(r.ino)
         with self.c._mu:
-            s.opens[ino] = s.opens.get(ino, 0) + 1
+            s.opens[r.ino] = s.opens.get(r.ino, 0) + 1
 
-    def rpc_release(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
+    def rpc_release(self, conn: Connection, r: msg.Release, blob: bytes | None) -> None:
         s = self._s(conn)
-        ino = int(a["ino"])
+        ino = r.ino
         with self.c._mu:
             n = s.opens.get(ino, 0)
             if n <= 0:
@@ -884,31 +774,27 @@ class _Handler(BaseHandler):
                 s.opens[ino] = n - 1
         self.c.release_inode(ino)
 
-    def rpc_map_read(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+    def rpc_map_read(self, conn: Connection, r: msg.MapRead, blob: bytes | None
                      ) -> dict[str, Any]:
         self._s(conn)
-        return {"runs": wire.enc_runs(self.c.meta.map_read(int(a["ino"]), int(a["fblock"]),
-                                                           int(a["count"])))}
+        return {"runs": wire.enc_runs(self.c.meta.map_read(r.ino, r.fblock, r.count))}
 
-    def rpc_map_write(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+    def rpc_map_write(self, conn: Connection, r: msg.MapWrite, blob: bytes | None
                       ) -> dict[str, Any]:
         s = self._s(conn)
-        runs = self.c.meta.map_write(int(a["ino"]), int(a["fblock"]), int(a["count"]))
-        w = self.c.window
-        if w is not None:
-            runs = w.split(s.key, runs, self.c.rights.tick)
+        runs = self.c.windows.split(s.key, self.c.meta.map_write(r.ino, r.fblock, r.count))
         with self.c._mu:
             fenced = s.state != "up"
             if not fenced:
-                for r in runs:
-                    if r.new:
-                        s.reservations[(r.disk, r.dblock)] = r
+                for run in runs:
+                    if run.new:
+                        s.reservations[(run.disk, run.dblock)] = run
         if fenced:  # its cleanup may have run: these blocks must not stay reserved
             self.c.meta.abort_write(runs)
             raise FencedError(f"session {s.key} was fenced; join again")
         return {"runs": wire.enc_runs(runs)}
 
-    def _unreserve(self, s: Session, runs: list[WriteRun]) -> list[WriteRun]:
+    def _unreserve(self, s: Session, runs: Sequence[WriteRun]) -> list[WriteRun]:
         """Only runs this session really reserved count (a node cannot free others')."""
         mine = []
         with self.c._mu:
@@ -922,64 +808,41 @@ class _Handler(BaseHandler):
                     mine.append(r)
         return mine
 
-    def rpc_put_bi(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+    def rpc_put_bi(self, conn: Connection, r: msg.PutBi, blob: bytes | None
                    ) -> dict[str, Any]:
         """Before images from a node (central, inline, separate modes): stored durably
         unless stored already, then acknowledged (the write-ahead rule)."""
         self._s(conn)
-        w = self.c.window
-        if w is None or not w.central or a.get("gen") != w.gen_id:
-            # The window closed after the copy finished: this overwrite needs no before
-            # image any more. (A write-back cannot span two windows: the next freeze
-            # recalls the write right, which waits for the write-back to finish.)
-            return {"stored": 0}
-        data = memoryview(blob or b"")
-        bs = self.c.config.block_size
-        items = []
-        pos = 0
-        for disk, start, count, ltime in a["items"]:
-            n = int(count) * bs
-            if pos + n > len(data):
-                raise UsageError("put_bi: blob shorter than the items say")
-            items.append((int(disk), int(start), bytes(data[pos : pos + n]), int(ltime)))
-            pos += n
-        return {"stored": w.put(items)}
+        return {"stored": self.c.windows.put(r.gen, r.items, blob)}
 
-    def rpc_bi_failed(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
+    def rpc_bi_failed(self, conn: Connection, r: msg.BiFailed, blob: bytes | None) -> None:
         """A node could not store a before image: that backup is aborted (not the node's
         write, which goes on once this is acknowledged)."""
         s = self._s(conn)
-        w = self.c.window
-        if w is not None and a.get("gen") == w.gen_id:
-            reason = f"node {s.name} could not log a before image: {a.get('reason')}"
-            log.error("backup %s aborted: %s", w.gen_id, reason)
-            w.fail(reason)
+        self.c.windows.node_failed(r.gen, s.name, r.reason)
 
-    def rpc_abort_write(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
+    def rpc_abort_write(self, conn: Connection, r: msg.AbortWrite, blob: bytes | None) -> None:
         s = self._s(conn)
-        self.c.meta.abort_write(self._unreserve(s, wire.dec_write_runs(a["runs"])))
+        self.c.meta.abort_write(self._unreserve(s, r.runs))
 
-    def rpc_commit_write(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+    def rpc_commit_write(self, conn: Connection, r: msg.CommitWrite, blob: bytes | None
                          ) -> dict[str, Any]:
         s = self._s(conn)
-        runs = wire.dec_write_runs(a["runs"])
-        mine = self._unreserve(s, runs)
-        mt = a.get("mtime_ns")
+        mine = self._unreserve(s, r.runs)
         # On failure commit_write gives the reserved blocks back itself (once).
-        return self._attr(self.c.meta.commit_write(int(a["ino"]), mine, int(a["end"]),
-                                                   None if mt is None else int(mt)))
+        return self._attr(self.c.meta.commit_write(r.ino, mine, r.end, r.mtime_ns))
 
-    def rpc_truncate(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+    def rpc_truncate(self, conn: Connection, r: msg.Truncate, blob: bytes | None
                      ) -> dict[str, Any]:
         self._s(conn)
-        return self._attr(self.c.truncate(int(a["ino"]), int(a["size"])))
+        return self._attr(self.c.truncate(r.ino, r.size))
 
-    def rpc_sync(self, conn: Connection, a: dict[str, Any], blob: bytes | None) -> None:
+    def rpc_sync(self, conn: Connection, r: msg.Sync, blob: bytes | None) -> None:
         self._s(conn)
         self.c.meta.sync()
 
     # administration ------------------------------------------------------------------
-    def rpc_cache_table(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+    def rpc_cache_table(self, conn: Connection, r: msg.CacheTable, blob: bytes | None
                         ) -> dict[str, Any]:
         self._s(conn)
         rows = [{"node": e.node.partition("#")[0], "session": e.node, "ino": e.ino,
@@ -988,12 +851,12 @@ class _Handler(BaseHandler):
                 for e in self.c.rights.table()]
         return {"entries": rows}
 
-    def rpc_flush(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+    def rpc_flush(self, conn: Connection, r: msg.FlushAll, blob: bytes | None
                   ) -> dict[str, Any]:
         self._s(conn)
-        return self.c.flush_all(float(a.get("timeout", 60.0)))
+        return self.c.flush_all(r.timeout)
 
-    def rpc_status(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+    def rpc_status(self, conn: Connection, r: msg.Status, blob: bytes | None
                    ) -> dict[str, Any]:
         self._s(conn)
         host, port = self.c.server.address
@@ -1006,7 +869,7 @@ class _Handler(BaseHandler):
                 "losses": list(self.c.losses),
                 "frozen": self.c.rights.frozen, "clock": self.c.rights.clock}
 
-    def rpc_backup(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+    def rpc_backup(self, conn: Connection, r: msg.Backup, blob: bytes | None
                    ) -> dict[str, Any]:
         """Run a backup here, in the coordinator (the seed's management computer).
 
@@ -1023,19 +886,16 @@ class _Handler(BaseHandler):
         from sdbackup.backup.engine import BackupOptions, run_backup
         from sdbackup.cluster.backup_source import CoordinatorSource
 
-        lm = a.get("log_medium")
-        opts = BackupOptions(compression=a.get("compression", "zstd"),
-                             level=int(a.get("level", 1)), log_mode=a.get("log_mode"),
-                             log_medium=Path(lm) if lm else None,
-                             overlay=bool(a.get("overlay")), pre_freeze=a.get("pre_freeze"),
-                             post_thaw=a.get("post_thaw"),
-                             incremental=a.get("incremental") is True,
-                             full_if_needed=a.get("full_if_needed") is True)
+        opts = BackupOptions(compression=r.compression, level=r.level, log_mode=r.log_mode,
+                             log_medium=Path(r.log_medium) if r.log_medium else None,
+                             overlay=r.overlay, pre_freeze=r.pre_freeze,
+                             post_thaw=r.post_thaw, incremental=r.incremental,
+                             full_if_needed=r.full_if_needed)
         if not self.c.backup_lock.acquire(blocking=False):
             raise BusyError("a backup of this cluster is running already; wait for it")
         try:
-            log.info("backup to %s started (log mode %s)", a["medium"], opts.log_mode)
-            result = run_backup(CoordinatorSource(self.c), str(a["medium"]), opts)
+            log.info("backup to %s started (log mode %s)", r.medium, opts.log_mode)
+            result = run_backup(CoordinatorSource(self.c), r.medium, opts)
             summary = result.summary()
             log.info("backup %s committed (writes held %.3f s)", summary["generation"],
                      summary["freeze_seconds"])
@@ -1043,24 +903,21 @@ class _Handler(BaseHandler):
         finally:
             self.c.backup_lock.release()
 
-    def rpc_used_runs(self, conn: Connection, a: dict[str, Any], blob: bytes | None
+    def rpc_used_runs(self, conn: Connection, r: msg.UsedRuns, blob: bytes | None
                       ) -> dict[str, Any]:
         self._s(conn)
         ids = self.c.meta.disk_ids()
-        name = str(a["disk"])
-        if name not in ids:
-            raise UsageError(f"unknown disk {name!r}")
-        return {"runs": self.c.meta.used_runs(ids[name])}
+        if r.disk not in ids:
+            raise UsageError(f"unknown disk {r.disk!r}")
+        return {"runs": self.c.meta.used_runs(ids[r.disk])}
 
-    def rpc_fsck(self, conn: Connection, a: dict[str, Any], blob: bytes | None
-                 ) -> dict[str, Any]:
+    def rpc_fsck(self, conn: Connection, r: msg.Fsck, blob: bytes | None) -> dict[str, Any]:
         self._s(conn)
         with self.c.store.lock:
             problems = fsck_mod.check_all(self.c.store)
         return {"problems": [[p.check, p.message] for p in problems]}
 
-    def rpc_info(self, conn: Connection, a: dict[str, Any], blob: bytes | None
-                 ) -> dict[str, Any]:
+    def rpc_info(self, conn: Connection, r: msg.Info, blob: bytes | None) -> dict[str, Any]:
         self._s(conn)
         st = self.c.store
         count = {k: int(st.get_val(f"SELECT COUNT(*) FROM inodes WHERE (mode & 61440) = {v}"))
@@ -1070,6 +927,3 @@ class _Handler(BaseHandler):
                   "used": self.c.meta.bitmaps[d.id].used_blocks(),
                   "shared": self.c.disks.device(d.id).direct} for d in self.c.config.disks]
         return {"disks": disks, "block_size": self.c.config.block_size, **count}
-
-
-_ = BusyError

@@ -41,6 +41,7 @@ from sdbackup.blocks.durable import write_atomic
 from sdbackup.cluster.config import read_addr
 from sdbackup.errors import FencedError, NotFoundError, RemoteError, SdbError, UsageError
 from sdbackup.fs.cached import BiItem, CachedFileSystem
+from sdbackup.net import messages as msg
 from sdbackup.net import wire
 from sdbackup.net.auth import load_secret
 from sdbackup.net.protocol import Blob
@@ -132,7 +133,7 @@ class ClusterClient:
         self.session_gen = 0
         client = self._dial()
         try:
-            info, _ = client.call("cluster_info", {})
+            info, _ = msg.call(client, msg.ClusterInfo())
             self.block_size = int(info["block_size"])
             self.cluster_id = str(info["cluster_id"])
             self.disks = self._open_disks(info["disks"], disk_paths or {})
@@ -173,9 +174,8 @@ class ClusterClient:
         rejoin must first drop what the coordinator may have given away meanwhile)."""
         t = time.monotonic()  # a lease runs from the request's sending, not its answer
         try:
-            info, _ = client.call("join", {"name": self.name, "kind": self.kind,
-                                           "host": socket.gethostname(), "pid": os.getpid(),
-                                           "disks": self._disk_views})
+            info, _ = msg.call(client, msg.Join(self.name, self.kind, socket.gethostname(),
+                                                os.getpid(), None, self._disk_views))
         except BaseException:
             client.close()
             raise
@@ -244,7 +244,7 @@ class ClusterClient:
         try:
             gen, renewable = self.session_gen, self._renewable
             t = time.monotonic()  # the coordinator renews on receipt: later than t
-            body, _ = self.ref.call("heartbeat", {}, timeout=timeout)
+            body, _ = msg.call(self.ref, msg.Heartbeat(), timeout=timeout)
             if body.get("epoch") != self.epoch:
                 return False
             # Only a heartbeat sent and answered within one session that may write
@@ -277,28 +277,24 @@ class ClusterClient:
     # -- coordinator requests --------------------------------------------------------------------
     def _callback(self, method: str, args: Args, blob: bytes | None) -> HandlerResult:
         # No lease renewal here: the coordinator's calls do not renew it on its side.
-        if method == "recall":
-            keep = args.get("keep")
-            self.fs.recall(int(args["ino"]), [int(s) for s in args["segs"]],
-                           None if keep is None else str(keep))
-            return None
-        if method == "flush_inode":
-            self.fs.flush_inode(int(args["ino"]))
-            return None
-        if method == "flush":
-            self.fs.flush_all()
-            return None
-        if method == "report":
-            return self.fs.report()
-        if method == "backup_begin":
-            self._backup_begin(str(args["gen"]), str(args["mode"]))
-            return None
-        if method == "bi_fetch":
-            return self._bi_fetch(str(args["gen"]), int(args["offset"]), int(args["size"]))
-        if method == "backup_end":
-            self._backup_end(str(args["gen"]))
-            return None
-        raise RemoteError(f"node {self.name} does not know request {method!r}")
+        match msg.decode(msg.NODE_CALLBACKS, method, args):
+            case msg.Recall(ino, segs, keep):
+                self.fs.recall(ino, list(segs), keep)
+            case msg.FlushInode(ino):
+                self.fs.flush_inode(ino)
+            case msg.NodeFlush():
+                self.fs.flush_all()
+            case msg.Report():
+                return self.fs.report()
+            case msg.BackupBegin(gen, mode):
+                self._backup_begin(gen, mode)
+            case msg.BiFetch(gen, offset, size):
+                return self._bi_fetch(gen, offset, size)
+            case msg.BackupEnd(gen):
+                self._backup_end(gen)
+            case _:
+                raise RemoteError(f"node {self.name} does not know request {method!r}")
+        return None
 
     # -- online backup: before-image logging (issue 6) -----------------------------------------
     def _bi_dir(self) -> Path:
@@ -365,7 +361,7 @@ class ClusterClient:
             self.fs.close()
             if self.ref.client is not None and not self.ref.client.closed:
                 try:
-                    self.ref.call("goodbye", {}, timeout=self.lease)
+                    msg.call(self.ref, msg.Goodbye(), timeout=self.lease)
                 except RemoteError as e:
                     log.warning("leaving the cluster: %s", e)
         finally:
@@ -386,7 +382,7 @@ def _abort_backup(ref: _Ref, gen: str, reason: str) -> None:
     told, the write-back fails as for a lost coordinator)."""
     log.error("backup %s: %s; asking the coordinator to abort it (writes go on)", gen,
               reason)
-    ref.call("bi_failed", {"gen": gen, "reason": reason})
+    msg.call(ref, msg.BiFailed(gen, reason))
 
 
 class LocalBiSink:
@@ -434,10 +430,10 @@ class RemoteBiSink:
         self.block_size = block_size
 
     def log(self, items: list[BiItem]) -> None:
-        desc = [[d, s, len(data) // self.block_size, t] for d, s, data, t in items]
+        desc = tuple((d, s, len(data) // self.block_size, t) for d, s, data, t in items)
         try:
-            self.ref.call("put_bi", {"gen": self.gen, "items": desc},
-                          b"".join(data for _, _, data, _ in items))
+            msg.call(self.ref, msg.PutBi(self.gen, desc),
+                     b"".join(data for _, _, data, _ in items))
         except FencedError:
             raise
         except RemoteError as e:  # the log manager failed or timed out: abort the backup
@@ -527,7 +523,8 @@ class NodeAgent(ClusterClient):
         if not lost:
             return
         try:
-            body, _ = self.ref.call("paths", {"inos": sorted(lost)}, timeout=self.lease)
+            inos = tuple(sorted(lost)[:msg.MAX_PATHS])
+            body, _ = msg.call(self.ref, msg.Paths(inos), timeout=self.lease)
             paths = {int(k): str(v) for k, v in body["paths"].items()}
         except RemoteError:
             paths = {}
@@ -564,50 +561,44 @@ class NodeAgent(ClusterClient):
 
 
 class _ControlHandler(BaseHandler):
-    """Local programs' requests to a node: the file system, through the node's cache."""
+    """Local programs' requests to a node: the file system, through the node's cache.
+    Each request is decoded and checked (net/messages.py); those the node does not
+    serve itself go on to the coordinator as they are."""
 
     def __init__(self, agent: NodeAgent) -> None:
         self.a = agent
 
     def handle(self, conn: Connection, method: str, args: Args, blob: bytes | None
-               ) -> Any:
+               ) -> HandlerResult:
         fs = self.a.fs
-        m = self.a.meta
-        if method == "join":
-            return {"cluster_id": self.a.cluster_id, "block_size": self.a.block_size,
-                    "node": self.a.name}
-        if method == "read":
-            data = fs.read(int(args["ino"]), int(args["offset"]), int(args["size"]))
-            return {}, data
-        if method == "write":
-            n = fs.write(int(args["ino"]), int(args["offset"]), blob or b"")
-            return {"written": n}
-        if method == "fsync":
-            fs.fsync(int(args["ino"]) if args.get("ino") is not None else None)
-            return None
-        if method == "flush_inode":
-            fs.flush_inode(int(args["ino"]))
-            return None
-        if method == "getattr":
-            return {"attr": wire.enc_attr(fs.getattr(int(args["ino"])))}
-        if method == "lookup":
-            return {"attr": wire.enc_attr(fs.lookup(int(args["parent"]),
-                                                    wire.dec_name(args["name"])))}
-        if method == "truncate":
-            return {"attr": wire.enc_attr(fs.truncate(int(args["ino"]), int(args["size"])))}
-        if method == "release":
-            fs.release(int(args["ino"]))
-            return None
-        if method == "report":
-            return fs.report()
-        if method in _PASS_THROUGH:
-            body, _ = m.client.call(method, args)
-            return body
-        raise RemoteError(f"unknown request {method!r} for node {self.a.name}")
-
-
-_PASS_THROUGH = {"mknod", "mkdir", "symlink", "readlink", "link", "unlink", "rmdir", "rename",
-                 "readdir", "setattr", "statfs", "open", "sync", "map_read"}
+        match msg.decode(msg.NODE_CONTROL_REQUESTS, method, args):
+            case msg.ControlJoin():
+                return {"cluster_id": self.a.cluster_id, "block_size": self.a.block_size,
+                        "node": self.a.name}
+            case msg.Read(ino, offset, size):
+                return {}, fs.read(ino, offset, size)
+            case msg.Write(ino, offset):
+                return {"written": fs.write(ino, offset, blob or b"")}
+            case msg.Fsync(ino):
+                fs.fsync(ino)
+            case msg.FlushInode(ino):
+                fs.flush_inode(ino)
+            case msg.GetAttr(ino):
+                return {"attr": wire.enc_attr(fs.getattr(ino))}
+            case msg.Lookup(parent, name):
+                return {"attr": wire.enc_attr(fs.lookup(parent, name))}
+            case msg.Truncate(ino, size):
+                return {"attr": wire.enc_attr(fs.truncate(ino, size))}
+            case msg.Release(ino):
+                fs.release(ino)
+            case msg.Report():
+                return fs.report()
+            case msg.Request() as req if req.METHOD in msg.NODE_PASS_THROUGH:
+                body, _ = msg.call(self.a.meta.client, req)
+                return body
+            case _:
+                raise RemoteError(f"unknown request {method!r} for node {self.a.name}")
+        return None
 
 
 def node_control_address(cluster_dir: str | os.PathLike[str], name: str) -> tuple[str, int]:
