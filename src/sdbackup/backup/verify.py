@@ -32,6 +32,7 @@ from sdbackup.blocks.blockset import BlockSet
 from sdbackup.errors import CorruptError, SdbError
 from sdbackup.media.generation import Generation, external_log
 from sdbackup.media.index import BlockIndex, Entries
+from sdbackup.media.medium import Manifest
 from sdbackup.media.record_format import Kind
 from sdbackup.media.record_reader import RecordReader
 from sdbackup.media.record_scan import StreamDigest
@@ -109,6 +110,17 @@ def verify_generation(gen: Generation, progress: Callable[[int], None] | None = 
         if ext is not None:
             verify_log_file(gen, ext, rep, progress)
 
+    # -- the chain (incrementals) -----------------------------------------------------
+    ancestors: list[Generation] | None = None
+    marked = False  # a mark (a.11) leaves blocks changed before it out, on purpose
+    if not m.is_full:
+        try:
+            chain = gen.medium.catalog().chain(m)
+            ancestors = [Generation(gen.medium, a) for a in chain[1:]]
+            marked = any(cut_by_mark(c) for c in chain)
+        except SdbError as err:
+            rep.problems.append(err.message if tag in err.message else f"{tag}: {err.message}")
+
     # -- coverage --------------------------------------------------------------------
     if index is not None:
         for d in m.disks:
@@ -120,14 +132,45 @@ def verify_generation(gen: Generation, progress: Callable[[int], None] | None = 
             if len(have_set) != d.blocks:
                 rep.problems.append(f"{tag}: the index holds {len(have_set)} blocks of disk "
                                     f"{d.name}, the manifest says {d.blocks}")
-            if used is not None and have_set != used[d.id]:
+            if used is not None and not m.is_full:
+                # An incremental holds the changed blocks in use at T0; its chain, the rest.
+                extra = have_set - used[d.id]
+                if extra:
+                    rep.problems.append(f"{tag}: disk {d.name}: {len(extra)} blocks stored "
+                                        f"that were not in use at T0 ({extra!r})")
+                if ancestors is not None:
+                    held = have_set.copy()
+                    for a in ancestors:
+                        held |= _held(a, d.id)
+                    missing = used[d.id] - held
+                    if missing and not marked:
+                        rep.problems.append(
+                            f"{tag}: disk {d.name}: {len(missing)} blocks in use at T0 are in "
+                            f"no generation of its chain ({missing!r})")
+            elif used is not None and have_set != used[d.id]:
                 missing = used[d.id] - have_set
                 extra = have_set - used[d.id]
+                if not extra and cut_by_mark(m):
+                    continue  # a synthetic full of a chain a mark cut: on purpose
                 rep.problems.append(
                     f"{tag}: disk {d.name}: the generation does not hold exactly the blocks "
                     f"used at T0: {len(missing)} used blocks missing ({missing!r}), "
                     f"{len(extra)} unused blocks stored ({extra!r})")
     return rep
+
+
+def cut_by_mark(m: Manifest) -> bool:
+    """A mark (a.11) left changes out of ``m`` (or of what a merge made it from)."""
+    t = m.extra.get("tracking")
+    return bool(m.extra.get("marks_in_chain")) or (isinstance(t, dict) and bool(t.get("mark")))
+
+
+def _held(gen: Generation, disk: int) -> BlockSet:
+    """The blocks of ``disk`` a generation holds (DATA and before images)."""
+    idx = gen.index()
+    de = np.concatenate([idx.for_disk(disk), idx.for_disk(disk, int(Kind.BI))])
+    return BlockSet.from_runs(np.stack([de["start"].astype(np.int64),
+                                        de["count"].astype(np.int64)], axis=1))
 
 
 def _verify_stream(gen: Generation, n: int, index: BlockIndex | None, rep: VerifyReport,

@@ -22,7 +22,8 @@ from sdbackup.errors import EXIT_CHECK_FAILED, EXIT_CORRUPT, CorruptError, Usage
 
 if TYPE_CHECKING:
     from sdbackup.backup.plan import Plan
-    from sdbackup.media.generation import Generation, GenerationReader
+    from sdbackup.media.chain import ChainReader
+    from sdbackup.media.generation import Generation
     from sdbackup.media.medium import Manifest
 
 MEDIUM = click.option("--medium", "medium", required=True, metavar="DIR",
@@ -36,7 +37,7 @@ def register(cli: click.Group) -> None:
     cli.add_command(overlay)
     cli.add_command(log)
     for cmd in (backup, generations, verify, gc, restore, restore_image_cmd,
-                restore_cluster_cmd):
+                restore_cluster_cmd, mark, marks, merge_cmd, prune_cmd):
         cli.add_command(cmd)
 
 
@@ -189,15 +190,87 @@ def _print_backup(s: dict[str, Any], medium: Path, as_json: bool) -> None:
                    + (f" on {log['medium']}" if log.get("medium") else ""))
 
 
+# -- marks (a.11) ----------------------------------------------------------------------------
+
+@click.command()
+@click.argument("cluster_dir", type=click.Path(path_type=Path))
+@click.argument("name", required=False)
+@JSON
+def mark(cluster_dir: Path, name: str | None, as_json: bool) -> None:
+    """Set a mark: the next incremental backup starts its difference here.
+
+    The next 'sdbackup backup --incremental' copies only the blocks changed after this
+    instant, not those changed between the previous backup and the mark (seed a.11,
+    Fig. 26). What that means for a restore: the incremental, and every generation
+    after it in its chain, shows the blocks changed between the previous backup and the
+    mark as they were at the previous backup (or as zeros, for blocks first used in
+    that interval). Use it when those changes are not worth keeping (a scratch area
+    rewritten, a bulk load to be redone). A full backup ignores marks. NAME defaults to
+    the current UTC time.
+    """
+    import time as _time
+
+    from sdbackup.cluster.access import try_coordinator_client
+    from sdbackup.cluster.local import open_cluster
+
+    name = name or _time.strftime("mark-%Y%m%dT%H%M%SZ", _time.gmtime())
+    rc = try_coordinator_client(cluster_dir)
+    if rc is not None:
+        from sdbackup.net import messages as msg
+
+        with rc:
+            d = msg.call(rc, msg.SetMark(name))[0]
+    else:
+        with open_cluster(cluster_dir) as c:
+            d = c.meta.tracker.mark_now(name).to_dict()
+    if as_json:
+        click.echo(json.dumps(d))
+    else:
+        click.echo(f"mark {d['name']} set: the next incremental backup holds only changes "
+                   "made from now on")
+
+
+@click.command()
+@click.argument("cluster_dir", type=click.Path(path_type=Path))
+@JSON
+def marks(cluster_dir: Path, as_json: bool) -> None:
+    """List the marks, oldest first, and the state of the changed-block tracking."""
+    from sdbackup.cluster.access import try_coordinator_client
+    from sdbackup.cluster.local import open_cluster
+    from sdbackup.media.medium import iso_utc
+
+    rc = try_coordinator_client(cluster_dir)
+    if rc is not None:
+        from sdbackup.net import messages as msg
+
+        with rc:
+            d = msg.call(rc, msg.Marks())[0]
+    else:
+        with open_cluster(cluster_dir) as c:
+            t = c.meta.tracker
+            d = {"marks": [m.to_dict() for m in t.marks()], "tracking": t.stats()}
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    for m in d["marks"]:
+        click.echo(f"{m['name']:<32} {iso_utc(int(m['created_ns']))}  era {m['era']}")
+    tr = d["tracking"]
+    click.echo(f"({len(d['marks'])} mark(s); change tracking: era {tr['era']}, {tr['eras']} "
+               f"era(s) kept, {tr['blocks']} changed blocks recorded, {_human(tr['bytes'])})")
+
+
 # -- generations -----------------------------------------------------------------------------
 
 def _gen_row(m: Manifest) -> dict[str, Any]:
     from sdbackup.media.medium import iso_utc
 
-    return {"id": m.id, "kind": m.kind, "parent": m.parent, "t0": iso_utc(m.t0_wall_ns),
-            "group": m.group, "blocks": m.blocks, "stored_bytes": m.stored_bytes,
-            "total_bytes": m.total_bytes, "compression": m.compression, "state": m.state,
-            "cluster_id": m.cluster_id,
+    tr = m.extra.get("tracking")
+    t: dict[str, Any] = tr if isinstance(tr, dict) else {}
+    return {"id": m.id, "kind": m.kind, "parent": m.parent, "chain": m.chain,
+            "t0": iso_utc(m.t0_wall_ns), "group": m.group, "blocks": m.blocks,
+            "stored_bytes": m.stored_bytes, "total_bytes": m.total_bytes,
+            "compression": m.compression, "state": m.state, "cluster_id": m.cluster_id,
+            "mark": t.get("mark"), "replaces": list(m.replaces),
             "disks": [{"name": d.name, "blocks": d.blocks} for d in m.disks]}
 
 
@@ -205,40 +278,49 @@ def _gen_row(m: Manifest) -> dict[str, Any]:
 @MEDIUM
 @JSON
 def generations(medium: Path, as_json: bool) -> None:
-    """List the committed generations on the medium, oldest first.
+    """List the committed generations on the medium, oldest T0 first.
 
-    Generations without a manifest (unfinished backups) are not listed: 'sdbackup gc'
-    removes them. A damaged manifest, or one of another cluster, is reported and makes
-    the exit code non-zero.
+    KIND is full (every block in use at T0), incremental (the blocks changed since its
+    PARENT; read through its chain back to the full) or synthetic (a full made by
+    'sdbackup merge'). CHAIN names the chain (its first 8 hex digits). Generations
+    without a manifest (unfinished backups) and those a merge replaced are not listed:
+    'sdbackup gc' removes them. A damaged manifest, or one of another cluster, is
+    reported and makes the exit code non-zero.
     """
-    from sdbackup.media.medium import FAILED, DiskMedium
+    from sdbackup.media.medium import FAILED, Catalog, DiskMedium
 
     med = DiskMedium.open(medium)
     entries = med.scan()
-    rows = [_gen_row(e.manifest) for e in entries if e.manifest is not None]
+    cat = Catalog([e.manifest for e in entries if e.manifest is not None])
+    current = sorted(cat.current, key=lambda m: (m.t0_wall_ns, m.id))
+    rows = [_gen_row(m) for m in current]
+    replaced = len(cat.replaced())
     bad = [e for e in entries if e.problem is not None]
     unfinished = sum(1 for e in entries if e.unfinished)
     if as_json:
         click.echo(json.dumps({
             "medium": str(med.root), "cluster_id": med.cluster_id, "generations": rows,
             "invalid": [{"id": e.id, "problem": e.problem} for e in bad],
-            "unfinished": unfinished}, indent=2))
+            "unfinished": unfinished, "replaced": replaced}, indent=2))
     else:
-        click.echo(f"{'generation':<34} {'kind':<5} {'parent':<8} {'T0':<28} {'group':<6} "
-                   f"{'blocks':>10} {'stored':>10}  state")
+        click.echo(f"{'generation':<33} {'kind':<11} {'parent':<33} {'chain':<8} "
+                   f"{'T0':<27} {'group':<6} {'blocks':>9} {'stored':>10}")
         for r in rows:
-            click.echo(f"{r['id']:<34} {r['kind']:<5} {r['parent'] or '-':<8} {r['t0']:<28} "
-                       f"{r['group'] or '-':<6} {r['blocks']:>10} "
-                       f"{_human(r['stored_bytes']):>10}  {r['state']}")
+            parent = r["parent"] or "-"
+            click.echo(f"{r['id']:<33} {r['kind']:<11} {parent:<33} "
+                       f"{(r['chain'] or '-')[:8]:<8} {r['t0']:<27} {r['group'] or '-':<6} "
+                       f"{r['blocks']:>9} {_human(r['stored_bytes']):>10}"
+                       + (f"  (after mark {r['mark']})" if r["mark"] else ""))
         for e in bad:
             click.echo(f"sdbackup: warning: {e.problem}", err=True)
         for e in entries:
             if e.unfinished and (e.path / FAILED).exists():
                 reason = (e.path / FAILED).read_text().strip()
                 click.echo(f"failed generation {e.id} (not committed): {reason}", err=True)
-        if unfinished:
-            click.echo(f"({unfinished} unfinished or failed generation(s) not listed: run "
-                       f"'sdbackup gc --medium {medium}' to remove them)", err=True)
+        if unfinished or replaced:
+            click.echo(f"({unfinished} unfinished or failed and {replaced} merged-away "
+                       f"generation(s) not listed: run 'sdbackup gc --medium {medium}' to "
+                       "remove them)", err=True)
     if bad:
         sys.exit(EXIT_CORRUPT)
 
@@ -301,33 +383,144 @@ def verify(medium: Path, gen: str | None, all_gens: bool, log_medium: Path | Non
 @click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
 @JSON
 def gc(medium: Path, dry_run: bool, as_json: bool) -> None:
-    """Remove unfinished generations (no manifest: crashed, killed or out of space).
+    """Remove unfinished generations (no manifest: crashed, killed or out of space) and
+    generations a committed merge replaced (left by a crash during merge or prune).
 
-    Never touches committed generations, nor a generation a running backup is writing.
+    Never touches current committed generations, nor a generation a running backup is
+    writing.
     """
     from sdbackup.media.medium import DiskMedium
 
     med = DiskMedium.open(medium)
-    removed = med.gc(dry_run=dry_run)
+    with med.chain_lock():
+        removed = med.gc(dry_run=dry_run)
+        merged = [m.id for m in med.catalog().replaced()]
+        if not dry_run and merged:
+            from sdbackup.backup.merge import remove_replaced
+
+            merged = remove_replaced(med)
     if as_json:
-        click.echo(json.dumps({"removed": [e.id for e in removed], "dry_run": dry_run}))
+        click.echo(json.dumps({"removed": [e.id for e in removed], "merged_away": merged,
+                               "dry_run": dry_run}))
         return
+    verb = "would remove" if dry_run else "removed"
     for e in removed:
-        click.echo(f"{'would remove' if dry_run else 'removed'} unfinished generation {e.id}")
-    click.echo(f"gc: {len(removed)} unfinished generation(s) "
+        click.echo(f"{verb} unfinished generation {e.id}")
+    for g in merged:
+        click.echo(f"{verb} generation {g} (a committed merge replaced it)")
+    click.echo(f"gc: {len(removed)} unfinished and {len(merged)} merged-away generation(s) "
                f"{'to remove (dry run)' if dry_run else 'removed'}")
+
+
+# -- merge and prune (a.10) ------------------------------------------------------------------
+
+@click.command("merge")
+@MEDIUM
+@click.argument("older")
+@click.argument("newer")
+@click.option("--compress", default=None, metavar="none|zstd[:LEVEL]",
+              help="Compression of the merged generation (default: the newer one's).")
+@click.option("--log-medium", type=click.Path(path_type=Path),
+              help="Where the separate before-image logs of the two are, if not overlaid.")
+@JSON
+@QUIET
+def merge_cmd(medium: Path, older: str, newer: str, compress: str | None,
+              log_medium: Path | None, as_json: bool, quiet: bool) -> None:
+    """Merge two adjacent generations of a chain into one (seed a.10, Fig. 25).
+
+    NEWER must be an incremental whose parent is OLDER. The result reads exactly as
+    NEWER did (per block, NEWER's data wins), with NEWER's T0: OLDER a full gives a
+    synthetic full, OLDER an incremental gives one incremental. It is verified and
+    committed before OLDER and NEWER are removed; a crash at any point leaves a readable
+    chain ('sdbackup gc' cleans up). Later incrementals of NEWER follow the result.
+    """
+    from sdbackup.backup.engine import parse_compression
+    from sdbackup.backup.merge import merge
+    from sdbackup.media.medium import DiskMedium
+
+    comp = parse_compression(compress) if compress else None
+    med = DiskMedium.open(medium)
+    with _progress("merge", quiet) as prog:
+        r = merge(med, older, newer, compression=comp, log_medium=log_medium,
+                  progress=prog.advance)
+    d = r.to_dict()
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    click.echo(f"merged {older} and {newer} into {d['kind']} generation {d['generation']}: "
+               f"{d['blocks']} blocks, {_human(int(str(d['stored_bytes'])))} stored, "
+               f"in {d['seconds']} s; removed {len(r.removed)} generation(s)")
+
+
+@click.command("prune")
+@MEDIUM
+@click.option("--keep-last", type=int, default=1, show_default=True,
+              help="Keep the N newest generations (at least 1).")
+@click.option("--keep-daily", type=int, default=0,
+              help="Keep the newest of each of the last N days.")
+@click.option("--keep-weekly", type=int, default=0,
+              help="Keep the newest of each of the last N ISO weeks.")
+@click.option("--keep-monthly", type=int, default=0,
+              help="Keep the newest of each of the last N months.")
+@click.option("--dry-run", is_flag=True, help="Only print what would be done.")
+@click.option("--log-medium", type=click.Path(path_type=Path),
+              help="Where separate before-image logs are, if some were not overlaid.")
+@JSON
+def prune_cmd(medium: Path, keep_last: int, keep_daily: int, keep_weekly: int,
+              keep_monthly: int, dry_run: bool, log_medium: Path | None, as_json: bool) -> None:
+    """Keep the generations the rules select and drop the others (days, weeks and
+    months by T0, in UTC; the newest generation is always kept).
+
+    A dropped generation that a kept one needs (its incrementals read blocks from it)
+    is merged into its child instead of deleted: a full merged into its incremental
+    becomes a synthetic full. Prints the plan, then each step as it is done; every step
+    is crash-safe, and running prune again finishes an interrupted one.
+    """
+    from sdbackup.backup.prune import Retention, Step, prune
+    from sdbackup.media.medium import DiskMedium
+
+    med = DiskMedium.open(medium)
+    r = Retention(keep_last, keep_daily, keep_weekly, keep_monthly)
+
+    def show(step: Step) -> None:
+        if not as_json:
+            verb = "merged" if step.action == "merge" else "removed"
+            click.echo(f"{verb} {' '.join(step.gens)}")
+
+    from sdbackup.backup.prune import plan as make_plan
+
+    with med.chain_lock():
+        todo = make_plan(med.catalog(), r)
+    if not as_json:
+        for g, why in todo.keep.items():
+            click.echo(f"keep   {g}  ({why})")
+        for st in todo.steps:
+            what = "merge " if st.action == "merge" else "remove"
+            click.echo(f"{what} {' + '.join(st.gens)}  ({st.why})"
+                       + ("  [dry run]" if dry_run else ""))
+        if not todo.steps:
+            click.echo("nothing to prune")
+    if dry_run:
+        if as_json:
+            click.echo(json.dumps({**todo.to_dict(), "dry_run": True}, indent=2))
+        return
+    done = prune(med, r, log_medium=log_medium, on_step=show)
+    if as_json:
+        click.echo(json.dumps({**done.to_dict(), "dry_run": False}, indent=2))
 
 
 # -- restores -------------------------------------------------------------------------------
 
 @contextmanager
 def _open_gen(medium: Path, gen: str | None, log_medium: Path | None = None
-             ) -> Iterator[tuple[Generation, GenerationReader]]:
-    from sdbackup.media.generation import Generation, GenerationReader
+             ) -> Iterator[tuple[Generation, ChainReader]]:
+    """The generation, read through its chain (a full is a chain of one)."""
+    from sdbackup.media.chain import ChainReader
+    from sdbackup.media.medium import DiskMedium
 
-    g = Generation.open(medium, gen)
-    with GenerationReader(g, log_medium=log_medium) as reader:
-        yield g, reader
+    med = DiskMedium.open(medium)
+    with ChainReader(med, med.resolve(gen), log_medium=log_medium) as reader:
+        yield reader.gen, reader
 
 
 LOG_MEDIUM = click.option(

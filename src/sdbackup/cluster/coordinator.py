@@ -903,6 +903,23 @@ class _Handler(msg.RequestHandler):
         finally:
             self.c.backup_lock.release()
 
+    def rpc_mark(self, conn: Connection, r: msg.SetMark, blob: bytes | None
+                 ) -> dict[str, Any]:
+        """A mark (a.11) decides what the next incremental holds: the owner's only."""
+        s = self._s(conn)
+        if not s.owner:
+            raise UsageError(f"{s.kind} {s.name} may not set marks: only the cluster's owner "
+                             "on the coordinator's host may")
+        m = self.c.meta.tracker.mark_now(r.name)
+        log.info("mark %s set (era %d)", m.name, m.era)
+        return m.to_dict()
+
+    def rpc_marks(self, conn: Connection, r: msg.Marks, blob: bytes | None
+                  ) -> dict[str, Any]:
+        self._s(conn)
+        t = self.c.meta.tracker
+        return {"marks": [m.to_dict() for m in t.marks()], "tracking": t.stats()}
+
     def rpc_used_runs(self, conn: Connection, r: msg.UsedRuns, blob: bytes | None
                       ) -> dict[str, Any]:
         self._s(conn)

@@ -115,6 +115,9 @@ class Mark:
     era: int
     created_ns: int
 
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "era": self.era, "created_ns": self.created_ns}
+
 
 class ChangeTracker:
     """The cluster's changed-block tracking (see the module docstring).
@@ -261,6 +264,14 @@ class ChangeTracker:
         self.store.execute("INSERT INTO track_marks(name, era, created_ns) VALUES (?,?,?)",
                            (name, era, now))
         return Mark(name, era, now)
+
+    def mark_now(self, name: str) -> Mark:
+        """Set a mark, durably: the next incremental of every chain holds only the
+        changes recorded after this instant (a.11)."""
+        with self.store.lock, self.store.transaction():
+            m = self.add_mark(name)
+        self.store.sync()
+        return m
 
     def marks(self) -> list[Mark]:
         return [Mark(str(n), int(e), int(t)) for n, e, t in self.store.query(

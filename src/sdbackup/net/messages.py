@@ -614,11 +614,20 @@ class Info(Request, method="info"):
     pass
 
 
+class SetMark(Request, method="mark"):
+    name: Annotated[str, Text(200, min_len=1)]
+
+
+class Marks(Request, method="marks"):
+    pass
+
+
 COORDINATOR_REQUESTS = registry(
     ClusterInfo, Join, Heartbeat, Goodbye, Paths, Acquire, ReleaseRights, Dirty, GetAttr,
     Lookup, Mknod, Mkdir, Symlink, Readlink, Link, Unlink, Rmdir, Rename, Readdir, Setattr,
     Statfs, Open, Release, MapRead, MapWrite, PutBi, BiFailed, AbortWrite, CommitWrite,
-    Truncate, Sync, CacheTable, FlushAll, Status, Backup, UsedRuns, Fsck, Info)
+    Truncate, Sync, CacheTable, FlushAll, Status, Backup, UsedRuns, Fsck, Info, SetMark,
+    Marks)
 """What nodes, clients and commands ask the coordinator."""
 
 

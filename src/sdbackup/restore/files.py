@@ -33,7 +33,8 @@ from sdbackup.blocks.device import pwrite_all
 from sdbackup.blocks.source import read_blocks
 from sdbackup.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
 from sdbackup.fs.readonly import ReadOnlyFileSystem
-from sdbackup.media.generation import Generation, GenerationReader
+from sdbackup.media.chain import GenerationSource
+from sdbackup.media.generation import Generation
 from sdbackup.media.snapshot import SnapshotMeta
 from sdbackup.meta.types import Attr, Extent
 from sdbackup.types import ROOT_INODE
@@ -240,7 +241,7 @@ def prepare_dest(dest: Path) -> int:
 
 def restore_files(
     gen: Generation,
-    reader: GenerationReader,
+    reader: GenerationSource,
     dest: Path,
     patterns: Sequence[str] = (),
     *,

@@ -36,7 +36,8 @@ from sdbackup.blocks.durable import sync_dir, write_atomic
 from sdbackup.blocks.label import make_label, read_label
 from sdbackup.cluster.config import CONFIG_NAME, ClusterConfig, DiskConfig
 from sdbackup.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
-from sdbackup.media.generation import Generation, GenerationReader
+from sdbackup.media.chain import GenerationSource
+from sdbackup.media.generation import Generation
 from sdbackup.media.record_format import Kind
 from sdbackup.meta import fsck as fsck_mod
 from sdbackup.meta.store import MetaStore
@@ -57,7 +58,7 @@ class ImageStats:
 
 
 def restore_image(
-    reader: GenerationReader,
+    reader: GenerationSource,
     disk: str,
     dest: Path,
     *,
@@ -187,7 +188,7 @@ def parse_disk_paths(specs: list[str] | tuple[str, ...]) -> dict[str, Path]:
 
 def restore_cluster(
     gen: Generation,
-    reader: GenerationReader,
+    reader: GenerationSource,
     new_dir: Path,
     disk_paths: Mapping[str, Path] | None = None,
     *,
