@@ -46,5 +46,6 @@ def test_a_vanished_node_closes_its_open_files(tmp_path: Path) -> None:
             assert check_all(coord.store) == []
         assert [r for r in coord.meta.used_runs(1) if r != (0, 1)] == []
     finally:
+        a.close()  # stops a's heartbeat thread, which would log in later tests
         b.close()
         coord.stop()

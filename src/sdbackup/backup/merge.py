@@ -29,14 +29,13 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from sdbackup import __version__
 from sdbackup.backup.copy import Copier
 from sdbackup.backup.verify import cut_by_mark, verify_generation
 from sdbackup.blocks.blockset import BlockSet
 from sdbackup.blocks.durable import fsync_path, sync_dir
-from sdbackup.errors import CorruptError, SdbError, UsageError
+from sdbackup.errors import CorruptError, UsageError
 from sdbackup.media.chain import ChainReader
 from sdbackup.media.generation import Generation
 from sdbackup.media.index import make_entries, write_index
@@ -53,6 +52,7 @@ from sdbackup.media.medium import (
 )
 from sdbackup.media.record_format import Compression, Kind
 from sdbackup.media.record_writer import RecordWriter
+from sdbackup.media.snapshot import SnapshotMeta
 
 CRASH_ENV = "SDBACKUP_TEST_CRASH_AT"
 CRASH_POINTS = ("merge-mid-copy", "merge-before-commit", "merge-after-commit")
@@ -140,7 +140,8 @@ def _merge(medium: DiskMedium, pending: PendingGeneration, o: Manifest, n: Manif
         raise CorruptError(f"the copy of {ngen.meta_path} differs from it (a failing medium?)")
     label = {"kind": "data", "cluster": n.cluster_id, "generation": pending.id,
              "medium": medium.medium_id, "stream": 0, "block_size": n.block_size}
-    with ChainReader(medium, n, chain=[n, o], log_medium=log_medium) as pair:
+    keep, beyond = _keep(medium, n)
+    with ChainReader(medium, n, chain=[n, o], log_medium=log_medium, used=keep) as pair:
         plan: dict[int, BlockSet] = {}
         for d in n.disks:
             own = pair.owners(pair.disk_id(d.id))
@@ -170,6 +171,7 @@ def _merge(medium: DiskMedium, pending: PendingGeneration, o: Manifest, n: Manif
     extra = {k: v for k, v in n.extra.items() if k not in ("log", "copy", "writer", "replaces")}
     extra.update(replaces=[o.id, n.id], writer=f"sdbackup {__version__}",
                  marks_in_chain=cut_by_mark(o) or cut_by_mark(n),
+                 kept_for_later=beyond,
                  merged={"older": o.id, "newer": n.id, "older_kind": o.kind,
                          "newer_kind": n.kind, "at_ns": time.time_ns()})
     m = Manifest(
@@ -194,20 +196,35 @@ def _merge(medium: DiskMedium, pending: PendingGeneration, o: Manifest, n: Manif
                        time.monotonic() - started)
 
 
+def _keep(medium: DiskMedium, n: Manifest) -> tuple[dict[int, BlockSet], int]:
+    """The blocks the merged generation must hold (from N, else O): those in use at
+    N's T0, and, when a later generation of the chain was cut by a mark (a.11), those
+    in use at its T0 too: it may read them from O (blocks changed between its parent
+    and its mark that it does not hold), and a merge must not change what it reads.
+    Without marks the second part adds nothing a later generation reads: a block in
+    use later and not held by a later generation was in use at N's T0."""
+    cat = medium.catalog()
+    gens = [n]
+    gens += [m for m in cat.current if m is not n and not m.is_full and n in cat.chain(m)
+             and cut_by_mark(m)]
+    keep: dict[int, BlockSet] = {}
+    beyond = 0
+    for i, m in enumerate(gens):
+        g = Generation(medium, m)
+        with SnapshotMeta(g.meta_file(), f"metadata snapshot of {g.where()}") as snap:
+            for d in n.disks:
+                u = snap.used_blocks(d.id, d.nblocks)
+                if i:
+                    beyond += len(u - keep[d.id])
+                keep[d.id] = keep[d.id] | u if d.id in keep else u
+    return keep, beyond
+
+
 def remove_replaced(medium: DiskMedium) -> list[str]:
     """Remove the generations a committed merge replaced (call with the chain lock)."""
     cat = medium.catalog()
     gone = []
     for m in cat.replaced():
-        path: Path = medium.generations_dir / m.id
-        try:
-            shutil.rmtree(path)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise SdbError(f"generation {m.id} was merged away but cannot be removed: "
-                           f"{e.strerror or e}; 'sdbackup gc' retries") from None
+        medium.remove_generation(m.id)
         gone.append(m.id)
-    if gone:
-        sync_dir(medium.generations_dir)
     return gone

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sdbackup.backup.merge import merge, remove_replaced
-from sdbackup.blocks.durable import sync_dir
 from sdbackup.errors import UsageError
 from sdbackup.media.medium import Catalog, DiskMedium, Manifest
 
@@ -150,9 +148,7 @@ def prune(medium: DiskMedium, r: Retention, *, dry_run: bool = False,
                 merge(medium, older.id, newer.id, log_medium=log_medium, locked=True)
             else:
                 for gid in reversed(step.gens):  # newest first: never orphan a child
-                    path = medium.generations_dir / gid
-                    shutil.rmtree(path, ignore_errors=True)
-                    sync_dir(medium.generations_dir)
+                    medium.remove_generation(gid)
                     if os.environ.get(CRASH_ENV) == "prune-mid-remove":
                         import signal
 

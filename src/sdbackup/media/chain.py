@@ -87,9 +87,11 @@ class ChainReader:
 
     def __init__(self, medium: DiskMedium, manifest: Manifest, *,
                  log_medium: str | os.PathLike[str] | None = None,
-                 cache_records: int = 16, chain: list[Manifest] | None = None) -> None:
+                 cache_records: int = 16, chain: list[Manifest] | None = None,
+                 used: dict[int, BlockSet] | None = None) -> None:
         """``chain``: read through these generations (newest first, ``manifest``
-        first) instead of its whole chain: a merge reads two."""
+        first) instead of its whole chain: a merge reads two. ``used``: the blocks to
+        answer for, per disk, instead of those in use at the generation's T0."""
         if chain is None:
             chain = medium.catalog().chain(manifest) if not manifest.is_full else [manifest]
         if chain[0] is not manifest:
@@ -105,6 +107,7 @@ class ChainReader:
             self.close()
             raise
         self._top = self.readers[0]
+        self._used = used
         self._owners: dict[int, _Owners] = {}
         self._lock = threading.Lock()
 
@@ -153,10 +156,10 @@ class ChainReader:
             return got
 
     def _build(self, disk: DiskId) -> _Owners:
-        nblocks = self.manifest.disk_by_id(disk).nblocks
-        with SnapshotMeta(self.gen.meta_file(), f"metadata snapshot of {self.gen.where()}"
-                          ) as snap:
-            used = snap.used_blocks(disk, nblocks)
+        if self._used is not None:
+            used = self._used.get(disk, BlockSet())
+        else:
+            used = self.used_blocks(disk)
         covered = BlockSet()
         parts: list[npt.NDArray[np.int64]] = []
         who: list[npt.NDArray[np.int32]] = []
@@ -181,6 +184,13 @@ class ChainReader:
         order = np.argsort(runs[:, 0], kind="stable")
         runs, owner = runs[order], owner[order]
         return _Owners(runs[:, 0].copy(), runs[:, 0] + runs[:, 1], owner)
+
+    def used_blocks(self, disk: DiskId) -> BlockSet:
+        """The blocks of ``disk`` in use at the generation's T0 (its snapshot's bitmap)."""
+        nblocks = self.manifest.disk_by_id(disk).nblocks
+        with SnapshotMeta(self.gen.meta_file(), f"metadata snapshot of {self.gen.where()}"
+                          ) as snap:
+            return snap.used_blocks(disk, nblocks)
 
     # -- the block seam -----------------------------------------------------------------------
     def readinto(self, disk: DiskId, block: int, buf: Buffer) -> None:

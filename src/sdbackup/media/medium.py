@@ -604,6 +604,28 @@ class DiskMedium:
         finally:
             os.close(fd)
 
+    def remove_generation(self, gen_id: str) -> None:
+        """Remove a committed generation so that a crash at any point leaves it either
+        committed and whole or unfinished (which ``gc`` removes): the manifest, its
+        commit point, goes first and durably, then the rest."""
+        path = self.generations_dir / gen_id
+        try:
+            (path / MANIFEST).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise _os_error(e, f"cannot remove generation {gen_id} from medium {self.root}"
+                            ) from None
+        if path.exists():
+            sync_dir(path)
+            try:
+                shutil.rmtree(path)
+            except OSError as e:
+                raise _os_error(e, f"generation {gen_id} on medium {self.root} is no longer "
+                                "committed but cannot be removed ('sdbackup gc' retries)"
+                                ) from None
+        sync_dir(self.generations_dir)
+
     def resolve(self, gen: str | None) -> Manifest:
         """The generation named ``gen`` (an id or a unique prefix), or the newest
         committed one when ``gen`` is None."""
