@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import hypothesis.strategies as st
@@ -328,3 +328,36 @@ IncrementalMachine.TestCase.settings = settings(
     max_examples=25, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 TestIncrementalModel = IncrementalMachine.TestCase
+
+
+def test_a_child_finds_its_parent_after_nested_merges(tmp_path: Path) -> None:
+    """F <- I1 <- I2 <- I3 <- I4. Merge I2+I3 into M, F+I1 into S, then S+M into S2:
+    once the merged-away manifests are gone, I4's parent (I3) must resolve to S2, and
+    I4 must read exactly as before (the merge's ``replaces`` is transitive)."""
+    c = open_cluster(make_cluster(tmp_path / "c", block_size=BS, disks=(256 << 10,)))
+    med = tmp_path / "m"
+    try:
+        ino = c.fs.create(ROOT_INODE, b"f").ino
+        ids = []
+        for i in range(5):
+            c.fs.write(ino, i * 3000, bytes([65 + i]) * 5000)
+            r = run_backup(LocalClusterSource(c), med, replace(OPTS, incremental=i > 0))
+            ids.append(r.manifest.id)
+        want = c.fs.read(ino, 0, 1 << 20)
+        f, i1, i2, i3, i4 = ids
+        m = merge(DiskMedium.open(med), i2, i3).manifest.id
+        s = merge(DiskMedium.open(med), f, i1).manifest.id
+        s2 = merge(DiskMedium.open(med), s, m).manifest
+        cat = DiskMedium.open(med).catalog()
+        assert {g.id for g in cat.current} == {s2.id, i4}
+        top = cat.get(i4)
+        assert top is not None and top.parent == i3
+        assert [g.id for g in cat.chain(top)] == [i4, s2.id]
+        with ChainReader(DiskMedium.open(med), top) as reader, \
+                SnapshotMeta(Generation(DiskMedium.open(med), top).meta_file(), "snap") as snap:
+            fs = ReadOnlyFileSystem(snap, reader)
+            a = fs.lookup(ROOT_INODE, b"f")
+            got = fs.read(a.ino, 0, a.size + 1)
+        assert got == want
+    finally:
+        c.close()

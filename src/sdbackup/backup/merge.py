@@ -14,12 +14,13 @@ The data is copied by the same copier as a backup, reading the pair as one block
 8 MiB, cut into 1 MiB records, compressed in threads; never block by block.
 
 Crash safety. M is written as a new generation directory and committed by its manifest,
-which lists ``replaces: [O, N]``; only then are O and N removed. So at every instant
-the chain reads the same: before M's commit, M does not exist (``gc`` removes its
-directory); after it, O and N are hidden (a parent naming N resolves to M) and ``gc``
-removes whatever a crash left of them. M is verified (every record, the coverage of
-N's T0, its chain) before it is committed. The medium's chain lock keeps backups,
-merges and prunes from interleaving.
+which lists ``replaces: [O, N, ...]`` (O, N and whatever they replaced, so that a child
+naming any of them finds M once those manifests are gone); only then are O and N
+removed. So at every instant the chain reads the same: before M's commit, M does not
+exist (``gc`` removes its directory); after it, O and N are hidden (a parent naming N
+resolves to M) and ``gc`` removes whatever a crash left of them. M is verified (every
+record, the coverage of N's T0, its chain) before it is committed. The medium's chain
+lock keeps backups, merges and prunes from interleaving.
 """
 
 from __future__ import annotations
@@ -169,7 +170,10 @@ def _merge(medium: DiskMedium, pending: PendingGeneration, o: Manifest, n: Manif
     sync_dir(gdir)
     kind = "synthetic" if o.is_full else "incremental"
     extra = {k: v for k, v in n.extra.items() if k not in ("log", "copy", "writer", "replaces")}
-    extra.update(replaces=[o.id, n.id], writer=f"sdbackup {__version__}",
+    # M stands for O and N and for everything they stood for: a child naming any of
+    # those as its parent must still find M once gc has removed the merged manifests.
+    stands_for = list(dict.fromkeys([o.id, n.id, *o.replaces, *n.replaces]))
+    extra.update(replaces=stands_for, writer=f"sdbackup {__version__}",
                  marks_in_chain=cut_by_mark(o) or cut_by_mark(n),
                  kept_for_later=beyond,
                  merged={"older": o.id, "newer": n.id, "older_kind": o.kind,
