@@ -361,3 +361,27 @@ def test_a_child_finds_its_parent_after_nested_merges(tmp_path: Path) -> None:
         assert got == want
     finally:
         c.close()
+
+
+def test_a_full_ends_the_older_chains_of_its_medium_only(tmp_path: Path) -> None:
+    """Tracking keeps the eras a chain may still ask for; a new full on a medium ends
+    that medium's older chains (no incremental can follow them any more), and leaves
+    another medium's chain alone."""
+    c = open_cluster(make_cluster(tmp_path / "c", block_size=BS, disks=(256 << 10,)))
+    try:
+        ino = c.fs.create(ROOT_INODE, b"f").ino
+        chains = []
+        for i, (med, inc) in enumerate([("a", False), ("b", False), ("a", True),
+                                        ("a", False), ("a", True)]):
+            c.fs.write(ino, i * 700, b"x" * 900)
+            r = run_backup(LocalClusterSource(c), tmp_path / med, replace(OPTS, incremental=inc))
+            chains.append(r.manifest.chain)
+        a1, b1, a1_inc, a2, a2_inc = chains
+        assert a1 == a1_inc and a2 == a2_inc and len({a1, b1, a2}) == 3
+        assert set(c.meta.tracker.chains()) == {b1, a2}
+        # medium b's chain still gets its incremental
+        c.fs.write(ino, 0, b"y" * 100)
+        r = run_backup(LocalClusterSource(c), tmp_path / "b", replace(OPTS, incremental=True))
+        assert r.manifest.chain == b1 and r.manifest.kind == "incremental"
+    finally:
+        c.close()

@@ -202,7 +202,7 @@ def run_backup(
         parent = choose_parent(medium, source.tracker, opts)
         pending = medium.begin()
         result = _run(source, medium, pending, parent, opts, started, on_plan, progress)
-    _after_commit(source.tracker, result.manifest)
+    _after_commit(source.tracker, medium, result.manifest)
     return result
 
 
@@ -238,13 +238,18 @@ def choose_parent(medium: DiskMedium, tracker: ChangeTracker, opts: BackupOption
                        "--incremental), or add --full-if-needed")
 
 
-def _after_commit(tracker: ChangeTracker, m: Manifest) -> None:
+def _after_commit(tracker: ChangeTracker, medium: DiskMedium, m: Manifest) -> None:
     """The chain no longer needs eras before this generation's; fold the tracking.
-    A failure here costs only memory (eras kept longer): the generation is committed."""
+    A full also ends the older chains of its medium: incrementals follow the newest
+    generation of a medium, so none of those can grow again. A failure here costs only
+    memory (eras kept longer): the generation is committed."""
     if m.chain is None or m.tracking is None:
         return
     try:
         tracker.chain_committed(m.chain, m.tracking[1])
+        if m.is_full:
+            for old in {g.chain for g in medium.catalog().current} - {m.chain, None}:
+                tracker.forget_chain(str(old))
         tracker.compact()
     except (SdbError, OSError, sqlite3.Error) as e:
         log.warning("generation %s is committed, but the change tracking could not be "
