@@ -13,11 +13,17 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from sdbackup.errors import SdbError
+from sdbackup.errors import FsError, SdbError
+
+if TYPE_CHECKING:
+    from sdbackup.media.chain import GenerationSource
 
 
 def register(cli: click.Group) -> None:
@@ -122,6 +128,7 @@ def _run(base: Path) -> None:
     _fuse_step(base)
     _backup_step(base, cdir, sample)
     _online_step(base, cdir)
+    _incremental_step(base, cdir)
     _step("demo finished")
 
 
@@ -301,23 +308,20 @@ def _backup_step(base: Path, cdir: Path, sample: Path) -> None:
     click.echo("  its files are identical to the originals")
 
 
-def _online_step(base: Path, cdir: Path) -> None:
-    """Online backup while two nodes keep writing; the restore equals the image at T0."""
+@contextmanager
+def _busy_cluster(base: Path, cdir: Path, copy_delay: str) -> Iterator[dict[str, int]]:
+    """A coordinator (with the engine's T0-image test hook, so that the demo can prove
+    a restore equals the image at T0) and two node agents whose writers keep writing
+    64 KiB blocks at random places of a file each, with an fsync every 8 writes. Yields
+    the count of writes each node had acknowledged; the writers stop at the end."""
     import threading
 
-    from sdbackup.cluster.access import coordinator_client, open_fs
+    from sdbackup.cluster.access import open_fs
     from sdbackup.cluster.launch import start_coordinator, start_node
-    from sdbackup.media.generation import Generation, GenerationReader
-    from sdbackup.net import messages as msg
-    from sdbackup.restore.image import restore_image
 
-    _step("online backup: two nodes keep writing while the coordinator backs up "
-          "(--log-mode central: before images go to the coordinator's log manager)")
-    t0_dir = base / "t0-images"
-    # The engine's test hook writes the exact T0 image while the cluster is frozen, so
-    # that the demo can prove the restore equals it; the slow copy makes the writes
-    # overlap the copy even on this small cluster.
-    env = {"SDBACKUP_TEST_T0_IMAGE_DIR": str(t0_dir), "SDBACKUP_TEST_COPY_DELAY": "0.2"}
+    # The slow copy makes the writes overlap the copy even on this small cluster.
+    env = {"SDBACKUP_TEST_T0_IMAGE_DIR": str(base / "t0-images"),
+           "SDBACKUP_TEST_COPY_DELAY": copy_delay}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -337,8 +341,12 @@ def _online_step(base: Path, cdir: Path) -> None:
         rng = random.Random(node)
         try:
             with open_fs(cdir, node=node) as f:
-                ino = f.create(1, f"busy-{node}.bin".encode()).ino
-                f.write(ino, 0, rng.randbytes(8 << 20))
+                name = f"busy-{node}.bin".encode()
+                try:
+                    ino = f.lookup(1, name).ino
+                except FsError:  # the first run: create it
+                    ino = f.create(1, name).ino
+                    f.write(ino, 0, rng.randbytes(8 << 20))
                 while not stop.is_set():
                     f.write(ino, rng.randrange(0, 8 << 20), rng.randbytes(64 << 10))
                     acked[node] += 1
@@ -347,6 +355,7 @@ def _online_step(base: Path, cdir: Path) -> None:
         except BaseException as e:  # shown below
             errors.append(e)
 
+    threads: list[threading.Thread] = []
     try:
         nodes = [start_node(cdir, n, cache_size="16MiB", flush_delay=0.2)
                  for n in ("n1", "n2")]
@@ -354,11 +363,7 @@ def _online_step(base: Path, cdir: Path) -> None:
         for t in threads:
             t.start()
         time.sleep(1.0)
-        before = dict(acked)
-        with coordinator_client(cdir) as c:
-            s = msg.call(c, msg.Backup(str(base / "medium"), "zstd", 1, "central"),
-                         timeout=None)[0]
-        during = sum(acked.values()) - sum(before.values())
+        yield acked
         stop.set()
         for t in threads:
             t.join()
@@ -366,9 +371,44 @@ def _online_step(base: Path, cdir: Path) -> None:
             raise SdbError(f"demo: a writer failed: {errors[0]}", 1)
     finally:
         stop.set()
+        for t in threads:
+            t.join()
         for p in nodes:
             p.stop()
         coord.stop()
+
+
+def _same_as_t0(base: Path, reader: GenerationSource, gen_id: str,
+                disks: list[str]) -> None:
+    """Restore every disk image of ``gen_id`` and compare it with the image at T0."""
+    from sdbackup.restore.image import restore_image
+
+    for name in disks:
+        img = base / f"restored-{name}.img"
+        img.unlink(missing_ok=True)
+        restore_image(reader, name, img)
+        same = img.read_bytes() == (base / "t0-images" / gen_id / f"{name}.img").read_bytes()
+        img.unlink()
+        click.echo(f"  restore-image {name}: "
+                   f"{'identical to the image at T0' if same else 'DIFFERS from T0'}")
+        if not same:
+            raise SdbError("demo: a backup differs from its T0 (a bug: please report it)", 1)
+
+
+def _online_step(base: Path, cdir: Path) -> None:
+    """Online backup while two nodes keep writing; the restore equals the image at T0."""
+    from sdbackup.cluster.access import coordinator_client
+    from sdbackup.media.generation import Generation, GenerationReader
+    from sdbackup.net import messages as msg
+
+    _step("online backup: two nodes keep writing while the coordinator backs up "
+          "(--log-mode central: before images go to the coordinator's log manager)")
+    with _busy_cluster(base, cdir, "0.2") as acked:
+        before = sum(acked.values())
+        with coordinator_client(cdir) as c:
+            s = msg.call(c, msg.Backup(str(base / "medium"), "zstd", 1, "central"),
+                         timeout=None)[0]
+        during = sum(acked.values()) - before
     lg = s["log"]
     click.echo(f"  generation {s['generation']}: writes held {float(s['freeze_seconds']):.3f} s "
                f"at T0; {during} writes of 64 KiB acknowledged during the "
@@ -377,15 +417,63 @@ def _online_step(base: Path, cdir: Path) -> None:
                f"{lg['bi_runs']} overwritten runs needed them)")
     gen = Generation.open(base / "medium", s["generation"])
     with GenerationReader(gen) as reader:
-        for d in gen.manifest.disks:
-            img = base / f"online-{d.name}.img"
-            restore_image(reader, d.name, img)
-            same = img.read_bytes() == (t0_dir / gen.id / f"{d.name}.img").read_bytes()
-            click.echo(f"  restore-image {d.name}: "
-                       f"{'identical to the image at T0' if same else 'DIFFERS from T0'}")
-            if not same:
-                raise SdbError("demo: the online backup differs from T0 (a bug: please "
-                               "report it)", 1)
+        _same_as_t0(base, reader, gen.id, [d.name for d in gen.manifest.disks])
+
+
+def _incremental_step(base: Path, cdir: Path) -> None:
+    """Online incrementals while the nodes write; merge; prune; restore the newest."""
+    from sdbackup.backup.merge import merge
+    from sdbackup.backup.prune import Retention, prune
+    from sdbackup.backup.verify import verify_generation
+    from sdbackup.cluster.access import coordinator_client
+    from sdbackup.media.chain import ChainReader
+    from sdbackup.media.generation import Generation
+    from sdbackup.media.medium import DiskMedium
+    from sdbackup.net import messages as msg
+
+    medium = base / "medium"
+    _step("incremental backups while the two nodes keep writing (sdbackup backup "
+          "--incremental): only the blocks changed since the previous backup, known from "
+          "the coordinator's changed-block tracking, with no scan")
+    with _busy_cluster(base, cdir, "0.02"), coordinator_client(cdir) as c:
+        for _ in range(3):
+            time.sleep(0.5)
+            s = msg.call(c, msg.Backup(str(medium), "zstd", 1, "central", incremental=True),
+                         timeout=None)[0]
+            click.echo(f"  incremental {s['generation']}: {s['blocks']} changed blocks "
+                       f"({int(s['raw_bytes']) / 1e6:.1f} MB), writes held "
+                       f"{float(s['freeze_seconds']):.3f} s")
+    med = DiskMedium.open(medium)
+    _step("the generations on the medium: each incremental names its parent (a chain)")
+    for m in med.committed():
+        click.echo(f"  {m.id}  {m.kind:<11}  parent {m.parent or '-':<32}  {m.blocks} blocks")
+    newest = med.resolve(None)
+    disks = [d.name for d in newest.disks]
+    _step("restore the newest incremental as disk images: each block read from the newest "
+          "generation of the chain that holds it")
+    with ChainReader(med, newest) as reader:
+        _same_as_t0(base, reader, newest.id, disks)
+    cur = med.committed()
+    first_inc = next(m for m in cur if m.kind == "incremental")
+    _step("merge the first incremental into its full: one synthetic full in their place "
+          "(sdbackup merge)")
+    assert first_inc.parent is not None
+    r = merge(med, first_inc.parent, first_inc.id)
+    click.echo(f"  {r.manifest.kind} generation {r.manifest.id}: {r.blocks} blocks in "
+               f"{r.seconds:.2f} s; removed {len(r.removed)} generations")
+    _step("prune to the last 2 generations (sdbackup prune --keep-last 2): older ones are "
+          "merged forward where a kept generation needs their blocks, else removed")
+    p = prune(DiskMedium.open(medium), Retention(last=2))
+    for st in p.steps:
+        click.echo(f"  {st.action} {' + '.join(st.gens)}: {st.why}")
+    med = DiskMedium.open(medium)
+    for m in med.committed():
+        rep = verify_generation(Generation(med, m))
+        if not rep.ok:
+            raise SdbError(f"demo: verify found problems: {rep.problems[:3]}", 1)
+        click.echo(f"  {m.id}  {m.kind:<11}  verify OK ({rep.records} records)")
+    with ChainReader(med, med.resolve(None)) as reader:
+        _same_as_t0(base, reader, newest.id, disks)
 
 
 def _diff(a: Path, b: Path) -> list[str]:
