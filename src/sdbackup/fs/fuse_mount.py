@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING
 from sdbackup.errors import BusyError, NotFoundError, SdbError, UsageError
 
 if TYPE_CHECKING:
-    from sdbackup.fs.filesystem import FileSystem
     from sdbackup.fs.fuse_ops import FuseOperations
+    from sdbackup.fs.readonly import ReadOnlyFileSystem
 
 log = logging.getLogger("sdbackup.fuse")
 
@@ -138,7 +138,8 @@ def is_dead(mountpoint: str | os.PathLike[str], timeout: float = 5.0) -> bool:
 
 
 def agent_pids(mountpoint: str | os.PathLike[str]) -> list[int]:
-    """Processes running ``... node ... --mount MOUNTPOINT`` for this mount point."""
+    """Processes serving this mount point: ``sdbackup node ... --mount MOUNTPOINT`` or
+    ``sdbackup mount ... MOUNTPOINT``."""
     mp = _norm(mountpoint)
     found = []
     for d in Path("/proc").iterdir():
@@ -150,6 +151,11 @@ def agent_pids(mountpoint: str | os.PathLike[str]) -> list[int]:
         except OSError:
             continue
         argv = [os.fsdecode(a) for a in args]
+        if "mount" in argv:  # sdbackup mount [--medium DIR ...] [GEN] MOUNTPOINT
+            rest = argv[argv.index("mount") + 1:]
+            if any(os.path.normpath(os.path.join(cwd, a)) == mp for a in rest if a):
+                found.append(int(d.name))
+            continue
         if "node" not in argv:
             continue
         for i, a in enumerate(argv):
@@ -188,9 +194,13 @@ def check_mountpoint(mountpoint: str | os.PathLike[str]) -> str:
     return mp
 
 
-def serve(fs: FileSystem, mountpoint: str | os.PathLike[str], *, name: str = "node",
+def serve(fs: ReadOnlyFileSystem, mountpoint: str | os.PathLike[str], *, name: str = "node",
           on_ready: Callable[[str], None] | None = None) -> str:
     """Mount ``fs`` at ``mountpoint`` and serve it until unmounted or signalled.
+
+    A :class:`FileSystem` is mounted read-write; any other :class:`ReadOnlyFileSystem`
+    (a backup generation) read-only (``ro``: the kernel refuses changes with
+    ``EROFS``, and the adapter refuses them too).
 
     Returns ``"unmounted"`` (someone unmounted it) or ``"signal"`` (SIGTERM, SIGINT or
     SIGHUP: this function unmounted it). Blocks the calling thread, which must be the
@@ -208,6 +218,8 @@ def serve(fs: FileSystem, mountpoint: str | os.PathLike[str], *, name: str = "no
     ops = FuseOperations(fs)
     label = re.sub(r"[^A-Za-z0-9._@-]", "_", name)  # no commas or spaces in the options
     options = {"default_permissions", f"fsname=sdbackup-{label}", "subtype=sdbackup"}
+    if ops.read_only:
+        options.add("ro")
     if os.getuid() == 0:
         options.add("allow_other")
     try:

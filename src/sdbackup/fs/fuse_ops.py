@@ -83,7 +83,9 @@ import trio
 
 from sdbackup.errors import FsError, SdbError
 from sdbackup.fs.filesystem import FileSystem
+from sdbackup.fs.readonly import ReadOnlyFileSystem
 from sdbackup.meta.types import Attr, DirEntry
+from sdbackup.types import ROOT_INODE
 
 log = logging.getLogger("sdbackup.fuse")
 
@@ -92,6 +94,11 @@ T = TypeVar("T")
 # Kernel cache lifetimes (seconds); see the module docstring for why.
 ENTRY_TIMEOUT = 0.0
 ATTR_TIMEOUT = 1.0
+# A backup never changes: the kernel may keep names, attributes and pages for as long
+# as it likes. Names directly under the root stay short-lived, because a view of every
+# generation of a medium adds and removes directories there.
+STATIC_TIMEOUT = 24 * 3600.0
+ROOT_ENTRY_TIMEOUT = 1.0
 # st_blksize: programs (cp, stdio, dd without bs=) size their I/O by it; one segment
 # per request is what the node's cache and the coordinator's rights are made of.
 IO_BLOCK = 1 << 20
@@ -179,12 +186,13 @@ class KernelNotifier:
         self._thread.join(timeout=10)
 
 
-def _entry(attr: Attr, block_size: int) -> pyfuse3.EntryAttributes:
+def _entry(attr: Attr, block_size: int, entry_timeout: float = ENTRY_TIMEOUT,
+           attr_timeout: float = ATTR_TIMEOUT) -> pyfuse3.EntryAttributes:
     e = pyfuse3.EntryAttributes()
     e.st_ino = attr.ino
     e.generation = 0
-    e.entry_timeout = ENTRY_TIMEOUT
-    e.attr_timeout = ATTR_TIMEOUT
+    e.entry_timeout = entry_timeout
+    e.attr_timeout = attr_timeout
     e.st_mode = attr.mode
     e.st_nlink = attr.nlink
     e.st_uid = attr.uid
@@ -200,14 +208,19 @@ def _entry(attr: Attr, block_size: int) -> pyfuse3.EntryAttributes:
 
 
 class FuseOperations(pyfuse3.Operations):
-    """pyfuse3 request handlers over one :class:`FileSystem` (usually a node's cache)."""
+    """pyfuse3 request handlers over one file system: a :class:`FileSystem` (usually a
+    node's cache), or a :class:`ReadOnlyFileSystem` (a backup generation), which is
+    served read-only: every change fails with ``EROFS``, and the kernel keeps names,
+    attributes and pages (``keep_cache``) because nothing under it ever changes."""
 
     enable_writeback_cache = False  # never: see the module docstring
     enable_acl = False
 
-    def __init__(self, fs: FileSystem, *, workers: int = MAX_WORKERS) -> None:
+    def __init__(self, fs: ReadOnlyFileSystem, *, workers: int = MAX_WORKERS) -> None:
         super().__init__()
         self.fs = fs
+        self._wfs = fs if isinstance(fs, FileSystem) else None
+        self.read_only = self._wfs is None
         self.bs = fs.bs
         self.limiter = trio.CapacityLimiter(workers)
         self._mu = threading.Lock()
@@ -218,6 +231,13 @@ class FuseOperations(pyfuse3.Operations):
         self._append_locks = [threading.Lock() for _ in range(64)]
         self.notifier: KernelNotifier | None = None
         self.stats = {"errors": 0}
+
+    @property
+    def wfs(self) -> FileSystem:
+        """The writable file system; ``EROFS`` when serving a read-only one."""
+        if self._wfs is None:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return self._wfs
 
     # -- wiring ---------------------------------------------------------------------------
     def start_notifier(self) -> None:
@@ -239,9 +259,11 @@ class FuseOperations(pyfuse3.Operations):
             files = list(self._files.values())
             self._files.clear()
             self._cached_opens.clear()
+        if self._wfs is None:
+            return len(files)  # a read-only file system counts no opens
         for of in files:
             try:
-                self.fs.release(of.ino)
+                self._wfs.release(of.ino)
             except Exception as e:  # the others still get closed
                 log.warning("closing inode %d after the unmount failed: %s", of.ino, e)
         return len(files)
@@ -261,6 +283,8 @@ class FuseOperations(pyfuse3.Operations):
     async def _run(self, what: str, ino: int, fn: Callable[..., T], *args: Any) -> T:
         try:
             return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        except pyfuse3.FUSEError:
+            raise
         except FsError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         except SdbError as e:
@@ -276,8 +300,11 @@ class FuseOperations(pyfuse3.Operations):
             log.exception("%s of inode %d failed (a bug)", what, ino)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
-    def _e(self, attr: Attr) -> pyfuse3.EntryAttributes:
-        return _entry(attr, self.bs)
+    def _e(self, attr: Attr, parent: int = 0) -> pyfuse3.EntryAttributes:
+        if not self.read_only:
+            return _entry(attr, self.bs)
+        t = ROOT_ENTRY_TIMEOUT if ROOT_INODE in (parent, attr.ino) else STATIC_TIMEOUT
+        return _entry(attr, self.bs, t, t)
 
     def _file(self, fh: int) -> OpenFile:
         try:
@@ -297,7 +324,8 @@ class FuseOperations(pyfuse3.Operations):
                                        kill_priv=kill, err_seen=seq)
             if cached:
                 self._cached_opens[ino] = self._cached_opens.get(ino, 0) + 1
-        return pyfuse3.FileInfo(fh=fh, direct_io=not cached, keep_cache=False)
+        # A backup never changes: its pages stay valid across opens.
+        return pyfuse3.FileInfo(fh=fh, direct_io=not cached, keep_cache=self.read_only)
 
     def _forget_fh(self, fh: int) -> OpenFile | None:
         with self._mu:
@@ -314,7 +342,7 @@ class FuseOperations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
                      ) -> pyfuse3.EntryAttributes:
         return self._e(await self._run("lookup", parent_inode, self.fs.lookup, parent_inode,
-                                       name))
+                                       name), parent_inode)
 
     async def forget(self, inode_list: Any) -> None:
         return None  # no per-inode state: unlinked open files are kept by open counts
@@ -348,11 +376,11 @@ class FuseOperations(pyfuse3.Operations):
                     and not _has_cap_fsetid(ctx):
                 # truncate(2): the kernel turns its kill-privilege request into a mode
                 # change only when group execute is set; the rest is ours.
-                cur = self.fs.getattr(inode)
+                cur = self.wfs.getattr(inode)
                 killed = _killed_mode(cur.mode, cur.gid, _caller_groups(ctx))
                 if killed is not None:
                     kw["mode"] = killed
-            return self.fs.setattr(inode, **kw)
+            return self.wfs.setattr(inode, **kw)
 
         attr = self._e(await self._run("setattr", inode, do))
         if "mode" in kw:  # a privilege bit set again: the next write clears it again
@@ -373,40 +401,40 @@ class FuseOperations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
                     ) -> pyfuse3.EntryAttributes:
         if stat.S_ISREG(mode):
-            return self._e(await self._run("mknod", parent_inode, self.fs.create, parent_inode,
+            return self._e(await self._run("mknod", parent_inode, self.wfs.create, parent_inode,
                                            name, mode, ctx.uid, ctx.gid))
         if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
             raise pyfuse3.FUSEError(errno.EINVAL)
-        return self._e(await self._run("mknod", parent_inode, self.fs.meta.mknod, parent_inode,
+        return self._e(await self._run("mknod", parent_inode, self.wfs.meta.mknod, parent_inode,
                                        name, mode, ctx.uid, ctx.gid, rdev))
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any
                     ) -> pyfuse3.EntryAttributes:
-        return self._e(await self._run("mkdir", parent_inode, self.fs.mkdir, parent_inode, name,
+        return self._e(await self._run("mkdir", parent_inode, self.wfs.mkdir, parent_inode, name,
                                        mode, ctx.uid, ctx.gid))
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any
                       ) -> pyfuse3.EntryAttributes:
-        return self._e(await self._run("symlink", parent_inode, self.fs.symlink, parent_inode,
+        return self._e(await self._run("symlink", parent_inode, self.wfs.symlink, parent_inode,
                                        name, target, ctx.uid, ctx.gid))
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
                    ) -> pyfuse3.EntryAttributes:
-        return self._e(await self._run("link", inode, self.fs.link, inode, new_parent_inode,
+        return self._e(await self._run("link", inode, self.wfs.link, inode, new_parent_inode,
                                        new_name))
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        await self._run("unlink", parent_inode, self.fs.unlink, parent_inode, name)
+        await self._run("unlink", parent_inode, self.wfs.unlink, parent_inode, name)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        await self._run("rmdir", parent_inode, self.fs.rmdir, parent_inode, name)
+        await self._run("rmdir", parent_inode, self.wfs.rmdir, parent_inode, name)
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: Any) -> None:
         if flags & ~pyfuse3.RENAME_NOREPLACE:
             raise pyfuse3.FUSEError(errno.EINVAL)  # RENAME_EXCHANGE (and unknown flags)
         # MetaApi's RENAME_NOREPLACE has the kernel's value (1), like pyfuse3's.
-        await self._run("rename", parent_inode_old, self.fs.rename, parent_inode_old, name_old,
+        await self._run("rename", parent_inode_old, self.wfs.rename, parent_inode_old, name_old,
                         parent_inode_new, name_new, flags)
 
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
@@ -453,7 +481,8 @@ class FuseOperations(pyfuse3.Operations):
             if not batch:
                 return
             for ent in batch:
-                if not pyfuse3.readdir_reply(token, ent.name, self._e(ent.attr), ent.cookie):
+                if not pyfuse3.readdir_reply(token, ent.name, self._e(ent.attr, d.ino),
+                                             ent.cookie):
                     return
                 after = ent.cookie
 
@@ -462,23 +491,33 @@ class FuseOperations(pyfuse3.Operations):
             self._dirs.pop(fh, None)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        if self.read_only:
+            return  # nothing to make durable
         d = self._dirs.get(fh)
         ino = d.ino if d is not None else fh
-        await self._run("fsyncdir", ino, self.fs.fsync, ino)
+        await self._run("fsyncdir", ino, self.wfs.fsync, ino)
 
     # -- files -----------------------------------------------------------------------------------
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if self.read_only:
+            if flags & (_WRITE_ACCESS | os.O_TRUNC):
+                raise pyfuse3.FUSEError(errno.EROFS)
+            attr = await self._run("open", inode, self.fs.getattr, inode)
+            if attr.is_dir:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            return self._new_fh(inode, flags, ctx)
+
         def do() -> None:
-            attr = self.fs.getattr(inode)
+            attr = self.wfs.getattr(inode)
             if attr.is_dir:
                 raise FsError(errno.EISDIR, "is a directory")
             if flags & os.O_TRUNC and flags & _WRITE_ACCESS:
                 # libfuse 3 asks for atomic O_TRUNC: the kernel leaves it to open
                 # (and so the clearing of set-user-ID/set-group-ID bits, too).
-                self.fs.setattr(inode, size=0, mode=_killed_mode(
+                self.wfs.setattr(inode, size=0, mode=_killed_mode(
                     attr.mode, attr.gid, _caller_groups(ctx))
                                 if not _has_cap_fsetid(ctx) else None)
-            self.fs.open(inode)
+            self.wfs.open(inode)
 
         await self._run("open", inode, do)
         return self._new_fh(inode, flags, ctx)
@@ -487,18 +526,18 @@ class FuseOperations(pyfuse3.Operations):
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         def do() -> Attr:
             try:
-                attr = self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid)
+                attr = self.wfs.create(parent_inode, name, mode, ctx.uid, ctx.gid)
             except FsError as e:
                 # Another node created the name after our lookup said it was missing:
                 # without O_EXCL, open that file as the program asked.
                 if e.errno != errno.EEXIST or flags & os.O_EXCL:
                     raise
-                attr = self.fs.lookup(parent_inode, name)
+                attr = self.wfs.lookup(parent_inode, name)
                 if attr.is_dir:
                     raise FsError(errno.EISDIR, "is a directory") from None
                 if flags & os.O_TRUNC and attr.size:
-                    attr = self.fs.setattr(attr.ino, size=0)
-            self.fs.open(attr.ino)
+                    attr = self.wfs.setattr(attr.ino, size=0)
+            self.wfs.open(attr.ino)
             return attr
 
         attr = await self._run("create", parent_inode, do)
@@ -540,7 +579,7 @@ class FuseOperations(pyfuse3.Operations):
         if of.append:
             await self._run_reporting("append", of, self._append, of.ino, buf)
         else:
-            await self._run_reporting("write", of, self.fs.write, of.ino, off, buf)
+            await self._run_reporting("write", of, self.wfs.write, of.ino, off, buf)
         n = len(buf)
         if self._cached_opens.get(of.ino) and self.notifier is not None:
             # A read-only descriptor of this node may hold the old pages (direct_io
@@ -551,10 +590,10 @@ class FuseOperations(pyfuse3.Operations):
     def _kill_priv(self, ino: int, groups: frozenset[int]) -> None:
         """A write by a process without CAP_FSETID clears S_ISUID, and S_ISGID when the
         group may execute or the writer is not in the file's group, as Linux does."""
-        attr = self.fs.getattr(ino)
+        attr = self.wfs.getattr(ino)
         killed = _killed_mode(attr.mode, attr.gid, groups)
         if killed is not None:
-            self.fs.setattr(ino, mode=killed)
+            self.wfs.setattr(ino, mode=killed)
 
     def _append(self, ino: int, data: bytes) -> int:
         append = getattr(self.fs, "append", None)
@@ -562,8 +601,8 @@ class FuseOperations(pyfuse3.Operations):
             return int(append(ino, data))
         # A plain FileSystem (no other node caches anything): one appender at a time.
         with self._append_locks[ino % 64]:
-            end = self.fs.getattr(ino).size
-            self.fs.write(ino, end, data)
+            end = self.wfs.getattr(ino).size
+            self.wfs.write(ino, end, data)
             return end
 
     async def flush(self, fh: int) -> None:
@@ -576,12 +615,14 @@ class FuseOperations(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         of = self._forget_fh(fh)
-        if of is not None:
-            await self._run("release", of.ino, self.fs.release, of.ino)
+        if of is not None and not self.read_only:
+            await self._run("release", of.ino, self.wfs.release, of.ino)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         of = self._file(fh)
-        await self._run_reporting("fsync", of, self.fs.fsync, of.ino)
+        if self.read_only:
+            return  # nothing to make durable
+        await self._run_reporting("fsync", of, self.wfs.fsync, of.ino)
         self._report_error(of)
 
 

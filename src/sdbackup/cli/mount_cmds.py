@@ -1,0 +1,154 @@
+"""``sdbackup mount``: a backup generation (or all of them) as a read-only file system."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from sdbackup.errors import EXIT_USAGE, SdbError, UsageError
+
+if TYPE_CHECKING:
+    from sdbackup.restore.mount import MountSource
+
+log = logging.getLogger("sdbackup.mount")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(mount)
+
+
+@click.command()
+@click.option("--medium", "medium", required=True, metavar="DIR",
+              type=click.Path(path_type=Path), help="The backup medium (a directory).")
+@click.argument("args", nargs=-1, required=True, metavar="[GEN] MOUNTPOINT")
+@click.option("--all", "all_gens", is_flag=True,
+              help="Mount every generation of the medium, one directory each (named by "
+                   "T0 and id), plus 'latest'; new generations appear without a remount.")
+@click.option("--log-medium", type=click.Path(path_type=Path),
+              help="Where separate before-image logs are (default: where the backup wrote "
+                   "them); needed only for generations made with --log-mode separate and "
+                   "not overlaid.")
+@click.option("--background", is_flag=True,
+              help="Return once the mount works, serving it from a background process; "
+                   "'sdbackup umount MOUNTPOINT' ends it.")
+@click.option("--log-file", type=click.Path(path_type=Path),
+              help="With --background: where the mount's log goes (default: a file in the "
+                   "temporary directory, printed at start).")
+def mount(medium: Path, args: tuple[str, ...], all_gens: bool, log_medium: Path | None,
+          background: bool, log_file: Path | None) -> None:
+    """Mount a backup as a read-only file system: browse it, copy files back.
+
+    GEN is a generation id or a unique prefix (default: the newest). An incremental
+    reads through its chain, each block from the newest generation that holds it, and
+    a before-image log that was not overlaid is read first. Needs only the medium: no
+    cluster, no coordinator. Changes fail with 'Read-only file system'. A damaged
+    record makes reads of the files that use it fail with an I/O error (the log names
+    the generation, disk, blocks and medium offset); other files stay readable.
+
+    Runs in the foreground until unmounted ('sdbackup umount MOUNTPOINT', or Ctrl-C),
+    or with --background returns once the mount works.
+    """
+    from sdbackup.fs import fuse_mount
+    from sdbackup.restore import mount as mount_mod
+
+    if all_gens:
+        if len(args) != 1:
+            raise UsageError("with --all, give only the MOUNTPOINT (no GEN)")
+        gen, mp = None, args[0]
+    elif len(args) == 1:
+        gen, mp = None, args[0]
+    elif len(args) == 2:
+        gen, mp = args
+    else:
+        raise UsageError("give [GEN] MOUNTPOINT")
+    fuse_mount.check_fuse()
+    mp = fuse_mount.check_mountpoint(mp)
+
+    def opened() -> MountSource:
+        if all_gens:
+            return mount_mod.open_all(medium, log_medium=log_medium)
+        return mount_mod.open_generation(medium, gen, log_medium=log_medium)
+
+    what = "every generation" if all_gens else "generation {}"
+    if not background:
+        src = opened()  # errors (no medium, no such generation) before mounting
+        name = what.format(src.manifest.id if src.manifest else "")
+        mount_mod.serve(src, mp, on_ready=lambda p: click.echo(
+            f"mounted {name} of {medium} at {p} (read-only); 'sdbackup umount {p}' "
+            "ends it", err=True))
+        return
+    if not all_gens:
+        gen = mount_mod.resolve(medium, gen).id  # a clear error now, not in the child
+    if log_file is None:
+        fd, tmp = tempfile.mkstemp(prefix="sdbackup-mount.", suffix=".log")
+        os.close(fd)
+        log_file = Path(tmp)
+    _background(opened, mp, log_file, what.format(gen), medium)
+
+
+def _background(opened: Callable[[], MountSource], mp: str, log_file: Path, what: str,
+                medium: Path) -> None:
+    """Fork; the child serves the mount, the parent returns once it works (or fails)."""
+    from sdbackup.restore import mount as mount_mod
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no threads exist yet (nothing opened before the fork)
+        os.close(r)
+        code = 0
+        try:
+            os.setsid()
+            out = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            os.close(null)
+            os.close(out)
+            for h in logging.getLogger().handlers:
+                if isinstance(h, logging.StreamHandler):
+                    h.setStream(sys.stderr)
+            if logging.getLogger().level > logging.INFO:
+                logging.getLogger().setLevel(logging.INFO)
+
+            def ready(p: str) -> None:
+                os.write(w, b"ok\n")
+                os.close(w)
+
+            mount_mod.serve(opened(), mp, on_ready=ready)
+        except SdbError as e:
+            _tell(w, f"{e.exit_code} {e.message}")
+            code = e.exit_code
+        except BaseException as e:  # the parent must hear of it, whatever it is
+            log.exception("the mount failed")
+            _tell(w, f"1 {e}")
+            code = 1
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        answer = f.read().decode(errors="replace").strip()
+    if answer == "ok":
+        click.echo(f"mounted {what} of {medium} at {mp} (read-only), served by process "
+                   f"{pid}; log: {log_file}; 'sdbackup umount {mp}' ends it")
+        return
+    code_s, _, message = answer.partition(" ")
+    if not answer:
+        message = f"the mount process {pid} ended before the mount worked (see {log_file})"
+    raise SdbError(message, int(code_s) if code_s.isdigit() else EXIT_USAGE)
+
+
+def _tell(w: int, text: str) -> None:
+    try:
+        os.write(w, text.replace("\n", " ").encode())
+        os.close(w)
+    except OSError:
+        pass  # already told it worked, and the pipe is closed

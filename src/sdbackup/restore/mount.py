@@ -1,0 +1,83 @@
+"""A backup as a mounted, read-only file system (seed c.1, c.2, c.5; Fig. 28-29, 34-35).
+
+No restore step: the same :class:`~sdbackup.fs.readonly.ReadOnlyFileSystem` and FUSE
+adapter as the live cluster, over another pair of sources: a generation's T0 metadata
+snapshot and its chain's block source (each block from the newest generation of the
+chain that holds it; a separate before-image log that was not overlaid is read first),
+or, for ``--all``, every generation of the medium as one tree
+(:class:`~sdbackup.media.medium_view.MediumView`). Nothing but the medium is needed:
+no cluster directory, no coordinator, no network.
+
+The FUSE adapter mounts it ``ro`` and lets the kernel keep names, attributes and pages
+for as long as it likes (a backup never changes), with 1 MiB readahead. A record that
+fails its checksum makes reads of the blocks it holds fail with ``EIO``, and the log
+line names the generation, the disk, the blocks and the medium offset; every other
+file stays readable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sdbackup.fs.readonly import ReadOnlyFileSystem
+from sdbackup.media.chain import ChainReader
+from sdbackup.media.generation import Generation
+from sdbackup.media.medium import DiskMedium, Manifest
+from sdbackup.media.medium_view import MediumView
+from sdbackup.media.snapshot import SnapshotMeta
+
+
+@dataclass
+class MountSource:
+    """What a mount serves, and what to close once it is unmounted."""
+
+    fs: ReadOnlyFileSystem
+    label: str  # shown as the mount's source in mount(8) and df
+    close: Callable[[], None]
+    manifest: Manifest | None = None  # the generation, when one is mounted
+
+
+def resolve(medium_path: str | os.PathLike[str], gen: str | None) -> Manifest:
+    """The generation ``gen`` names (None: the newest); raises with a one-line reason."""
+    return DiskMedium.open(medium_path).resolve(gen)
+
+
+def open_generation(medium_path: str | os.PathLike[str], gen: str | None, *,
+                    log_medium: str | os.PathLike[str] | None = None) -> MountSource:
+    """One generation as a read-only file system, read through its chain."""
+    med = DiskMedium.open(medium_path)
+    m = med.resolve(gen)
+    g = Generation(med, m)
+    snap = SnapshotMeta(g.meta_file(), f"metadata snapshot of {g.where()}")
+    try:
+        reader = ChainReader(med, m, log_medium=log_medium)
+    except BaseException:
+        snap.close()
+        raise
+
+    def close() -> None:
+        reader.close()
+        snap.close()
+
+    return MountSource(ReadOnlyFileSystem(snap, reader), f"backup-{m.id}", close, m)
+
+
+def open_all(medium_path: str | os.PathLike[str], *,
+             log_medium: str | os.PathLike[str] | None = None) -> MountSource:
+    """Every generation of the medium, one directory each (see :class:`MediumView`)."""
+    view = MediumView(medium_path, log_medium=log_medium)
+    return MountSource(ReadOnlyFileSystem(view, view), "backup-all", view.close)
+
+
+def serve(src: MountSource, mountpoint: str | os.PathLike[str], *,
+          on_ready: Callable[[str], None] | None = None) -> str:
+    """Serve ``src`` at ``mountpoint`` until it is unmounted or a signal comes; closes
+    ``src`` at the end. Returns why it stopped (``unmounted`` or ``signal``)."""
+    from sdbackup.fs import fuse_mount
+
+    try:
+        return fuse_mount.serve(src.fs, mountpoint, name=src.label, on_ready=on_ready)
+    finally:
+        src.close()
