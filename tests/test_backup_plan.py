@@ -37,7 +37,9 @@ _ops = st.lists(
 @given(ops=_ops)
 def test_plan_is_union_of_extents_and_labels(tmp_path_factory: object, ops: list) -> None:
     base = Path(tmp_path_factory.mktemp("plan"))  # type: ignore[attr-defined]
-    cdir = make_cluster(base, disks=(256 << 10, 128 << 10))
+    # The second disk's block count is not a multiple of 8: its bitmap's last byte has
+    # padding bits, which are not blocks.
+    cdir = make_cluster(base, disks=(256 << 10, (128 << 10) + 3 * 512))
     with open_cluster(cdir) as c:
         for op, f, a, b in ops:
             name = f"f{f}".encode()

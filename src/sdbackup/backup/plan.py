@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from sdbackup.backup.source import BackupSource, SourceDisk
 from sdbackup.blocks.blockset import BlockSet
 from sdbackup.errors import CorruptError
@@ -36,10 +34,9 @@ def make_plan(source: BackupSource) -> Plan:
     """List every disk's used blocks from the allocation bitmap (call inside the freeze)."""
     disks: dict[int, BlockSet] = {}
     for d in source.config.disks:
-        runs = np.asarray(source.used_runs(d.id), dtype=np.int64).reshape(-1, 2)
-        if runs.size and (int(runs[:, 0].min()) < 0 or int((runs[:, 0] + runs[:, 1]).max())
-                          > d.nblocks or int(runs[:, 1].min()) < 1):
+        used = source.used_blocks(d.id)
+        if used and used.max() >= d.nblocks:
             raise CorruptError(f"the allocation bitmap of disk {d.name} lists blocks outside "
                                f"the disk's {d.nblocks} blocks: run 'sdbackup fsck'")
-        disks[d.id] = BlockSet.from_runs(runs)
+        disks[d.id] = used
     return Plan(disks, {d.id: d for d in source.config.disks})

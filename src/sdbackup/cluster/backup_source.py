@@ -25,7 +25,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdbackup.backup.source import Runs, Snapshot, SourceConfig, SourceDisk
+from sdbackup.backup.source import Snapshot, SourceConfig, SourceDisk
 from sdbackup.blocks.blockset import BlockSet
 from sdbackup.blocks.diskset import DiskSet
 from sdbackup.cluster.rights import RecallFailed
@@ -88,8 +88,8 @@ class CoordinatorSource:
         finally:
             c.rights.thaw()
 
-    def used_runs(self, disk_id: int) -> Runs:
-        return self.coord.meta.used_runs(disk_id)
+    def used_blocks(self, disk_id: int) -> BlockSet:
+        return self.coord.meta.used_set(disk_id)
 
     @property
     def tracker(self) -> ChangeTracker:
@@ -151,8 +151,8 @@ class LocalClusterSource:
             store.snapshot_to(snapshot_path)
             yield Snapshot(snapshot_path, t0, 0)
 
-    def used_runs(self, disk_id: int) -> Runs:
-        return self.cluster.meta.used_runs(disk_id)
+    def used_blocks(self, disk_id: int) -> BlockSet:
+        return self.cluster.meta.used_set(disk_id)
 
     @property
     def tracker(self) -> ChangeTracker:

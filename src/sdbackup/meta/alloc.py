@@ -73,6 +73,14 @@ def _range_mask(start: int, count: int) -> U8:
     return mask
 
 
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+
+
+def popcount(bits: U8) -> int:
+    """Set bits of a packed bitmap (a table lookup per byte, in C)."""
+    return int(_POPCOUNT[bits].sum())
+
+
 def count_set(bits: U8, start: int, count: int) -> int:
     """Number of set bits in [start, start+count)."""
     if count <= 0:
@@ -103,6 +111,15 @@ class DiskBitmap:
         self.held: U8 = np.zeros(nbytes, dtype=np.uint8)
         self.quarantine: list[tuple[int, int]] = []
         self.quarantined = 0
+        # Set bits of ``committed`` and ``inuse`` (padding included), kept up to date by
+        # every change, so that counting free blocks (statfs, choosing a disk for a new
+        # file) never unpacks a bitmap. tests/test_alloc.py checks them against a count.
+        self._pad = (nbytes << 3) - nblocks
+        self._n_committed = self._n_inuse = self._pad
+
+    def _recount(self) -> None:
+        self._n_committed = popcount(self.committed)
+        self._n_inuse = popcount(self.inuse)
 
     # -- persistence ---------------------------------------------------------------
     def load(self, store: MetaStore) -> None:
@@ -114,6 +131,7 @@ class DiskBitmap:
             n = min(len(arr), len(self.committed) - start)
             self.committed[start : start + n] |= arr[:n]
         self.inuse = self.committed.copy()
+        self._recount()
 
     def save_dirty(self, store: MetaStore) -> None:
         """Write the changed chunks of ``committed`` (inside the caller's transaction).
@@ -139,16 +157,23 @@ class DiskBitmap:
 
     # -- state changes ----------------------------------------------------------------
     def reserve(self, start: int, count: int) -> None:
+        self._n_inuse += count - count_set(self.inuse, start, count)
         _set_bits(self.inuse, start, count, True)
 
     def unreserve(self, start: int, count: int) -> None:
         """Give back reserved blocks that were never committed."""
+        if count <= 0:
+            return
+        sb, eb = start >> 3, (start + count + 7) >> 3
+        before = popcount(self.inuse[sb:eb])
         _set_bits(self.inuse, start, count, False)
         # A block committed meanwhile (or freed and held) stays in use.
-        sb, eb = start >> 3, (start + count + 7) >> 3
         self.inuse[sb:eb] |= self.committed[sb:eb] | self.held[sb:eb]
+        self._n_inuse += popcount(self.inuse[sb:eb]) - before
 
     def commit(self, start: int, count: int) -> None:
+        self._n_committed += count - count_set(self.committed, start, count)
+        self._n_inuse += count - count_set(self.inuse, start, count)
         _set_bits(self.committed, start, count, True)
         _set_bits(self.inuse, start, count, True)
         self._touch(start, count)
@@ -164,7 +189,8 @@ class DiskBitmap:
         mask = _range_mask(start, count)
         newly = self.committed[sb:eb] & mask & ~self.held[sb:eb]
         self.held[sb:eb] |= newly
-        self.quarantined += int(np.unpackbits(newly).sum())
+        self.quarantined += popcount(newly)
+        self._n_committed -= count_set(self.committed, start, count)
         _set_bits(self.committed, start, count, False)
         self._touch(start, count)
         self.quarantine.append((start, count))
@@ -179,8 +205,9 @@ class DiskBitmap:
         for start, count in runs:
             sb, eb = start >> 3, (start + count + 7) >> 3
             gone = self.held[sb:eb] & _range_mask(start, count)
-            self.quarantined -= int(np.unpackbits(gone).sum())
+            self.quarantined -= popcount(gone)
             self.held[sb:eb] &= ~gone
+            self._n_inuse -= popcount(self.inuse[sb:eb] & gone)
             self.inuse[sb:eb] &= ~gone
 
     def reload(self, store: MetaStore) -> None:
@@ -197,20 +224,18 @@ class DiskBitmap:
         self.inuse |= reserved
         # A rolled-back free: those blocks are committed again, not held.
         self.held &= ~self.committed
-        self.quarantined = int(np.unpackbits(self.held).sum())
+        self.quarantined = popcount(self.held)
+        self._recount()
 
     # -- queries -----------------------------------------------------------------------
     def used_blocks(self) -> int:
-        full = int(np.unpackbits(self.committed).sum())
-        pad = (len(self.committed) << 3) - self.nblocks
-        return full - pad
+        """Committed blocks (O(1): the count is kept up to date)."""
+        return self._n_committed - self._pad
 
     def free_blocks(self) -> int:
         """Blocks not in use, quarantined ones included (they are free, only not yet
-        durably so)."""
-        full = int(np.unpackbits(self.inuse).sum())
-        pad = (len(self.inuse) << 3) - self.nblocks
-        return self.nblocks - (full - pad) + self.quarantined
+        durably so). O(1)."""
+        return self.nblocks - (self._n_inuse - self._pad) + self.quarantined
 
     def is_free(self, start: int, count: int) -> bool:
         if start < 0 or start + count > self.nblocks:

@@ -14,6 +14,7 @@ import stat
 from collections.abc import Sequence
 from typing import Any
 
+from sdbackup.blocks.blockset import BlockSet
 from sdbackup.errors import CorruptError, FsError
 from sdbackup.meta.alloc import DiskBitmap
 from sdbackup.meta.api import READDIR_BATCH
@@ -179,6 +180,20 @@ class MetadataReader:
 
     def disk_ids(self) -> dict[str, int]:
         return {n: i for i, n in self.disk_names.items()}
+
+    def used_set(self, disk: int) -> BlockSet:
+        """The used blocks of one disk, from the allocation bitmap, as a set: built in C
+        from the packed bitmap (about 10 ms per million blocks, whatever the
+        fragmentation), never a Python object per run. The bitmap is copied under the
+        store lock (a memcpy) and converted outside it."""
+        with self.store.lock:
+            bm = self.bitmaps[disk]
+            nblocks = bm.nblocks
+            packed = bm.committed[: (nblocks + 7) // 8].copy()
+        used = BlockSet.from_bitmap(packed)
+        if nblocks & 7:
+            used.remove_run(nblocks, 8 - (nblocks & 7))  # the last byte's padding: set
+        return used
 
     def used_runs(self, disk: int) -> list[tuple[int, int]]:
         """Runs (start, count) of used blocks of one disk, from the allocation bitmap."""
