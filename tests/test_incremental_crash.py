@@ -2,12 +2,12 @@
 points.
 
 - The coordinator killed with SIGKILL between a node's ``map_write`` and its
-  ``commit_write``, while the node is held (by a test hook) right after its data
-  reached the disk: an overwrite in place was recorded as changed before the write
-  could reach the disk (meta/tracking.py), so the next incremental holds the block and
-  restores the new data; an append's new blocks were never committed, so the
-  incremental restores the file as the metadata says (the old size, zeros in the
-  blocks the append wrote).
+  ``commit_write`` (the node held by a test hook right after the grant, or right after
+  its data reached the disk), or the node itself killed once its data is on the disk:
+  an overwrite in place was recorded as changed before the write could reach the disk
+  (meta/tracking.py), so the next incremental holds the block and restores what the
+  disk holds; an append's new blocks were never committed, so the incremental restores
+  the file as the metadata says (the old size, zeros in the blocks the append wrote).
 - ``sdbackup merge`` and ``sdbackup prune`` killed with SIGKILL at each of their crash
   points: every current generation still restores exactly as before, ``verify --all``
   passes, ``gc`` removes the leftovers, and running the command again finishes the job.
@@ -82,24 +82,50 @@ def restore_file(medium: Path, gen: str, path: str, to: Path) -> bytes:
     return (to / path.lstrip("/")).read_bytes()
 
 
-# -- 1. the coordinator killed between a write's grant and its commit ------------------------
+# -- 1. a write granted, then the coordinator or the node killed before its commit ---------
 
-@pytest.mark.parametrize("case", ["overwrite", "append"])
-def test_coordinator_killed_between_map_write_and_commit_then_incremental(
-        cp: ClusterProcs, tmp_path: Path, case: str) -> None:
-    """A node's write-back is mapped (the coordinator answered ``map_write``), its data
-    written and flushed to the disk, and the node held right there by a test hook
-    (``SDBACKUP_TEST_NODE_STOP_AT=before-commit``); then the coordinator is killed
-    with SIGKILL, and the node too (it never commits). After a restart of the
-    coordinator, ``backup --incremental`` must:
+CASES = {
+    # name: (what is killed, the node's test hook, the write)
+    "coordinator-before-commit-overwrite":
+        ("coordinator", "SDBACKUP_TEST_NODE_STOP_AT=before-commit", "overwrite"),
+    "coordinator-before-commit-append":
+        ("coordinator", "SDBACKUP_TEST_NODE_STOP_AT=before-commit", "append"),
+    "coordinator-mapped-overwrite":
+        ("coordinator", "SDBACKUP_TEST_NODE_STOP_AT=mapped", "overwrite"),
+    "node-before-commit-overwrite":
+        ("node", "SDBACKUP_TEST_NODE_CRASH_AT=before-commit", "overwrite"),
+    "node-before-commit-append":
+        ("node", "SDBACKUP_TEST_NODE_CRASH_AT=before-commit", "append"),
+}
 
-    - overwrite in place: hold that block (it was recorded as changed, durably, before
-      ``map_write`` answered), and restore the new data: the disk holds it, whatever
-      the metadata says;
-    - append (new blocks): restore the file as its metadata says, the old size: the
-      new blocks were never committed, so they are free, and read as zeros in the
-      restored image although the disk holds the appended bytes.
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_write_granted_then_killed_before_commit_then_incremental(
+        cp: ClusterProcs, tmp_path: Path, name: str) -> None:
+    """A node's write-back is granted (the coordinator answered ``map_write``), and then
+    a process is killed with SIGKILL before the node's ``commit_write``:
+
+    - *coordinator-...*: the node is held by a test hook (``SDBACKUP_TEST_NODE_STOP_AT``)
+      right after ``map_write`` (*mapped*: nothing written yet) or once its data is
+      written and flushed to the disk (*before-commit*); the coordinator is killed, and
+      the node too (it never commits); then the coordinator is started again;
+    - *node-...*: the node kills itself once its data is on the disk
+      (``SDBACKUP_TEST_NODE_CRASH_AT=before-commit``); the coordinator, alive, fences it.
+
+    Then ``backup --incremental`` (through the coordinator) must:
+
+    - overwrite in place: hold those blocks (recorded as changed, durably, before
+      ``map_write`` answered), and restore what the disk holds: the new data once it
+      was written (*before-commit*), the old data when it was not (*mapped*);
+    - append (new blocks): restore the file as its metadata says, the old size: the new
+      blocks were never committed, so they are free, and read as zeros in the restored
+      image although the disk holds the appended bytes.
+
+    In every case the restored file equals the file as the cluster reads it afterwards,
+    and the restored disk image equals the disk in every block in use.
     """
+    who, hook, case = CASES[name]
+    written = "mapped" not in hook
     old = bytes(range(256)) * (64 * KiB // 256)  # 64 KiB: 128 whole blocks
     with open_cluster(cp.dir) as c:
         a = c.fs.create(1, b"f")
@@ -114,51 +140,62 @@ def test_coordinator_killed_between_map_write_and_commit_then_incremental(
     img = tmp_path / "d0.img"
 
     cp.start_coordinator(lease=LEASE)
-    n1 = cp.start_node("n1", flush_delay=0.3,
-                       prefix=["env", "SDBACKUP_TEST_NODE_STOP_AT=before-commit"])
+    n1 = cp.start_node("n1", flush_delay=0.3, prefix=["env", hook])
     if case == "overwrite":
         fblock = 37
         new = b"N" * (3 * BS)  # blocks 37-39 of the file, in place
         at = fblock * BS
+        dblock = ext.dblock + fblock
     else:
         new = b"A" * (16 * BS)  # 16 new blocks past the end
         at = len(old)
     with open_fs(cp.dir, node="n1") as fs:
         fs.write(fs.resolve("/f").ino, at, new)  # acknowledged, dirty on n1 only
-    wait_for(lambda: _stopped(n1.pid), 15, "n1 to stop before its commit_write")
-    # The data is on the disk (written with O_DIRECT and flushed): find it there.
+    if who == "coordinator":
+        wait_for(lambda: _stopped(n1.pid), 15, "n1 to stop inside its write-back")
+    else:
+        assert n1.wait(15) == -signal.SIGKILL, n1.output()[-3000:]
     disk = img.read_bytes()
     if case == "overwrite":
-        dblock = ext.dblock + fblock
-        assert disk[dblock * BS : dblock * BS + len(new)] == new
+        on_disk = disk[dblock * BS : dblock * BS + len(new)]
+        assert on_disk == (new if written else old[at:at + len(new)])
     else:
+        # The data is on the disk (written with O_DIRECT and flushed): find it there.
         pos = disk.find(new)
         assert pos > 0 and pos % BS == 0, "the appended data did not reach the disk"
         appended = BlockSet.from_runs([(pos // BS, len(new) // BS)])
     assert cp.coordinator is not None
-    cp.coordinator.popen.send_signal(signal.SIGKILL)
-    cp.coordinator.wait(10)
-    n1.kill()  # stopped, never commits: kill -9 works on a stopped process
+    if who == "coordinator":
+        cp.coordinator.popen.send_signal(signal.SIGKILL)
+        assert cp.coordinator.wait(10) == -signal.SIGKILL
+        n1.kill()  # stopped, never commits: kill -9 works on a stopped process
+        cp.start_coordinator(lease=LEASE)
+    else:
+        cp.wait_log("fenced", timeout=3 * LEASE + 10)
 
-    cp.start_coordinator(lease=LEASE)
     inc = backup_json(cp.dir, medium, "--incremental")
     gen = str(inc["generation"])
     assert inc["kind"] == "incremental"
     stored = held(medium, gen)
     if case == "overwrite":
         want = BlockSet.from_runs([(dblock, len(new) // BS)])
-        assert stored == want, f"the incremental holds {stored!r}, not the written {want!r}"
-        expect = old[:at] + new + old[at + len(new):]
+        assert stored == want, f"the incremental holds {stored!r}, not the granted {want!r}"
+        expect = old[:at] + new + old[at + len(new):] if written else old
     else:
         assert not stored & appended, "uncommitted (free) blocks were copied"
         expect = old
-    assert restore_file(medium, gen, "/f", tmp_path / "r") == expect
+    restored_f = restore_file(medium, gen, "/f", tmp_path / "r")
+    assert restored_f == expect
+    with open_fs(cp.dir) as fs:  # the cluster as it reads now, through the coordinator
+        a = fs.resolve("/f")
+        assert fs.read(a.ino, 0, a.size + BS) == restored_f
     # The image of the newest generation is the disk as the metadata says, block for
     # block: the used blocks as on the disk, free blocks (the append's) as zeros.
     r = sdb("restore-image", "--medium", str(medium), gen, "--disk", "d0",
             "--to", str(tmp_path / "restored.img"), "-q")
     assert r.returncode == 0, r.stderr
     restored = (tmp_path / "restored.img").read_bytes()
+    disk = img.read_bytes()
     with snapshot_of(medium, gen) as snap:
         used = snap.used_blocks(ext.disk, len(disk) // BS)
     for s, n in used.runs():
