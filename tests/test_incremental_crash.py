@@ -26,13 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cluster_helpers import ClusterProcs, sdb, wait_for
 from test_backup_support import SMALL, cli, make_cluster, make_tree, put_tree
 from test_incremental import INCR, View, Workload, backup, check_views, held, views
-
-try:  # tests/ as a plain directory of modules...
-    from cluster_helpers import ClusterProcs, sdb, wait_for
-except ModuleNotFoundError:  # ...or as a package (with tests/__init__.py)
-    from tests.cluster_helpers import ClusterProcs, sdb, wait_for
 
 from sdbackup.backup.merge import CRASH_POINTS as MERGE_CRASH_POINTS
 from sdbackup.backup.prune import CRASH_POINTS as PRUNE_CRASH_POINTS
@@ -361,6 +357,6 @@ def test_prune_killed_at_each_point(chains: Chains, tmp_path: Path, point: str) 
     cat = DiskMedium.open(medium).catalog()
     (s,) = [g for g in cur if g != ids["B3"]]
     assert cat.all[s].kind == "synthetic" and cat.all[s].extra["merged"]["newer"] == ids["B2"]
-    assert cat.all[ids["B3"]].parent is not None and cat.get(cat.all[ids["B3"]].parent) \
-        is cat.all[s]
+    b3_parent = cat.all[ids["B3"]].parent
+    assert b3_parent is not None and cat.get(b3_parent) is cat.all[s]
     assert _gc(medium) == {"removed": [], "merged_away": [], "dry_run": False}
