@@ -448,6 +448,9 @@ def test_cli_incremental_backups(tmp_path: Path) -> None:
         line = _one_line(r.err)
         assert "no incremental possible" in line and "holds no backup" in line
         assert "without --incremental" in line and "--full-if-needed" in line
+        # Refused, it leaves nothing behind: no medium made, the directory as it was.
+        assert not medium.exists()
+        assert not where.exists() or not any(where.iterdir())
     r = cli("backup", cdir, "--medium", medium, "--full", "--incremental", "-q")
     assert r.code == 2 and "exclude each other" in _one_line(r.err)
     r = cli("backup", cdir, "--medium", medium, "--full-if-needed", "-q")
