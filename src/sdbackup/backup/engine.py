@@ -47,6 +47,7 @@ from sdbackup.media.bilog import BiEntry, read_entries
 from sdbackup.media.index import make_entries, write_index
 from sdbackup.media.medium import (
     INDEX,
+    MEDIUM_LABEL,
     META,
     DiskEntry,
     DiskMedium,
@@ -196,6 +197,10 @@ def run_backup(
     ``medium_path`` (created when new). Returns the committed generation's result."""
     opts = options or BackupOptions()
     cfg = source.config
+    root = Path(medium_path).absolute()
+    if opts.incremental and not opts.full_if_needed and _new_medium(root):
+        # Refused before the medium is made: a refused backup leaves nothing behind.
+        raise _no_incremental(f"backup medium {root} holds no backup of this cluster yet")
     medium = DiskMedium.open_for_backup(medium_path, cfg.cluster_id)
     started = time.monotonic()
     with medium.chain_lock():
@@ -234,8 +239,19 @@ def choose_parent(medium: DiskMedium, tracker: ChangeTracker, opts: BackupOption
     if opts.full_if_needed:
         log.warning("%s: taking a full backup (--full-if-needed)", why)
         return None
-    raise TrackingLost(f"no incremental possible: {why}; take a full backup first (without "
-                       "--incremental), or add --full-if-needed")
+    raise _no_incremental(why)
+
+
+def _no_incremental(why: str) -> TrackingLost:
+    return TrackingLost(f"no incremental possible: {why}; take a full backup first (without "
+                        "--incremental), or add --full-if-needed")
+
+
+def _new_medium(root: Path) -> bool:
+    """A backup to ``root`` would create a new medium there (a new or empty directory)."""
+    if root.exists():
+        return root.is_dir() and not (root / MEDIUM_LABEL).exists() and not any(root.iterdir())
+    return root.parent.is_dir()
 
 
 def _after_commit(tracker: ChangeTracker, medium: DiskMedium, m: Manifest) -> None:

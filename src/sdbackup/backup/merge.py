@@ -18,9 +18,12 @@ which lists ``replaces: [O, N, ...]`` (O, N and whatever they replaced, so that 
 naming any of them finds M once those manifests are gone); only then are O and N
 removed. So at every instant the chain reads the same: before M's commit, M does not
 exist (``gc`` removes its directory); after it, O and N are hidden (a parent naming N
-resolves to M) and ``gc`` removes whatever a crash left of them. M is verified (every
-record, the coverage of N's T0, its chain) before it is committed. The medium's chain
-lock keeps backups, merges and prunes from interleaving.
+resolves to M) and ``gc`` removes whatever a crash left of them. Running the same
+merge again finishes it too: before M's commit it merges anew; after it, O and N name
+M, so it only removes what is left of them (``MergeResult.already``), even once ``gc``
+has removed them. M is verified (every record, the coverage of N's T0, its chain)
+before it is committed. The medium's chain lock keeps backups, merges and prunes from
+interleaving.
 """
 
 from __future__ import annotations
@@ -36,13 +39,14 @@ from sdbackup.backup.copy import Copier
 from sdbackup.backup.verify import cut_by_mark, verify_generation
 from sdbackup.blocks.blockset import BlockSet
 from sdbackup.blocks.durable import fsync_path, sync_dir
-from sdbackup.errors import CorruptError, UsageError
+from sdbackup.errors import CorruptError, NotFoundError, UsageError
 from sdbackup.media.chain import ChainReader
 from sdbackup.media.generation import Generation
 from sdbackup.media.index import make_entries, write_index
 from sdbackup.media.medium import (
     INDEX,
     META,
+    Catalog,
     DiskEntry,
     DiskMedium,
     FileEntry,
@@ -75,13 +79,28 @@ class MergeResult:
     blocks: int
     read_bytes: int
     seconds: float
+    already: bool = False  # a committed merge had made it already (nothing copied)
 
     def to_dict(self) -> dict[str, object]:
         m = self.manifest
         return {"generation": m.id, "kind": m.kind, "parent": m.parent,
                 "replaces": [self.older, self.newer], "removed": self.removed,
                 "blocks": self.blocks, "stored_bytes": m.stored_bytes,
-                "read_bytes": self.read_bytes, "seconds": round(self.seconds, 3)}
+                "read_bytes": self.read_bytes, "seconds": round(self.seconds, 3),
+                "already_merged": self.already}
+
+
+def _resolve(medium: DiskMedium, cat: Catalog, name: str) -> str:
+    """The generation id ``name`` (an id or a unique prefix) names: one on the medium,
+    or one a committed merge replaced and ``gc`` has removed since."""
+    try:
+        return medium.resolve(name).id
+    except NotFoundError:
+        gone = [g for g in cat.replaced_by if g == name] or \
+            [g for g in cat.replaced_by if g.startswith(name)]
+        if len(gone) != 1:
+            raise
+        return gone[0]
 
 
 def merge(medium: DiskMedium, older: str, newer: str, *,
@@ -98,10 +117,15 @@ def merge(medium: DiskMedium, older: str, newer: str, *,
                          locked=True)
     started = time.monotonic()
     cat = medium.catalog()
-    o = cat.get(medium.resolve(older).id)
-    n = cat.get(medium.resolve(newer).id)
+    oid, nid = _resolve(medium, cat, older), _resolve(medium, cat, newer)
+    o, n = cat.get(oid), cat.get(nid)
     assert o is not None and n is not None
     if o is n:
+        if oid != nid and oid in cat.replaced_by and nid in cat.replaced_by:
+            # Merged already (a crash after the commit, or the same merge run twice):
+            # finish the job, which is removing what the merge replaced.
+            return MergeResult(o, oid, nid, remove_replaced(medium), 0, 0,
+                               time.monotonic() - started, already=True)
         raise UsageError("merge needs two different generations")
     if n.is_full or n.parent is None or cat.get(n.parent) is not o:
         raise UsageError(f"generation {n.id} is not an incremental of {o.id}: merge takes two "
@@ -178,8 +202,11 @@ def _merge(medium: DiskMedium, pending: PendingGeneration, o: Manifest, n: Manif
                  kept_for_later=beyond,
                  merged={"older": o.id, "newer": n.id, "older_kind": o.kind,
                          "newer_kind": n.kind, "at_ns": time.time_ns()})
+    # O's parent as it stands now (a merge may have replaced the one O names).
+    op = medium.catalog().get(o.parent) if o.parent is not None else None
+    parent = op.id if op is not None else o.parent
     m = Manifest(
-        id=pending.id, kind=kind, parent=o.parent, group=n.group, cluster_id=n.cluster_id,
+        id=pending.id, kind=kind, parent=parent, group=n.group, cluster_id=n.cluster_id,
         medium_id=medium.medium_id, block_size=n.block_size, t0_wall_ns=n.t0_wall_ns,
         t0_logical=n.t0_logical, committed_ns=time.time_ns(),
         disks=tuple(DiskEntry(d.id, d.name, d.nblocks, len(plan[d.id])) for d in n.disks),

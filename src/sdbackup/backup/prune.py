@@ -12,7 +12,9 @@ incremental gives a synthetic full), which stands for the child from then on. A 
 generation with no kept descendant is removed outright (with whatever of its chain
 comes after it, all dropped too). Each step is one merge or one removal, crash-safe on
 its own: a crash leaves a readable chain with some of the work done (``gc`` cleans up,
-running prune again finishes it).
+running prune again finishes it). A generation is removed manifest first
+(:meth:`DiskMedium.remove_generation`), so a crash in the middle of a removal never leaves a
+committed generation with some of its files gone.
 """
 
 from __future__ import annotations
@@ -27,6 +29,16 @@ from sdbackup.errors import UsageError
 from sdbackup.media.medium import Catalog, DiskMedium, Manifest
 
 CRASH_ENV = "SDBACKUP_TEST_CRASH_AT"
+CRASH_POINTS = ("prune-uncommitted", "prune-mid-remove")
+"""Test hooks (``SDBACKUP_TEST_CRASH_AT``): die as kill -9 would when a generation's
+manifest is removed and the rest of it not yet, or after a whole generation is removed."""
+
+
+def _crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -148,11 +160,9 @@ def prune(medium: DiskMedium, r: Retention, *, dry_run: bool = False,
                 merge(medium, older.id, newer.id, log_medium=log_medium, locked=True)
             else:
                 for gid in reversed(step.gens):  # newest first: never orphan a child
-                    medium.remove_generation(gid)
-                    if os.environ.get(CRASH_ENV) == "prune-mid-remove":
-                        import signal
-
-                        os.kill(os.getpid(), signal.SIGKILL)
+                    medium.remove_generation(
+                        gid, uncommitted=lambda: _crash_point("prune-uncommitted"))
+                    _crash_point("prune-mid-remove")
             done.steps.append(step)
             if on_step is not None:
                 on_step(step)

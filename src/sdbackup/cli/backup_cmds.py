@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from sdbackup.backup.plan import Plan
     from sdbackup.media.chain import ChainReader
     from sdbackup.media.generation import Generation
-    from sdbackup.media.medium import Manifest
+    from sdbackup.media.medium import Catalog, Manifest
 
 MEDIUM = click.option("--medium", "medium", required=True, metavar="DIR",
                       type=click.Path(path_type=Path),
@@ -261,12 +261,15 @@ def marks(cluster_dir: Path, as_json: bool) -> None:
 
 # -- generations -----------------------------------------------------------------------------
 
-def _gen_row(m: Manifest) -> dict[str, Any]:
+def _gen_row(m: Manifest, cat: Catalog) -> dict[str, Any]:
     from sdbackup.media.medium import iso_utc
 
     tr = m.extra.get("tracking")
     t: dict[str, Any] = tr if isinstance(tr, dict) else {}
-    return {"id": m.id, "kind": m.kind, "parent": m.parent, "chain": m.chain,
+    # The parent as it stands now: a merge may have replaced the one the manifest names.
+    p = cat.get(m.parent) if m.parent is not None else None
+    parent = p.id if p is not None else m.parent
+    return {"id": m.id, "kind": m.kind, "parent": parent, "chain": m.chain,
             "t0": iso_utc(m.t0_wall_ns), "group": m.group, "blocks": m.blocks,
             "stored_bytes": m.stored_bytes, "total_bytes": m.total_bytes,
             "compression": m.compression, "state": m.state, "cluster_id": m.cluster_id,
@@ -293,7 +296,7 @@ def generations(medium: Path, as_json: bool) -> None:
     entries = med.scan()
     cat = Catalog([e.manifest for e in entries if e.manifest is not None])
     current = sorted(cat.current, key=lambda m: (m.t0_wall_ns, m.id))
-    rows = [_gen_row(m) for m in current]
+    rows = [_gen_row(m, cat) for m in current]
     replaced = len(cat.replaced())
     bad = [e for e in entries if e.problem is not None]
     unfinished = sum(1 for e in entries if e.unfinished)
@@ -446,6 +449,10 @@ def merge_cmd(medium: Path, older: str, newer: str, compress: str | None,
     d = r.to_dict()
     if as_json:
         click.echo(json.dumps(d, indent=2))
+        return
+    if r.already:
+        click.echo(f"{older} and {newer} were merged already, into {d['kind']} generation "
+                   f"{d['generation']}; removed {len(r.removed)} leftover generation(s)")
         return
     click.echo(f"merged {older} and {newer} into {d['kind']} generation {d['generation']}: "
                f"{d['blocks']} blocks, {_human(int(str(d['stored_bytes'])))} stored, "

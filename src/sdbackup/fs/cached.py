@@ -124,7 +124,9 @@ def _crash_point(name: str) -> None:
     (``SDBACKUP_TEST_NODE_STOP_AT``; the test sends SIGCONT). Points: after-bi-log
     (the before image is durable, the overwrite has not happened), after-bi-write
     (the overwrite is on disk, not committed), mapped (map_write answered, nothing
-    written yet)."""
+    written yet), before-commit (every run of the batch is written and flushed to the
+    disks, no ``commit_write`` sent yet: an overwrite in place is on disk, new blocks
+    are written but still free)."""
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get(STOP_ENV) == name and name not in _stopped_once:
@@ -622,6 +624,7 @@ class CachedFileSystem(FileSystem):
                 except OSError as e:  # nothing written since the last flush is safe
                     for ino in {x[0].ino for x in pending}:
                         fail(ino, e)
+                _crash_point("before-commit")
         except BaseException:
             for _, _, _, runs in pending:
                 self._abort_quietly(runs)

@@ -29,7 +29,7 @@ import secrets
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -604,10 +604,12 @@ class DiskMedium:
         finally:
             os.close(fd)
 
-    def remove_generation(self, gen_id: str) -> None:
+    def remove_generation(self, gen_id: str, *,
+                          uncommitted: Callable[[], None] | None = None) -> None:
         """Remove a committed generation so that a crash at any point leaves it either
         committed and whole or unfinished (which ``gc`` removes): the manifest, its
-        commit point, goes first and durably, then the rest."""
+        commit point, goes first and durably, then the rest. ``uncommitted`` runs
+        between the two (a test's crash point)."""
         path = self.generations_dir / gen_id
         try:
             (path / MANIFEST).unlink()
@@ -618,6 +620,8 @@ class DiskMedium:
                             ) from None
         if path.exists():
             sync_dir(path)
+            if uncommitted is not None:
+                uncommitted()
             try:
                 shutil.rmtree(path)
             except OSError as e:
