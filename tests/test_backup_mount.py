@@ -27,6 +27,7 @@ behind fails.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -47,7 +48,7 @@ from test_backup_support import diff_trees, make_tree
 
 from sdbackup.blocks.source import Buffer
 from sdbackup.fs.readonly import ReadOnlyFileSystem
-from sdbackup.media.generation import Generation
+from sdbackup.media.generation import Generation, GenerationReader
 from sdbackup.media.medium import DiskMedium
 from sdbackup.media.snapshot import SnapshotMeta
 from sdbackup.types import ROOT_INODE, DiskId
@@ -434,22 +435,26 @@ n = 0
 with open_fs(cdir, node=node) as fs:
     wdir = fs.resolve("/w").ino
     while not os.path.exists(stop):
-        name = f"f{rng.randrange(8)}".encode()
         try:
-            try:
-                a = fs.lookup(wdir, name)
-            except FsError:
-                a = fs.create(wdir, name)
-            op = rng.random()
-            if op < 0.8:
-                fs.write(a.ino, rng.randrange(0, 2 << 20),
+            if rng.random() < 0.7:  # overwrite what a file held at T0, in place
+                a = fs.lookup(wdir, f"f{rng.randrange(8)}".encode())
+                fs.write(a.ino, rng.randrange(0, 1 << 20),
                          rng.randbytes(rng.choice([1024, 4096, 65536])))
-            elif op < 0.87:
-                fs.truncate(a.ino, rng.randrange(0, 2 << 20))
-            elif op < 0.92:
-                fs.unlink(wdir, name)
-            else:
-                fs.fsync(a.ino)
+            else:  # churn: create, grow, shrink, delete, fsync other files
+                name = f"x{rng.randrange(4)}".encode()
+                try:
+                    a = fs.lookup(wdir, name)
+                except FsError:
+                    a = fs.create(wdir, name)
+                op = rng.random()
+                if op < 0.6:
+                    fs.write(a.ino, rng.randrange(0, 1 << 20), rng.randbytes(8192))
+                elif op < 0.75:
+                    fs.truncate(a.ino, rng.randrange(0, 1 << 20))
+                elif op < 0.9:
+                    fs.unlink(wdir, name)
+                else:
+                    fs.fsync(a.ino)
             n += 1
         except FsError:
             pass  # the other writer deleted or replaced the file meanwhile
@@ -485,28 +490,35 @@ def online(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
     require_fuse()
     base = tmp_path_factory.mktemp("online")
     cdir = init_cluster(base, "24MiB", "24MiB")
-    seed = base / "seed"
-    seed.mkdir()
-    make_tree(seed / "tree", seed=5)
-    (seed / "w").mkdir()
-    for i in range(8):
-        (seed / "w" / f"f{i}").write_bytes(os.urandom(3 * MiB // 2))
+    make_tree(base / "tree", seed=5)
+    sdb("fs", cdir, "put", base / "tree", "/")
+    # The files the writers overwrite, each followed on disk by a free gap wider than
+    # the copier reads through (128 KiB): each becomes a batch of its own, and the
+    # test hook's delay after each batch makes the later ones be read while the
+    # writers overwrite them (the copier reads up to four batches ahead).
+    from sdbackup.cluster.local import open_cluster
+
+    with open_cluster(cdir) as c:
+        w = c.fs.mkdir(ROOT_INODE, b"w").ino
+        for i in range(8):
+            ino = c.fs.create(w, f"f{i}".encode()).ino
+            c.fs.write(ino, 0, os.urandom(MiB + 512 * KiB))
+            c.fs.truncate(ino, MiB)  # the gap
     images = base / "t0-images"
-    with _env(SDBACKUP_TEST_T0_IMAGE_DIR=str(images), SDBACKUP_TEST_COPY_DELAY="0.4"):
+    with _env(SDBACKUP_TEST_T0_IMAGE_DIR=str(images), SDBACKUP_TEST_COPY_DELAY="0.3"):
         coord = start_coordinator(cdir, lease=5.0)
     nodes = []
     cases: dict[str, Case] = {}
     try:
         for n in ("n1", "n2"):
             nodes.append(start_node(cdir, n, cache_size="8MiB", flush_delay=0.2))
-        sdb("fs", cdir, "put", "--node", "n1", seed / "tree", seed / "w", "/")
         for mode in ONLINE_MODES:
             stop = base / f"stop-{mode}"
             ws = [subprocess.Popen([PY, "-c", WRITER, str(cdir), n, str(i), str(stop)],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                   for i, n in enumerate(("n1", "n2"))]
             try:
-                time.sleep(1.0)  # the writers are busy, the caches dirty
+                time.sleep(0.5)  # the writers are busy, the caches dirty
                 medium = base / f"medium-{mode}"
                 lm = base / "log-medium"
                 extra = ["--log-medium", str(lm)] if mode == "separate" else []
@@ -522,6 +534,9 @@ def online(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
             assert log["blocks"] > 0, f"{mode}: no before image was logged: proves nothing"
             gid = str(s["generation"])
             t0 = t0_tree(medium, gid, images, base / f"t0-{mode}")
+            # The before images matter: without them some file would not read as at T0.
+            assert _wrong_without_before_images(medium, gid, t0), \
+                f"{mode}: the copy alone reads as T0: the writes did not overlap it"
             cases[f"online-{mode}"] = Case(medium, gid, t0, "full", True,
                                            log_home=lm if mode == "separate" else None)
     finally:
@@ -537,6 +552,47 @@ def online(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
     cases["online-separate-overlaid"] = Case(ov, sep.gen, sep.t0, "full", True,
                                              log_home=sep.log_home)
     return cases
+
+
+class _DataOnly:
+    """A generation's copied data alone: its before images (in the generation, or in a
+    separate log not overlaid) left out."""
+
+    def __init__(self, reader: GenerationReader) -> None:
+        self.r = reader
+        self.block_size = reader.block_size
+
+    def readinto(self, disk: DiskId, block: int, buf: Buffer) -> None:
+        from sdbackup.media.record_format import Kind
+
+        bs = self.block_size
+        out = memoryview(buf).cast("B")
+        count = out.nbytes // bs
+        out[:] = bytes(out.nbytes)
+        for e in self.r.index.find(disk, int(Kind.DATA), block, count):
+            s, n = int(e["start"]), int(e["count"])
+            lo, hi = max(s, block), min(s + n, block + count)
+            out[(lo - block) * bs:(hi - block) * bs] = \
+                self.r.record(e)[(lo - s) * bs:(hi - s) * bs]
+
+
+def _wrong_without_before_images(medium: Path, gen: str, t0: Path) -> list[str]:
+    """Files of ``gen`` that would not read as at T0 without its before images."""
+    med = DiskMedium.open(medium)
+    m = med.resolve(gen)
+    log = m.extra.get("log")
+    if isinstance(log, dict) and log.get("medium"):  # do not open the separate log
+        m = dataclasses.replace(m, extra={**m.extra, "log": {**log, "overlaid": True}})
+    g = Generation(med, m)
+    wrong = []
+    with GenerationReader(g) as r, SnapshotMeta(g.meta_file(), "snapshot") as snap:
+        fs = ReadOnlyFileSystem(snap, _DataOnly(r))
+        for p in all_files(t0):
+            rel = str(p.relative_to(t0))
+            a = fs.resolve("/" + rel)
+            if fs.read(a.ino, 0, a.size) != p.read_bytes():
+                wrong.append(rel)
+    return wrong
 
 
 @contextmanager
@@ -783,3 +839,180 @@ def test_mount_in_a_network_namespace_with_only_the_medium(tmp_path: Path) -> No
         same_trees(tmp_path / "t0", tmp_path / "untarred", times=False)
         diff_r(m.mp, tmp_path / "t0")
         assert (m.mp / "data" / "later").read_text() == "written after the full\n"
+
+
+# -- every generation --------------------------------------------------------------------------
+
+def test_all_generations_follow_the_medium_while_mounted(tmp_path: Path) -> None:
+    """``--all``: one directory per generation, named by T0 and id, and 'latest'. A
+    backup committed while mounted appears (and 'latest' points at it) within a couple
+    of seconds, with no remount, and reads as its T0; a merge and a prune while mounted
+    make the generations they replace disappear and their results appear, each
+    reading as the data at its T0."""
+    base = tmp_path / "site"
+    base.mkdir()
+    cdir = init_cluster(base, "4MiB", "4MiB")
+    work = tmp_path / "work"
+    work.mkdir()
+    sample(work / "data", seed=13, big=2)
+    sdb("fs", cdir, "put", work / "data", "/")
+    medium = tmp_path / "medium"
+    t0 = tmp_path / "t0"
+    t0.mkdir()
+    t0_of: dict[str, Path] = {}
+
+    def take(*args: str) -> str:
+        gid = str(backup_cli(cdir, medium, *args)["generation"])
+        run("cp", "-a", work, t0 / gid)
+        t0_of[gid] = t0 / gid
+        return gid
+
+    def dirname(gid: str) -> str:  # '2026-12-02T00:59:31Z_<id>': T0 to the second, UTC
+        return f"{str(generations(medium)[gid]['t0'])[:19]}Z_{gid}"
+
+    def listing() -> set[str]:
+        return set(os.listdir(mp))
+
+    a = take()
+    mp = tmp_path / "mnt"
+    with mount_bg(medium, mp, "--all") as m:
+        da = dirname(a)
+        assert listing() == {da, "latest"}
+        assert os.readlink(mp / "latest") == da
+        assert (mp / "latest").is_dir()
+        diff_r(mp / da, t0 / a)
+        assert _errno_of(lambda: os.mkdir(mp / "x")) == errno.EROFS
+        assert _errno_of(lambda: os.unlink(mp / "latest")) == errno.EROFS
+        assert _errno_of(lambda: (mp / da / "data" / "new").write_text("x")) == errno.EROFS
+
+        with Mirror(cdir, work) as mi:
+            mi.write("data/big/b0", 10_000, os.urandom(5000))
+            mi.write("data/second", 0, b"second backup\n")
+        b = take("--incremental")
+        db = dirname(b)
+        t = time.monotonic()
+        # 'latest' follows by itself (no listing needed), then the listing shows it.
+        wait_for(lambda: os.readlink(mp / "latest") == db, 3, "'latest' to point at the new one")
+        assert listing() == {da, db, "latest"}
+        assert time.monotonic() - t < 3
+        diff_r(mp / db, t0 / b)
+        diff_r(mp / da, t0 / a)  # the older one is unchanged
+
+        with Mirror(cdir, work) as mi:
+            mi.unlink("data/second")
+            mi.write("data/third", 0, b"third backup\n")
+            mi.truncate("data/big/b1", 777)
+        c = take("--incremental")
+        dc = dirname(c)
+        assert dc in listing()  # a new listing sees a new generation at once
+        assert os.readlink(mp / "latest") == dc
+        diff_r(mp / "latest" / "data", t0 / c / "data")
+
+        # A merge while mounted: the full and the first incremental become a synthetic
+        # full with the incremental's T0; the next incremental now reads through it.
+        ab = json.loads(sdb("merge", "--medium", medium, a, b, "--json").stdout)["generation"]
+        dab = dirname(ab)
+        assert dab.split("_")[0] == db.split("_")[0]
+        assert listing() == {dab, dc, "latest"}
+        wait_for(lambda: not (mp / da).exists() and not (mp / db).exists(), 3,
+                 "the merged-away generations to disappear")
+        diff_r(mp / dab, t0 / b)
+        diff_r(mp / dc, t0 / c)
+        assert os.readlink(mp / "latest") == dc
+
+        # A prune while mounted: one generation is left (the newest, now a full).
+        sdb("prune", "--medium", medium, "--keep-last", "1")
+        (last,) = generations(medium)
+        dlast = dirname(last)
+        assert listing() == {dlast, "latest"}
+        wait_for(lambda: not (mp / dab).exists(), 3, "the pruned generation to disappear")
+        wait_for(lambda: os.readlink(mp / "latest") == dlast, 3, "'latest' to follow the prune")
+        diff_r(mp / dlast, t0 / c)
+        assert "ERROR" not in m.log_text()
+
+
+# -- processes and errors -------------------------------------------------------------------------
+
+def test_foreground_mount_ends_on_sigterm_and_umount_ends_background(
+        offline: dict[str, Case], tmp_path: Path) -> None:
+    """``sdbackup mount`` in the foreground serves until SIGTERM, then unmounts and
+    exits 0; a ``--background`` mount's process exits when ``sdbackup umount`` unmounts
+    it; Ctrl-C (SIGINT) ends a foreground mount as SIGTERM does."""
+    c = offline["full"]
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        p = subprocess.Popen([*SDB, "mount", "--medium", str(c.medium), c.gen, str(mp)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda p=p: mounted(mp) or p.poll() is not None, 30, "the mount")
+            assert p.poll() is None, p.communicate()
+            diff_r(mp, c.t0)
+            p.send_signal(sig)
+            _out, err = p.communicate(timeout=30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            force_unmount(mp)
+        assert p.returncode == 0, err
+        assert not mounted(mp)
+        assert f"mounted generation {c.gen}" in err and "(read-only)" in err
+        assert "Traceback" not in err and " ERROR " not in err, err
+        assert os.listdir(mp) == []  # the empty directory under the mount again
+
+    r = run(*SDB, "mount", "--medium", c.medium, c.gen, mp, "--background",
+            "--log-file", tmp_path / "bg.log")
+    pid = int(re.search(r"served by process (\d+)", r.stdout)[1])  # type: ignore[index]
+    try:
+        assert mounted(mp) and alive(pid)
+        assert os.getsid(pid) == pid  # its own session: a closed terminal does not end it
+        diff_r(mp, c.t0)
+        u = run(*SDB, "umount", mp)
+        assert "unmounted" in u.stdout + u.stderr
+        assert not mounted(mp)
+        wait_for(lambda: not alive(pid), 20, "the background mount process to exit")
+    finally:
+        force_unmount(mp, pid)
+    assert "unmounted" in (tmp_path / "bg.log").read_text()
+
+
+def test_mount_errors_exit_codes(offline: dict[str, Case], tmp_path: Path) -> None:
+    """Errors are one line on stderr with the README's exit codes (4 not found, 2 usage,
+    3 busy), in the foreground and with --background, and nothing gets mounted."""
+    c = offline["full"]
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    cases: list[tuple[int, list[str | os.PathLike[str]], str]] = [
+        (4, ["--medium", tmp_path / "no-such-medium", mp], "no-such-medium"),
+        (4, ["--medium", tmp_path / "no-such-medium", "--all", mp], "no-such-medium"),
+        (4, ["--medium", c.medium, "20200101T000000.000000Z-deadbeef", mp], "deadbeef"),
+        (4, ["--medium", c.medium, "nosuchgen", mp], "nosuchgen"),
+        (2, ["--medium", c.medium, c.gen, a_file], "not a directory"),
+        (2, ["--medium", c.medium, c.gen, tmp_path / "no-such-dir"], "no-such-dir"),
+        (2, ["--medium", c.medium, "--all", c.gen, mp], "--all"),
+        (2, ["--medium", c.medium, c.gen, mp, other], "give [GEN] MOUNTPOINT"),
+    ]
+    for code, args, says in cases:
+        for bg in ((), ("--background",)):
+            r = sdb("mount", *args, *bg, check=False)
+            what = f"sdbackup mount {' '.join(map(str, [*args, *bg]))}"
+            assert r.returncode == code, f"{what}: exit {r.returncode}, not {code}: {r.stderr}"
+            assert len(r.stderr.splitlines()) == 1, f"{what}: not one line: {r.stderr}"
+            assert says in r.stderr, f"{what}: {r.stderr}"
+            assert "Traceback" not in r.stderr
+            assert not mounted(mp) and not mounted(other)
+    # A mount point that is already mounted: busy (3).
+    with mount_bg(c.medium, mp, c.gen):
+        for bg in ((), ("--background",)):
+            r = sdb("mount", "--medium", c.medium, c.gen, mp, *bg, check=False)
+            assert r.returncode == 3 and len(r.stderr.splitlines()) == 1, r.stderr
+            assert "already mounted" in r.stderr
+        diff_r(mp, c.t0)  # the first mount is unharmed
+    # umount of what is not mounted: not found (4).
+    r = sdb("umount", mp, check=False)
+    assert r.returncode == 4 and len(r.stderr.splitlines()) == 1, r.stderr
