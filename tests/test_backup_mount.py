@@ -182,6 +182,7 @@ def _no_mount_left(tmp_path: Path) -> Iterator[None]:
                 left.append(Path(fields[4]))
     for mp in reversed(left):
         force_unmount(mp)
+        run("umount", "-l", mp, check=False)  # whatever else the test mounted there
     assert not left, f"the test left mounts behind: {left}"
 
 
@@ -727,11 +728,12 @@ def test_changes_fail_with_erofs_and_reads_go_on(offline: dict[str, Case],
 # -- a damaged medium -------------------------------------------------------------------------
 
 def test_damaged_record_fails_only_its_files_with_eio(tmp_path: Path) -> None:
-    """Bytes flipped inside one DATA record: reading any file with blocks in that record
-    fails with EIO (and keeps failing: nothing wrong is cached), the mount's log names
-    the generation, the disk, the block range and the medium offset, and every other
+    """Bytes flipped inside one DATA record of a full, and an incremental of it mounted:
+    reading any file with blocks in that record fails with EIO (and keeps failing:
+    nothing wrong is cached), the mount's log names the generation that holds the
+    record (the full), the disk, the block range and the medium offset, and every other
     file reads exactly as the source (diff -r reports only the damaged files)."""
-    from test_backup_support import backup, make_cluster, put_tree
+    from test_backup_support import SMALL, backup, make_cluster, put_tree
 
     from sdbackup.media.record_format import HEADER_SIZE, Kind
     from sdbackup.media.record_reader import RecordReader
@@ -743,10 +745,15 @@ def test_damaged_record_fails_only_its_files_with_eio(tmp_path: Path) -> None:
     put_tree(cdir, src / "data", "/")
     medium = tmp_path / "medium"
     gid = backup(cdir, medium).manifest.id  # records of 4 KiB: one file needs many
+    with Mirror(cdir, src) as mi:
+        mi.write("data/big/b0", 0, os.urandom(9000))
+        mi.write("data/after-the-full", 0, b"in the incremental only\n")
+    inc = backup(cdir, medium, dataclasses.replace(SMALL, incremental=True)).manifest.id
+    assert _chain_len(medium, inc) == 2
     med = DiskMedium.open(medium)
     g = Generation(med, med.resolve(gid))
-    victim = "data/big/b1"
-    with SnapshotMeta(g.meta_file(), "snapshot") as snap:
+    victim = "data/big/b1"  # unchanged since the full: read from the full's records
+    with SnapshotMeta(Generation(med, med.resolve(inc)).meta_file(), "snapshot") as snap:
         fs = ReadOnlyFileSystem(snap, T0Images({}, g.block_size))  # metadata only
         a = fs.resolve("/" + victim)
         exts = snap.map_read(a.ino, 0, -(-a.size // g.block_size))
@@ -775,7 +782,7 @@ def test_damaged_record_fails_only_its_files_with_eio(tmp_path: Path) -> None:
         f.seek(at)
         f.write(bytes(b ^ 0xFF for b in good))
 
-    with mount_bg(medium, tmp_path / "mnt", gid) as m:
+    with mount_bg(medium, tmp_path / "mnt", inc) as m:
         for attempt in range(2):  # the second time too: a failure is not cached
             with pytest.raises(OSError) as ei:
                 (m.mp / victim).read_bytes()
@@ -798,7 +805,7 @@ def test_damaged_record_fails_only_its_files_with_eio(tmp_path: Path) -> None:
                 f" (stream {stream}, medium offset {offset})")
         lines = [line for line in m.log_text().splitlines() if want in line]
         assert lines, f"no log line names {want!r}:\n{m.log_text()[-3000:]}"
-        assert all(" ERROR " in line for line in lines)
+        assert all(" ERROR " in line and inc not in line for line in lines)
         # The mount serves on.
         assert (m.mp / "data" / "big" / "b0").read_bytes() == (src / "data/big/b0").read_bytes()
 
@@ -807,8 +814,9 @@ def test_damaged_record_fails_only_its_files_with_eio(tmp_path: Path) -> None:
 
 def test_mount_in_a_network_namespace_with_only_the_medium(tmp_path: Path) -> None:
     """A "host" with no network (a new network namespace: not even loopback is up) and
-    only a copy of the medium (the cluster, its disks and any coordinator gone) mounts
-    an incremental through its chain; tar through the mount gives the data at T0."""
+    only a copy of the medium, which it sees read-only (the cluster, its disks and any
+    coordinator gone), mounts an incremental through its chain; tar through the mount
+    gives the data at T0."""
     base = tmp_path / "site"
     base.mkdir()
     cdir = init_cluster(base, "4MiB", "4MiB")
@@ -825,20 +833,29 @@ def test_mount_in_a_network_namespace_with_only_the_medium(tmp_path: Path) -> No
     run("cp", "-a", work, tmp_path / "t0")
     host = tmp_path / "host"
     host.mkdir()
-    run("cp", "-a", base / "medium", host / "medium")
+    run("cp", "-a", base / "medium", host / "copy")
     shutil.rmtree(base)  # the cluster directory, its disks, the original medium
     netns = os.readlink("/proc/self/ns/net")
     if shutil.which("ip"):  # what such a host has: a loopback device, down
         links = run("unshare", "--net", "--", "ip", "-o", "link").stdout.splitlines()
         assert len(links) == 1 and "state DOWN" in links[0], links
-    with mount_bg(host / "medium", host / "mnt", gen, prefix=("unshare", "--net", "--")) as m:
-        assert os.readlink(f"/proc/{m.pid}/ns/net") != netns, "not in another namespace"
-        run("tar", "-C", m.mp, "-cf", tmp_path / "out.tar", ".")
-        (tmp_path / "untarred").mkdir()
-        run("tar", "-C", tmp_path / "untarred", "-xf", tmp_path / "out.tar")
-        same_trees(tmp_path / "t0", tmp_path / "untarred", times=False)
-        diff_r(m.mp, tmp_path / "t0")
-        assert (m.mp / "data" / "later").read_text() == "written after the full\n"
+    # The host sees its medium read-only (a write-protected drive).
+    ro = host / "medium"
+    ro.mkdir()
+    run("mount", "--bind", host / "copy", ro)
+    try:
+        run("mount", "-o", "remount,ro,bind", ro)
+        assert _errno_of(lambda: (ro / "x").touch()) == errno.EROFS
+        with mount_bg(ro, host / "mnt", gen, prefix=("unshare", "--net", "--")) as m:
+            assert os.readlink(f"/proc/{m.pid}/ns/net") != netns, "not in another namespace"
+            run("tar", "-C", m.mp, "-cf", tmp_path / "out.tar", ".")
+            (tmp_path / "untarred").mkdir()
+            run("tar", "-C", tmp_path / "untarred", "-xf", tmp_path / "out.tar")
+            same_trees(tmp_path / "t0", tmp_path / "untarred", times=False)
+            diff_r(m.mp, tmp_path / "t0")
+            assert (m.mp / "data" / "later").read_text() == "written after the full\n"
+    finally:
+        run("umount", ro, check=False)
 
 
 # -- every generation --------------------------------------------------------------------------
@@ -919,6 +936,10 @@ def test_all_generations_follow_the_medium_while_mounted(tmp_path: Path) -> None
         diff_r(mp / dab, t0 / b)
         diff_r(mp / dc, t0 / c)
         assert os.readlink(mp / "latest") == dc
+
+        # Programs walking the whole view see every generation's files, no error.
+        found = run("find", mp, "-type", "f").stdout.splitlines()
+        assert len(found) == sum(len(all_files(mp / d)) for d in (dab, dc))
 
         # A prune while mounted: one generation is left (the newest, now a full).
         sdb("prune", "--medium", medium, "--keep-last", "1")
@@ -1016,3 +1037,4 @@ def test_mount_errors_exit_codes(offline: dict[str, Case], tmp_path: Path) -> No
     # umount of what is not mounted: not found (4).
     r = sdb("umount", mp, check=False)
     assert r.returncode == 4 and len(r.stderr.splitlines()) == 1, r.stderr
+
