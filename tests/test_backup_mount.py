@@ -1038,3 +1038,32 @@ def test_mount_errors_exit_codes(offline: dict[str, Case], tmp_path: Path) -> No
     r = sdb("umount", mp, check=False)
     assert r.returncode == 4 and len(r.stderr.splitlines()) == 1, r.stderr
 
+
+def test_mounted_generations_read_on_after_a_prune_removes_them(
+        offline: dict[str, Case], tmp_path: Path) -> None:
+    """A prune while generations are mounted (a user browses yesterday's backup when
+    the nightly prune runs): it merges them away and removes their directories, and
+    the mounts go on reading exactly what they showed before, files opened before the
+    prune and files first read after it, like a file deleted while open."""
+    c = offline["incremental"]
+    medium = tmp_path / "medium"
+    run("cp", "-a", c.medium, medium)
+    gens = sorted(generations(medium))
+    assert len(gens) == 4
+    middle, newest = gens[1], gens[3]
+    t0 = c.t0.parent
+    with mount_bg(medium, tmp_path / "m-middle", middle) as m1, \
+            mount_bg(medium, tmp_path / "m-newest", newest) as m2:
+        assert sorted(os.listdir(m1.mp)) == ["data"]  # looked at, nothing read yet
+        held = open(m2.mp / "data" / "big" / "b3", "rb")  # noqa: SIM115
+        try:
+            first = held.read(1000)
+            sdb("prune", "--medium", medium, "--keep-last", "1")
+            assert not (medium / "generations" / middle).exists()
+            assert not (medium / "generations" / newest).exists()
+            assert first + held.read() == (t0 / newest / "data/big/b3").read_bytes()
+        finally:
+            held.close()
+        diff_r(m1.mp, t0 / middle)
+        diff_r(m2.mp, t0 / newest)
+        assert "ERROR" not in m1.log_text() + m2.log_text()

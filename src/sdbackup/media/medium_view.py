@@ -169,7 +169,8 @@ class MediumView:
             gen = Generation(self.medium, g.manifest)
             snap = SnapshotMeta(gen.meta_file(), f"metadata snapshot of {gen.where()}")
             try:
-                g.reader = ChainReader(self.medium, g.manifest, log_medium=self.log_medium)
+                g.reader = ChainReader(self.medium, g.manifest, log_medium=self.log_medium,
+                                       snapshot=snap)
             except BaseException:
                 snap.close()
                 raise
