@@ -925,9 +925,29 @@ def test_all_generations_follow_the_medium_while_mounted(tmp_path: Path) -> None
         assert os.readlink(mp / "latest") == dc
         diff_r(mp / "latest" / "data", t0 / c / "data")
 
-        # A merge while mounted: the full and the first incremental become a synthetic
-        # full with the incremental's T0; the next incremental now reads through it.
-        ab = json.loads(sdb("merge", "--medium", medium, a, b, "--json").stdout)["generation"]
+        # A program with a file and a directory open in the full (its cached pages
+        # dropped, no readahead: every read of it reaches the mount).
+        fd = os.open(mp / da / "data" / "big" / "b1", os.O_RDONLY)
+        dfd = os.open(mp / da / "data", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            want = (t0 / a / "data" / "big" / "b1").read_bytes()
+            assert os.pread(fd, 4096, 0) == want[:4096]
+
+            # A merge while mounted: the full and the first incremental become a
+            # synthetic full with the incremental's T0; the next incremental now reads
+            # through it.
+            ab = json.loads(sdb("merge", "--medium", medium, a, b, "--json").stdout
+                            )["generation"]
+            assert da not in listing()
+            wait_for(lambda: not (mp / da).exists(), 3, "the full to disappear")
+            # What the program had open reads on, like a deleted file still open.
+            assert os.pread(fd, len(want), 0) == want
+            assert sorted(os.listdir(dfd)) == sorted(os.listdir(t0 / a / "data"))
+        finally:
+            os.close(fd)
+            os.close(dfd)
         dab = dirname(ab)
         assert dab.split("_")[0] == db.split("_")[0]
         assert listing() == {dab, dc, "latest"}
