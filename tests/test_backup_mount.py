@@ -15,10 +15,12 @@ links, with a ``sdbackup restore`` of the same generation and with the data at i
 
 Then: changes fail with EROFS and reads go on; a damaged record makes exactly the files
 that use it fail with EIO and the mount's log names the generation, disk, blocks and
-medium offset; a mount inside a network namespace of a "host" that has only a copy of
-the medium; ``--all`` with generations committed, merged and pruned while mounted; the
-foreground process (SIGTERM), ``sdbackup umount`` of a background one, and the exit
-codes of the errors.
+medium offset; a mount inside a network namespace of a "host" that has only a
+read-only copy of the medium; ``--all`` with generations committed, merged and pruned
+while mounted (and files open in a removed one reading on); mounted generations that
+a prune removes reading on; the foreground process (SIGTERM, SIGINT), ``sdbackup
+umount`` of a background one (busy while a file is open), and the exit codes of the
+errors.
 
 Every test needs /dev/fuse and pyfuse3 and fails (never skips) without them. Every
 mount is unmounted at teardown, also when the test fails; a test that leaves a mount
@@ -978,7 +980,8 @@ def test_foreground_mount_ends_on_sigterm_and_umount_ends_background(
         offline: dict[str, Case], tmp_path: Path) -> None:
     """``sdbackup mount`` in the foreground serves until SIGTERM, then unmounts and
     exits 0; a ``--background`` mount's process exits when ``sdbackup umount`` unmounts
-    it; Ctrl-C (SIGINT) ends a foreground mount as SIGTERM does."""
+    it (not while a program uses it: exit 3, the mount serves on); Ctrl-C (SIGINT)
+    ends a foreground mount as SIGTERM does."""
     c = offline["full"]
     mp = tmp_path / "mnt"
     mp.mkdir()
@@ -1009,6 +1012,12 @@ def test_foreground_mount_ends_on_sigterm_and_umount_ends_background(
         assert mounted(mp) and alive(pid)
         assert os.getsid(pid) == pid  # its own session: a closed terminal does not end it
         diff_r(mp, c.t0)
+        with open(mp / "data" / "big" / "b0", "rb") as busy:  # a program uses the mount
+            r = sdb("umount", mp, check=False)
+            assert r.returncode == 3 and "busy" in r.stderr, r.stderr
+            assert len(r.stderr.splitlines()) == 1
+            assert mounted(mp) and alive(pid)
+            assert busy.read() == (c.t0 / "data" / "big" / "b0").read_bytes()
         u = run(*SDB, "umount", mp)
         assert "unmounted" in u.stdout + u.stderr
         assert not mounted(mp)
