@@ -654,6 +654,10 @@ def test_mount_equals_restore_and_t0(name: str, request: pytest.FixtureRequest,
             run("cp", "-a", mp, copied)
             same_trees(restored, copied)
             assert "ERROR" not in m.log_text()
+        if away is not None:  # the --all view reads the moved log too
+            with mount_bg(c.medium, tmp_path / "mnt-all", "--all", "--log-medium", away) as m:
+                diff_r(m.mp / os.readlink(m.mp / "latest"), c.t0)
+                assert "ERROR" not in m.log_text()
 
 
 # -- read-only ---------------------------------------------------------------------------------
