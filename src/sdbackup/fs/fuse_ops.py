@@ -69,6 +69,7 @@ Developer notes (steps that must stay adjacent):
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -439,6 +440,8 @@ class FuseOperations(pyfuse3.Operations):
 
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         st = await self._run("statfs", 1, self.fs.statfs)
+        if self.read_only:  # a backup cannot grow: nothing is free (as on squashfs, iso9660)
+            st = dataclasses.replace(st, free=0)
         s = pyfuse3.StatvfsData()
         s.f_bsize = st.block_size
         s.f_frsize = st.block_size

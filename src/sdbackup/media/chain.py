@@ -88,10 +88,14 @@ class ChainReader:
     def __init__(self, medium: DiskMedium, manifest: Manifest, *,
                  log_medium: str | os.PathLike[str] | None = None,
                  cache_records: int = 16, chain: list[Manifest] | None = None,
-                 used: dict[int, BlockSet] | None = None) -> None:
+                 used: dict[int, BlockSet] | None = None,
+                 snapshot: SnapshotMeta | None = None) -> None:
         """``chain``: read through these generations (newest first, ``manifest``
         first) instead of its whole chain: a merge reads two. ``used``: the blocks to
-        answer for, per disk, instead of those in use at the generation's T0."""
+        answer for, per disk, instead of those in use at the generation's T0.
+        ``snapshot``: the generation's metadata snapshot, already open (a mount): the
+        blocks in use at T0 are read from it, so that nothing on the medium is opened
+        after this returns (a prune may remove the generation while it is read)."""
         if chain is None:
             chain = medium.catalog().chain(manifest) if not manifest.is_full else [manifest]
         if chain[0] is not manifest:
@@ -108,6 +112,7 @@ class ChainReader:
             raise
         self._top = self.readers[0]
         self._used = used
+        self._snapshot = snapshot
         self._owners: dict[int, _Owners] = {}
         self._lock = threading.Lock()
 
@@ -188,6 +193,8 @@ class ChainReader:
     def used_blocks(self, disk: DiskId) -> BlockSet:
         """The blocks of ``disk`` in use at the generation's T0 (its snapshot's bitmap)."""
         nblocks = self.manifest.disk_by_id(disk).nblocks
+        if self._snapshot is not None:
+            return self._snapshot.used_blocks(disk, nblocks)
         with SnapshotMeta(self.gen.meta_file(), f"metadata snapshot of {self.gen.where()}"
                           ) as snap:
             return snap.used_blocks(disk, nblocks)

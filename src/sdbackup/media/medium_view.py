@@ -9,6 +9,10 @@ merges and prunes made while it is mounted appear and disappear without a remoun
 
 Each generation is opened when first used (its T0 snapshot and its chain's block
 source, c.2) and kept open while used; at most :data:`MAX_OPEN` stay open when idle.
+A generation that a merge or prune removes while it is open leaves the root at once,
+but what was found in it (files a program has open, a shell's working directory)
+reads on from the files it holds open, as a deleted file that is still open does,
+until it is the least recently used of more than :data:`MAX_OPEN`.
 Inode numbers and disk ids are those of the generation, tagged with the generation's
 *slot* (a number given to each generation id the first time the view sees it, never
 reused while mounted): inode ``slot << 40 | ino``, disk ``slot << 16 | disk``. So
@@ -85,6 +89,7 @@ class MediumView:
         self._lock = threading.Lock()
         self._slots: dict[str, int] = {}
         self._gens: dict[int, _Gen] = {}  # current generations by slot
+        self._gone: dict[int, _Gen] = {}  # removed from the medium while open
         self._open: OrderedDict[int, None] = OrderedDict()  # opened, least recent first
         self._scanned = 0.0
         self._manifests: dict[str, Manifest] = {}
@@ -125,6 +130,9 @@ class MediumView:
             for slot, g in list(self._gens.items()):
                 if g.manifest.id not in current:
                     del self._gens[slot]
+                    if g.reader is not None:  # files may be open in it: reads go on
+                        self._gone[slot] = g
+                        continue
                     self._open.pop(slot, None)
                     if g.users == 0:
                         g.close()
@@ -144,7 +152,7 @@ class MediumView:
     def _use(self, slot: int) -> Iterator[_Gen]:
         """Generation ``slot``, opened, held open while the block runs."""
         with self._lock:
-            g = self._gens.get(slot)
+            g = self._gens.get(slot) or self._gone.get(slot)
             if g is None:
                 raise FsError(errno.ENOENT, "the generation is no longer on the medium")
             g.users += 1
@@ -159,7 +167,7 @@ class MediumView:
         finally:
             with self._lock:
                 g.users -= 1
-                if g.users == 0 and g.slot not in self._gens:
+                if g.users == 0 and g.slot not in self._gens and g.slot not in self._gone:
                     g.close()  # removed from the medium while in use
 
     def _open_gen(self, g: _Gen) -> None:
@@ -169,19 +177,21 @@ class MediumView:
             gen = Generation(self.medium, g.manifest)
             snap = SnapshotMeta(gen.meta_file(), f"metadata snapshot of {gen.where()}")
             try:
-                g.reader = ChainReader(self.medium, g.manifest, log_medium=self.log_medium)
+                g.reader = ChainReader(self.medium, g.manifest, log_medium=self.log_medium,
+                                       snapshot=snap)
             except BaseException:
                 snap.close()
                 raise
             g.snap = snap
 
     def _evict(self) -> None:
-        idle = [s for s in self._open if self._gens.get(s) is not None
-                and self._gens[s].users == 0]
+        idle = [s for s in self._open if (g := self._gens.get(s) or self._gone.get(s))
+                is not None and g.users == 0]
         while len(self._open) > self.max_open and idle:
             s = idle.pop(0)
             self._open.pop(s, None)
-            self._gens[s].close()
+            g = self._gens.get(s) or self._gone.pop(s)  # a removed one for good
+            g.close()
 
     def _by_name(self, name: bytes) -> _Gen:
         for force in (False, True):  # a name not seen yet: maybe a new generation
@@ -199,8 +209,9 @@ class MediumView:
 
     def close(self) -> None:
         with self._lock:
-            gens = list(self._gens.values())
+            gens = [*self._gens.values(), *self._gone.values()]
             self._gens.clear()
+            self._gone.clear()
             self._open.clear()
         for g in gens:
             g.close()
@@ -222,7 +233,7 @@ class MediumView:
         slot, real = _split(ino)
         if real == ROOT_INODE:  # a generation's directory
             with self._lock:
-                g = self._gens.get(slot)
+                g = self._gens.get(slot) or self._gone.get(slot)
             if g is None:
                 raise FsError(errno.ENOENT, "the generation is no longer on the medium")
             return _dir_attr(ino, g.manifest.t0_wall_ns)

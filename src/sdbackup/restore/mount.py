@@ -52,7 +52,7 @@ def open_generation(medium_path: str | os.PathLike[str], gen: str | None, *,
     g = Generation(med, m)
     snap = SnapshotMeta(g.meta_file(), f"metadata snapshot of {g.where()}")
     try:
-        reader = ChainReader(med, m, log_medium=log_medium)
+        reader = ChainReader(med, m, log_medium=log_medium, snapshot=snap)
     except BaseException:
         snap.close()
         raise
