@@ -570,6 +570,37 @@ def part_chain(args: argparse.Namespace, work: Path, data: Path, shared: Path,
             log(f"  restore of generation {g}: {dt:.2f} s")
     ch["restore_seconds"] = {str(g): v for g, v in runs.items()}
     ch["chain_bytes"] = du(medium)
+    # The block seam alone, in this process: every block in use at the generation's T0
+    # (the file's) through ChainReader.readinto, 8 MiB at a time.
+    reads: dict[int, list[float]] = {1: [], args.chain: []}
+    for k in range(args.restore_runs):
+        for g in (order if k % 2 == 0 else order[::-1]):
+            runner.cold()
+            dt, nbytes = chain_read(medium, gens[g - 1])
+            reads[g].append(dt)
+            log(f"  ChainReader read of generation {g}: {dt:.2f} s "
+                f"({nbytes / MiB / dt:,.0f} MiB/s)")
+    ch["chainreader_seconds"] = {str(g): v for g, v in reads.items()}
+    ch["chainreader_bytes"] = nbytes
+
+
+def chain_read(medium: Path, gen: str) -> tuple[float, int]:
+    """Seconds to read every block in use at ``gen``'s T0 of disk d0 through
+    :class:`ChainReader` (opening it and building its lookup included), and the bytes."""
+    from sdbackup.media.chain import ChainReader
+
+    t0 = time.perf_counter()
+    total = 0
+    with ChainReader.open(medium, gen) as r:
+        did = r.disk_id("d0")
+        used = r.used_blocks(did)
+        per = (8 * MiB) // r.block_size
+        buf = bytearray(8 * MiB)
+        mv = memoryview(buf)
+        for s, c in used.coalesced_runs(0, per):
+            r.readinto(did, s, mv[: c * r.block_size])
+            total += c * r.block_size
+    return time.perf_counter() - t0, total
 
 
 # -- report --------------------------------------------------------------------------------
@@ -615,6 +646,10 @@ def summarize(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         out["chain"] = {"gen1": runs_summary(r1), "genN": runs_summary(rn),
                         "incremental_seconds": median([x["seconds"]
                                                        for x in c["incrementals"]])}
+        if "chainreader_seconds" in c:
+            out["chain"]["reader_gen1"] = runs_summary(c["chainreader_seconds"]["1"])
+            out["chain"]["reader_genN"] = runs_summary(
+                c["chainreader_seconds"][str(args.chain)])
     return out
 
 
@@ -654,7 +689,27 @@ def targets(summ: dict[str, Any], args: argparse.Namespace) -> list[dict[str, An
         gn = summ["chain"]["genN"]["median"]
         t.append({"target": f"generation {args.chain} reads within 1.2 x of generation 1",
                   "value": f"{gn / g1:.2f}x ({gn:.2f} s / {g1:.2f} s)", "met": gn / g1 <= 1.2})
+        if "reader_gen1" in summ["chain"]:
+            g1 = summ["chain"]["reader_gen1"]["median"]
+            gn = summ["chain"]["reader_genN"]["median"]
+            t.append({"target": "  (the same, ChainReader alone, in process)",
+                      "value": f"{gn / g1:.2f}x ({gn:.2f} s / {g1:.2f} s)",
+                      "met": gn / g1 <= 1.2})
     return t
+
+
+COMMANDS = (
+    ("change", "modify_dataset.py DATASET --seed S --blocks N, and the same writes "
+               "through open_cluster(CLUSTER).fs"),
+    ("full", "S backup CLUSTER --medium M --compress {compress} --json -q"),
+    ("incr", "S backup CLUSTER --medium M --incremental --compress {compress} --json -q"),
+    ("restic", "restic backup -q -r REPO DATASET  (next snapshot, same repo)"),
+    ("borg", "borg create --compression zstd,1 REPO::bN DATASET  (next archive)"),
+    ("merge", "S merge --medium M FULL INCR_1% --json -q"),
+    ("restore (chain)", "S restore --medium M GEN /one.bin --to DIR -q  (GEN 1, {chain})"),
+    ("ChainReader (chain)", "ChainReader.open(M, GEN).readinto(d0, ...), 8 MiB at a time, "
+                            "every block in use at T0"),
+)
 
 
 def report(res: dict[str, Any], args: argparse.Namespace, file: Any) -> None:
@@ -691,12 +746,29 @@ def report(res: dict[str, Any], args: argparse.Namespace, file: Any) -> None:
                     row += [lv[peer]["seconds"], lv[peer]["seconds"] / s["seconds"],
                             lv[peer]["added"] / MiB]
                 else:
-                    row += ["", "", ""]
+                    row += ["n/a", "n/a", "n/a"]
             rows.append(row)
         p("\n" + format_table(
             ["change", "changed MiB", "incr s", "engine s", "incr/full", "copied MiB",
              "stored MiB", "meta MiB", "restic s", "restic/incr", "restic +MiB", "borg s",
              "borg/incr", "borg +MiB"], rows))
+        missing = [peer for peer in ("restic", "borg") if peer not in res.get("peer_versions",
+                                                                              {})]
+        if missing:
+            p(f"n/a: {' and '.join(missing)} not run ("
+              + ("--no-peers" if args.no_peers else "not installed") + ")")
+        if args.rounds > 1:
+            p("every run (seconds, round by round):")
+            for name, *_ in LEVELS:
+                lv = summ.get(name)
+                if lv is None:
+                    continue
+                parts = [f"incremental {', '.join(f'{x:.2f}' for x in lv['sdbackup_runs'])}"]
+                parts += [f"{peer} {', '.join(f'{x:.2f}' for x in lv[peer]['runs'])}"
+                          for peer in ("restic", "borg") if peer in lv]
+                if "merge" in lv:
+                    parts.append(f"merge {', '.join(f'{x:.2f}' for x in lv['merge']['runs'])}")
+                p(f"  {name}: " + "; ".join(parts))
         lv = summ.get(TARGET_LEVEL, {})
         if "merge" in lv:
             m = lv["merge"]
@@ -711,11 +783,21 @@ def report(res: dict[str, Any], args: argparse.Namespace, file: Any) -> None:
           f"({args.chain_blocks} blocks rewritten before each incremental, "
           f"{ch['rewritten_blocks']} distinct); incremental {c['incremental_seconds']:.2f} s "
           "(median)")
-        p(format_table(["restore of the file", "median s", "runs"],
-                       [["generation 1 (full)", c["gen1"]["median"],
-                         ", ".join(f"{x:.2f}" for x in c["gen1"]["runs"])],
-                        [f"generation {args.chain}", c["genN"]["median"],
-                         ", ".join(f"{x:.2f}" for x in c["genN"]["runs"])]]))
+        fb = ch["file_bytes"]
+        rows = [["restore of the file, generation 1 (full)", c["gen1"]],
+                [f"restore of the file, generation {args.chain}", c["genN"]]]
+        if "reader_gen1" in c:
+            fb_r = ch["chainreader_bytes"]
+            rows += [["ChainReader, generation 1 (full)", c["reader_gen1"]],
+                     [f"ChainReader, generation {args.chain}", c["reader_genN"]]]
+        p(format_table(["read", "median s", "MiB/s", "runs"],
+                       [[name, x["median"],
+                         (fb if name.startswith("restore") else fb_r) / MiB / x["median"],
+                         ", ".join(f"{v:.2f}" for v in x["runs"])] for name, x in rows]))
+    p("\ncommands (S = python -m sdbackup.cli.main, this checkout's src; page cache "
+      "dropped before each):")
+    for what, cmd in COMMANDS:
+        p(f"  {what:<22} {cmd.format(compress=args.compress, chain=args.chain)}")
     p("")
     for t in res["targets"]:
         p(f"  [{'ok' if t['met'] else 'MISSED'}] {t['target']}: {t['value']}")
@@ -790,7 +872,17 @@ def main() -> None:
                     help="JSON on stdout (the table goes to stderr); with FILE, the table "
                          "on stdout and the JSON in FILE")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--report", type=Path, metavar="FILE",
+                    help="run nothing: print the table of an earlier run's --json FILE")
     args = ap.parse_args()
+    if args.report is not None:
+        res = json.loads(args.report.read_text())
+        old = argparse.Namespace(**{**res["config"], "report": args.report})
+        res["summary"] = summarize(res, old)
+        res["targets"] = targets(res["summary"], old)
+        report(res, old, sys.stdout)
+        print(f"\ntotal {res['total_s']:.0f} s")
+        return
 
     if args.quick:
         args.scale = args.scale or 0.05
