@@ -807,27 +807,47 @@ def report(res: dict[str, Any], args: argparse.Namespace, file: Any) -> None:
 
 
 # -- profiles ------------------------------------------------------------------------------
-def summarize_profile(path: Path, top: int = 14) -> str:
-    """A raw py-spy file as the functions holding the most samples (inclusive), and
-    the innermost frames (exclusive)."""
+def summarize_profile(path: Path, top: int = 12) -> str:
+    """A raw py-spy file (``--idle``: waiting counts too) as where the time goes, thread
+    by thread: the main thread's samples by their innermost three frames of interest
+    (``sdbackup`` code, and the call it waits in); the other threads' the same way, a
+    pool worker waiting for work counted apart as idle. Import time is one line."""
     total = 0
-    incl: collections.Counter[str] = collections.Counter()
-    leaf: collections.Counter[str] = collections.Counter()
+    main_t: collections.Counter[str] = collections.Counter()
+    other: collections.Counter[str] = collections.Counter()
+    idle = 0
     for line in path.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         if not stack or not n.isdigit():
             continue
         k = int(n)
         total += k
-        frames = [f for f in stack.split(";") if "<frozen importlib" not in f]
-        for f in set(frames):
-            incl[f] += k
-        leaf[frames[-1] if frames else "(import machinery)"] += k
-    lines = [f"{path.name}: {total} samples"]
-    lines += [f"  {100 * v / max(total, 1):5.1f}%  {k}" for k, v in incl.most_common(top)]
-    lines.append("  innermost:")
-    lines += [f"  {100 * v / max(total, 1):5.1f}%  {k}" for k, v in leaf.most_common(8)]
-    return "\n".join(lines)
+        frames = stack.split(";")
+        is_main = frames[0].startswith("_run_module_as_main")
+        if any("importlib._bootstrap" in f for f in frames):
+            (main_t if is_main else other)["(importing modules)"] += k
+            continue
+        if not is_main and frames[-1].startswith("_worker (concurrent/futures/thread.py"):
+            idle += k  # a pool thread waiting for work
+            continue
+        names = [f.split(" (")[0] for f in frames]
+        ours = [i for i, f in enumerate(frames) if "sdbackup/" in f]
+        if ours:
+            last = ours[-1]
+            key = names[max(0, last - 2): last + 1]
+            if last + 1 < len(names):
+                key.append(names[-1])  # what our innermost frame is in: the wait, the C call
+        else:
+            key = names[-2:]
+        (main_t if is_main else other)[" > ".join(key)] += k
+    out = [f"{path.name}: {total} samples (rate 500/s, idle included); main thread "
+           f"{sum(main_t.values())}, other threads {sum(other.values())} busy or waiting "
+           f"on I/O + {idle} idle in a pool"]
+    for title, c in (("main thread", main_t), ("other threads", other)):
+        out.append(f"  {title}:")
+        n = max(sum(c.values()), 1)
+        out += [f"    {100 * v / n:5.1f}%  {k}" for k, v in c.most_common(top)]
+    return "\n".join(out)
 
 
 # -- main ----------------------------------------------------------------------------------
