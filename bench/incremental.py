@@ -28,6 +28,8 @@ borg:
    system. Then ``sdbackup restore --medium M GEN /one.bin --to DIR`` of generation 1
    (the full) and of generation ``--chain`` (read through the whole chain), alternating,
    page cache dropped before each; the restored files are checked against the cluster.
+   Then the block seam alone, in this process: every block in use at each of the two
+   generations' T0 through ``ChainReader.readinto`` (8 MiB at a time), alternating too.
 
 Every sdbackup figure is the whole command (``python -m sdbackup.cli.main ...``, the
 code of this checkout, with bytecode caches as an installed package has them), timed
