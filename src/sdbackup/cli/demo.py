@@ -520,7 +520,8 @@ def _mount_step(base: Path) -> None:
     _step(f"mount the newest generation ({m.kind}) read-only, no restore step "
           f"(sdbackup mount --medium {medium} {m.id[:15]} {mp} --background)")
     r = subprocess.run([sys.executable, "-m", "sdbackup", "mount", "--medium", str(medium),
-                        m.id, str(mp), "--background"], capture_output=True, text=True,
+                        m.id, str(mp), "--background", "--log-file",
+                        str(base / "mount.log")], capture_output=True, text=True,
                        timeout=120, check=False)
     if r.returncode != 0:
         raise SdbError(f"demo: sdbackup mount failed: {r.stderr.strip()}", 1)
