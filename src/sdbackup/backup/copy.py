@@ -9,7 +9,10 @@ Reading, checksumming/compressing and writing overlap:
 * the **calling thread** cuts every batch into records holding only used blocks (the
   gap blocks that were read through are not stored), at most ``record_bytes`` each,
   and hands them to :class:`~sdbackup.media.record_writer.RecordWriter`, whose thread
-  pool compresses and checksums them while earlier records are written in order.
+  pool compresses and checksums them while earlier records are written in order. The
+  records are read-only views of the ring buffer, not copies: a buffer goes back to
+  the reader only once every record cut from it is written (the last one's future is
+  done: records complete in order).
 
 Python work is per batch and per record, never per block.
 """
@@ -36,7 +39,7 @@ MiB = 1 << 20
 BATCH_BYTES = 8 * MiB
 RECORD_BYTES = 1 * MiB
 GAP_BYTES = 128 << 10
-BUFFERS = 4
+BUFFERS = 6
 
 
 @dataclass
@@ -114,18 +117,37 @@ class Copier:
         t = threading.Thread(target=reader, name="sdb-copy-reader", daemon=True)
         t.start()
         pending: collections.deque[Future[RecordLocation]] = collections.deque()
+        # Buffers whose records are not all written yet: (buffer, its last record).
+        lent: collections.deque[tuple[int, Future[RecordLocation] | None]] = \
+            collections.deque()
+
+        def give_back(wait: bool) -> None:
+            while lent and (wait or lent[0][1] is None or lent[0][1].done()):
+                bi, last = lent.popleft()
+                if last is not None:
+                    last.exception()  # waits; a failed write is raised from pending below
+                free.put(bi)
+                wait = False
+
         runs = {d: b.runs_array() for d, b in plan.items()}
         try:
             while True:
+                give_back(wait=False)
+                if len(lent) == self.nbuffers:
+                    # The reader needs a buffer to go on: write out what is queued (the
+                    # writer writes finished records only when handed more) and wait.
+                    self.writer.flush()
+                    give_back(wait=True)
                 item = full.get()
                 if item is None:
                     break
                 if isinstance(item, BaseException):
                     raise item
                 disk_id, bstart, bcount, bi = item
-                used = self._write_batch(disk_id, bstart, bcount, views[bi], runs[disk_id],
-                                         result, pending)
-                free.put(bi)
+                before = len(pending)
+                used = self._write_batch(disk_id, bstart, bcount, views[bi].toreadonly(),
+                                         runs[disk_id], result, pending)
+                lent.append((bi, pending[-1] if len(pending) > before else None))
                 while pending and pending[0].done():
                     result.offset.append(pending.popleft().result().offset)
                 result.read_bytes += bcount * bs

@@ -358,8 +358,6 @@ class RecordWriter:
                 self._seq += 1
                 self._write_out(built, fut)
                 return fut
-            if isinstance(data, bytearray) or (isinstance(data, memoryview) and not data.readonly):
-                data = bytes(data)  # the caller may reuse its buffer once we return
             job: Future[tuple[bytes, Buffer]]
             if raw_len <= INLINE_BYTES:
                 # A small record (an incremental's scattered blocks): encoding it here
@@ -369,6 +367,13 @@ class RecordWriter:
                 job.set_result(encode_record(seq, kind, disk_id, start_block, count,
                                              logical_time, data, True, self._level))
             else:
+                if isinstance(data, bytearray) or (isinstance(data, memoryview)
+                                                   and not data.readonly):
+                    # The caller may reuse a writable buffer once we return: copy it.
+                    # A read-only view is the caller's promise to keep the bytes as
+                    # they are until this record's future is done (the copier's ring
+                    # buffers do), so it goes to the pool as it is: no extra copy.
+                    data = bytes(data)
                 job = self._pool.submit(
                     encode_record,
                     seq,
