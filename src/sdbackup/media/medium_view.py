@@ -87,6 +87,7 @@ class MediumView:
         self.log_medium = log_medium
         self.max_open = max_open
         self._lock = threading.Lock()
+        self._scan_lock = threading.Lock()
         self._slots: dict[str, int] = {}
         self._gens: dict[int, _Gen] = {}  # current generations by slot
         self._gone: dict[int, _Gen] = {}  # removed from the medium while open
@@ -106,6 +107,10 @@ class MediumView:
         now = time.monotonic()
         if not force and now - self._scanned < RESCAN_SECONDS:
             return
+        with self._scan_lock:  # FUSE workers call this concurrently: one scan at a time
+            self._rescan(now)
+
+    def _rescan(self, now: float) -> None:
         gdir = self.medium.generations_dir
         try:
             names = [n for n in os.listdir(gdir) if GEN_ID_RE.match(n)]
