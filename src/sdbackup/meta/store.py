@@ -170,6 +170,10 @@ class MetaStore:
             raise damaged_store(self.path, e) from None
         self.lock = threading.RLock()
         self._depth = 0
+        # Group fsync (see sync): one fsync at a time; ``_synced`` is the connection's
+        # change count that the last finished fsync covered.
+        self._sync_mu = threading.Lock()
+        self._synced = -1
         self._before_commit: Callable[[], None] | None = None
         self._group_open = False
         self._group_ops = 0
@@ -302,15 +306,36 @@ class MetaStore:
 
         Not under ``self.lock``: an fsync takes milliseconds, and every metadata call of
         every node would queue behind it; fsync covers whatever was committed before
-        it started, which is all a caller needs. An open group is committed first."""
-        self.commit_group()
-        wal = Path(str(self.path) + "-wal")
-        target = wal if wal.exists() else self.path
-        fd = os.open(target, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        it started, which is all a caller needs. An open group is committed first.
+
+        Group fsync: callers that arrive while an fsync runs wait for it, and the first
+        of them then starts one fsync for all of them; a caller whose changes an fsync
+        that *started* after them already covered returns at once. Changes are counted
+        with SQLite's ``total_changes``, read under the lock with no transaction open,
+        so every change counted is committed (autocommitted statements included)."""
+        mark = self._committed_mark()
+        with self._sync_mu:
+            if mark is not None and self._synced >= mark:
+                return  # an fsync that started after our commit has finished
+            start = self._committed_mark()
+            wal = Path(str(self.path) + "-wal")
+            target = wal if wal.exists() else self.path
+            fd = os.open(target, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if start is not None:
+                self._synced = max(self._synced, start)
+
+    def _committed_mark(self) -> int | None:
+        """The number of changes committed so far (after committing an open group), or
+        None inside a transaction of the calling thread (changes not committed yet)."""
+        with self.lock:
+            if self._depth:
+                return None
+            self.commit_group()
+            return int(self.db.total_changes)
 
     def snapshot_to(self, dest: str | os.PathLike[str]) -> None:
         """Copy one consistent snapshot of the store to ``dest`` (SQLite backup API).
