@@ -243,11 +243,12 @@ def flush(cluster_dir: Path, timeout: float) -> None:
 @click.option("--timeout", default=60.0, show_default=True,
               help="Seconds to wait for the node agent to write its cache back and exit.")
 def umount(mountpoint: Path, lazy: bool, timeout: float) -> None:
-    """Unmount a node's FUSE mount point; also clears the dead mount of a crashed node.
+    """Unmount a node's or a backup's FUSE mount point; also clears a dead mount.
 
-    A live node agent writes its cache back and exits once its mount is gone; this
-    command waits for that (up to --timeout). A mount whose agent died (accesses fail
-    with 'Transport endpoint is not connected') is detached lazily.
+    A live node agent writes its cache back and exits once its mount is gone, and a
+    'sdbackup mount' process exits; this command waits for that (up to --timeout). A
+    mount whose agent died (accesses fail with 'Transport endpoint is not connected') is
+    detached lazily.
     """
     from sdbackup.fs import fuse_mount
 
