@@ -75,6 +75,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -100,6 +101,8 @@ ATTR_TIMEOUT = 1.0
 # generation of a medium adds and removes directories there.
 STATIC_TIMEOUT = 24 * 3600.0
 ROOT_ENTRY_TIMEOUT = 1.0
+# The same error is logged at most once in this many seconds (see _log_error).
+ERROR_REPEAT_SECONDS = 10.0
 # st_blksize: programs (cp, stdio, dd without bs=) size their I/O by it; one segment
 # per request is what the node's cache and the coordinator's rights are made of.
 IO_BLOCK = 1 << 20
@@ -232,6 +235,7 @@ class FuseOperations(pyfuse3.Operations):
         self._append_locks = [threading.Lock() for _ in range(64)]
         self.notifier: KernelNotifier | None = None
         self.stats = {"errors": 0}
+        self._logged: dict[str, tuple[float, int]] = {}  # error text -> (logged at, skipped)
 
     @property
     def wfs(self) -> FileSystem:
@@ -290,7 +294,7 @@ class FuseOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         except SdbError as e:
             self.stats["errors"] += 1
-            log.error("%s of inode %d failed: %s", what, ino, e)
+            self._log_error(f"{what} of inode {ino} failed: {e}")
             raise pyfuse3.FUSEError(errno.EIO) from None
         except OSError as e:  # a disk's I/O error
             self.stats["errors"] += 1
@@ -300,6 +304,21 @@ class FuseOperations(pyfuse3.Operations):
             self.stats["errors"] += 1
             log.exception("%s of inode %d failed (a bug)", what, ino)
             raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _log_error(self, text: str) -> None:
+        """Log an error once per :data:`ERROR_REPEAT_SECONDS` per text: the kernel
+        retries a failed read several times (readahead, then the read itself), and a
+        damaged record would otherwise fill the log with the same line."""
+        now = time.monotonic()
+        with self._mu:
+            last, skipped = self._logged.get(text, (-ERROR_REPEAT_SECONDS, 0))
+            if now - last < ERROR_REPEAT_SECONDS:
+                self._logged[text] = (last, skipped + 1)
+                return
+            if len(self._logged) > 1000:
+                self._logged.clear()
+            self._logged[text] = (now, 0)
+        log.error("%s%s", text, f" (and {skipped} more times)" if skipped else "")
 
     def _e(self, attr: Attr, parent: int = 0) -> pyfuse3.EntryAttributes:
         if not self.read_only:
