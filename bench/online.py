@@ -404,7 +404,7 @@ class Env:
         args = {"medium": str(medium), "compression": self.args.compress_name,
                 "level": self.args.compress_level, "log_mode": mode,
                 "log_medium": str(lm) if mode == "separate" else None, "overlay": False,
-                "pre_freeze": None, "post_thaw": None}
+                "pre_freeze": None, "post_thaw": None, "bwlimit": self.args.bwlimit_bytes}
         with coordinator_client(self.cdir) as c:
             t = time.monotonic()
             s, _ = c.call("backup", args, timeout=None)
@@ -797,6 +797,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=1.5,
                     help="seconds the writers run before a window opens")
     ap.add_argument("--compress", default="none", help="backup compression (none, zstd:N)")
+    ap.add_argument("--bwlimit", default="0",
+                    help="the backup's --bwlimit (e.g. 100MiB; 0: none)")
     ap.add_argument("--medium-dir", type=Path, metavar="DIR",
                     help="put the backup and log media here (default: next to the disks, "
                          "i.e. on the same file system); e.g. /dev/shm stands for a "
@@ -837,6 +839,7 @@ def main() -> None:
         setattr(args, k, parse_size(getattr(args, k)))
     args.compress_name, args.compress_level = parse_compression(args.compress)
     args.compress_level = args.compress_level or 1
+    args.bwlimit_bytes = parse_size(args.bwlimit)
     args.mode_list = tuple(m for m in args.modes.split(",") if m)
     if not set(args.mode_list) <= set(MODES):
         raise SystemExit(f"--modes: choose among {', '.join(MODES)}")

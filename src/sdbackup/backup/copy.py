@@ -23,6 +23,7 @@ import collections
 import mmap
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -74,6 +75,7 @@ class Copier:
         buffers: int = BUFFERS,
         progress: Callable[[int], None] | None = None,
         after_batch: Callable[[int], None] | None = None,
+        bwlimit: int = 0,
     ) -> None:
         self.disks = disks
         self.bs = block_size
@@ -84,6 +86,7 @@ class Copier:
         self.nbuffers = max(2, buffers)
         self.progress = progress
         self.after_batch = after_batch
+        self.bwlimit = bwlimit  # bytes read per second at most (0: as fast as it goes)
 
     def copy(self, plan: Mapping[int, BlockSet]) -> CopyResult:
         bs = self.bs
@@ -98,6 +101,8 @@ class Copier:
         result = CopyResult()
 
         def reader() -> None:
+            started = time.monotonic()
+            done = 0
             try:
                 for disk_id, blocks in plan.items():
                     if not blocks:
@@ -110,6 +115,13 @@ class Copier:
                             return
                         self.disks.readinto(did, start, views[bi][: count * bs])
                         full.put((disk_id, start, count, bi))
+                        done += count * bs
+                        if self.bwlimit:
+                            # --bwlimit: never ahead of the allowed rate; the disks'
+                            # other users (writers during an online backup) get the rest.
+                            ahead = done / self.bwlimit - (time.monotonic() - started)
+                            if ahead > 0:
+                                stop.wait(ahead)
                 full.put(None)
             except BaseException as e:  # handed to the copying thread
                 full.put(e)

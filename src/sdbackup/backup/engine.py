@@ -107,6 +107,7 @@ class BackupOptions:
     batch_bytes: int = BATCH_BYTES
     record_bytes: int = RECORD_BYTES
     gap_bytes: int = GAP_BYTES
+    bwlimit: int = 0  # the copy reads at most this many bytes per second (0: no limit)
     # Incrementals (issue 12): copy only the blocks changed since the newest generation
     # of the chain (or since a mark); with no usable parent, fail, or take a full.
     incremental: bool = False
@@ -449,7 +450,8 @@ def _copy(source: BackupSource, disks: dict[int, BlockSet], path: Path,
 
         copier = Copier(source.disks, source.config.block_size, writer,
                         batch_bytes=opts.batch_bytes, record_bytes=opts.record_bytes,
-                        gap_bytes=opts.gap_bytes, progress=progress, after_batch=after_batch)
+                        gap_bytes=opts.gap_bytes, progress=progress, after_batch=after_batch,
+                        bwlimit=opts.bwlimit)
         copied = copier.copy(disks)
         size = writer.close()  # END record, fsync
     except BaseException:

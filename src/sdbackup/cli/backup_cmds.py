@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sdbackup.cli.progress import ByteProgress
-from sdbackup.errors import EXIT_CHECK_FAILED, EXIT_CORRUPT, CorruptError, UsageError
+from sdbackup.errors import EXIT_CHECK_FAILED, EXIT_CORRUPT, CorruptError, SdbError, UsageError
 
 if TYPE_CHECKING:
     from sdbackup.backup.plan import Plan
@@ -105,12 +105,17 @@ def _progress(label: str, quiet: bool) -> Iterator[_LazyProgress]:
 @click.option("--pre-freeze", metavar="CMD",
               help="Shell command run right before the freeze; if it fails, no backup.")
 @click.option("--post-thaw", metavar="CMD", help="Shell command run right after the thaw.")
+@click.option("--bwlimit", metavar="RATE", default="0",
+              help="Read the disks at most this fast (e.g. 100MiB, per second; 0: no "
+                   "limit): an online backup then leaves the rest of the disks' bandwidth "
+                   "to the applications, and takes longer.")
 @JSON
 @QUIET
 def backup(cluster_dir: Path, medium: Path, full: bool, incremental: bool,
            full_if_needed: bool, compress: str, wait: float,
            log_mode: str | None, log_medium: Path | None, overlay: bool,
-           pre_freeze: str | None, post_thaw: str | None, as_json: bool, quiet: bool) -> None:
+           pre_freeze: str | None, post_thaw: str | None, bwlimit: str, as_json: bool,
+           quiet: bool) -> None:
     """Back up the cluster's disks to a new generation on the medium DIR.
 
     Copies the blocks in use at one instant T0 (from the allocation bitmap), in large
@@ -129,6 +134,12 @@ def backup(cluster_dir: Path, medium: Path, full: bool, incremental: bool,
     from sdbackup.cluster.local import open_cluster
 
     comp, level = parse_compression(compress)
+    from sdbackup.cluster.config import parse_size
+
+    try:
+        limit = parse_size(bwlimit)
+    except (ValueError, SdbError) as e:
+        raise UsageError(f"--bwlimit {bwlimit!r}: {e}") from None
     if full and incremental:
         raise UsageError("--full and --incremental exclude each other")
     if full_if_needed and not incremental:
@@ -147,7 +158,8 @@ def backup(cluster_dir: Path, medium: Path, full: bool, incremental: bool,
     opts = BackupOptions(compression=comp, level=level or 1, log_mode=log_mode,
                          log_medium=log_medium.absolute() if log_medium else None,
                          overlay=overlay, pre_freeze=pre_freeze, post_thaw=post_thaw,
-                         incremental=incremental, full_if_needed=full_if_needed)
+                         incremental=incremental, full_if_needed=full_if_needed,
+                         bwlimit=limit)
     rc = try_coordinator_client(cluster_dir)
     if rc is not None:
         with rc:
@@ -155,7 +167,7 @@ def backup(cluster_dir: Path, medium: Path, full: bool, incremental: bool,
 
             request = msg.Backup(str(medium.absolute()), comp, opts.level, log_mode,
                                  str(opts.log_medium) if opts.log_medium else None, overlay,
-                                 pre_freeze, post_thaw, incremental, full_if_needed)
+                                 pre_freeze, post_thaw, incremental, full_if_needed, limit)
             s = msg.call(rc, request, timeout=None)[0]
         _print_backup(s, medium, as_json)
         return

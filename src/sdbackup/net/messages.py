@@ -600,6 +600,7 @@ class Backup(Request, method="backup"):
     post_thaw: Annotated[str | None, Opt(Text())] = None
     incremental: Flag = False
     full_if_needed: Flag = False
+    bwlimit: Annotated[int, Int(0, I64_MAX)] = 0
 
 
 class UsedRuns(Request, method="used_runs"):
