@@ -404,7 +404,8 @@ class Env:
         args = {"medium": str(medium), "compression": self.args.compress_name,
                 "level": self.args.compress_level, "log_mode": mode,
                 "log_medium": str(lm) if mode == "separate" else None, "overlay": False,
-                "pre_freeze": None, "post_thaw": None, "bwlimit": self.args.bwlimit_bytes}
+                "pre_freeze": None, "post_thaw": None, "bwlimit": self.args.bwlimit_bytes,
+                "pace": self.args.pace}
         with coordinator_client(self.cdir) as c:
             t = time.monotonic()
             s, _ = c.call("backup", args, timeout=None)
@@ -799,6 +800,8 @@ def main() -> None:
     ap.add_argument("--compress", default="none", help="backup compression (none, zstd:N)")
     ap.add_argument("--bwlimit", default="0",
                     help="the backup's --bwlimit (e.g. 100MiB; 0: none)")
+    ap.add_argument("--pace", default="off", choices=["off", "adaptive"],
+                    help="the backup's --pace")
     ap.add_argument("--medium-dir", type=Path, metavar="DIR",
                     help="put the backup and log media here (default: next to the disks, "
                          "i.e. on the same file system); e.g. /dev/shm stands for a "

@@ -76,6 +76,7 @@ class Copier:
         progress: Callable[[int], None] | None = None,
         after_batch: Callable[[int], None] | None = None,
         bwlimit: int = 0,
+        pace: Callable[[float], float] | None = None,
     ) -> None:
         self.disks = disks
         self.bs = block_size
@@ -87,6 +88,8 @@ class Copier:
         self.progress = progress
         self.after_batch = after_batch
         self.bwlimit = bwlimit  # bytes read per second at most (0: as fast as it goes)
+        # Adaptive pacing: given how long a batch took to read, how long to rest.
+        self.pace = pace
 
     def copy(self, plan: Mapping[int, BlockSet]) -> CopyResult:
         bs = self.bs
@@ -113,9 +116,15 @@ class Copier:
                         bi = free.get()
                         if stop.is_set():
                             return
+                        t_read = time.monotonic()
                         self.disks.readinto(did, start, views[bi][: count * bs])
+                        t_read = time.monotonic() - t_read
                         full.put((disk_id, start, count, bi))
                         done += count * bs
+                        if self.pace is not None:
+                            rest = self.pace(t_read)
+                            if rest > 0:
+                                stop.wait(rest)
                         if self.bwlimit:
                             # --bwlimit: never ahead of the allowed rate; the disks'
                             # other users (writers during an online backup) get the rest.

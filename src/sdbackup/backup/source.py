@@ -76,3 +76,7 @@ class BackupSource(Protocol):
 
     @property
     def tracker(self) -> ChangeTracker: ...
+
+    def write_activity(self) -> int:
+        """A counter that grows whenever an application writes (write mappings)."""
+        ...

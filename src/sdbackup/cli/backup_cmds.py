@@ -109,13 +109,18 @@ def _progress(label: str, quiet: bool) -> Iterator[_LazyProgress]:
               help="Read the disks at most this fast (e.g. 100MiB, per second; 0: no "
                    "limit): an online backup then leaves the rest of the disks' bandwidth "
                    "to the applications, and takes longer.")
+@click.option("--pace", type=click.Choice(["off", "adaptive"]), default="off",
+              show_default=True,
+              help="adaptive: while applications write (during an online backup), the "
+                   "copy rests six times as long as each batch takes to read; when they "
+                   "do not, it runs at full speed.")
 @JSON
 @QUIET
 def backup(cluster_dir: Path, medium: Path, full: bool, incremental: bool,
            full_if_needed: bool, compress: str, wait: float,
            log_mode: str | None, log_medium: Path | None, overlay: bool,
-           pre_freeze: str | None, post_thaw: str | None, bwlimit: str, as_json: bool,
-           quiet: bool) -> None:
+           pre_freeze: str | None, post_thaw: str | None, bwlimit: str, pace: str,
+           as_json: bool, quiet: bool) -> None:
     """Back up the cluster's disks to a new generation on the medium DIR.
 
     Copies the blocks in use at one instant T0 (from the allocation bitmap), in large
@@ -159,7 +164,7 @@ def backup(cluster_dir: Path, medium: Path, full: bool, incremental: bool,
                          log_medium=log_medium.absolute() if log_medium else None,
                          overlay=overlay, pre_freeze=pre_freeze, post_thaw=post_thaw,
                          incremental=incremental, full_if_needed=full_if_needed,
-                         bwlimit=limit)
+                         bwlimit=limit, pace=pace)
     rc = try_coordinator_client(cluster_dir)
     if rc is not None:
         with rc:
@@ -167,7 +172,8 @@ def backup(cluster_dir: Path, medium: Path, full: bool, incremental: bool,
 
             request = msg.Backup(str(medium.absolute()), comp, opts.level, log_mode,
                                  str(opts.log_medium) if opts.log_medium else None, overlay,
-                                 pre_freeze, post_thaw, incremental, full_if_needed, limit)
+                                 pre_freeze, post_thaw, incremental, full_if_needed, limit,
+                                 pace)
             s = msg.call(rc, request, timeout=None)[0]
         _print_backup(s, medium, as_json)
         return

@@ -95,6 +95,9 @@ class CoordinatorSource:
     def tracker(self) -> ChangeTracker:
         return self.coord.meta.tracker
 
+    def write_activity(self) -> int:
+        return self.coord.meta.write_ops
+
     # -- online backup --------------------------------------------------------------------
     def arm(self, gen_id: str, mode: str, blocks: dict[int, BlockSet], log_path: Path,
             work_dir: Path) -> None:
@@ -157,3 +160,6 @@ class LocalClusterSource:
     @property
     def tracker(self) -> ChangeTracker:
         return self.cluster.meta.tracker
+
+    def write_activity(self) -> int:
+        return self.cluster.meta.write_ops

@@ -890,7 +890,8 @@ class _Handler(msg.RequestHandler):
                              log_medium=Path(r.log_medium) if r.log_medium else None,
                              overlay=r.overlay, pre_freeze=r.pre_freeze,
                              post_thaw=r.post_thaw, incremental=r.incremental,
-                             full_if_needed=r.full_if_needed, bwlimit=r.bwlimit)
+                             full_if_needed=r.full_if_needed, bwlimit=r.bwlimit,
+                             pace=r.pace)
         if not self.c.backup_lock.acquire(blocking=False):
             raise BusyError("a backup of this cluster is running already; wait for it")
         try:

@@ -60,6 +60,9 @@ class MetadataService(MetadataReader):
         self.bitmaps  # noqa: B018 - allocation needs them from the start
         self._opens: dict[int, int] = {}
         self.tracker = ChangeTracker(store)
+        # Write mappings asked for so far (any node): an online backup's adaptive pacing
+        # reads it to tell whether applications are writing (backup/copy.py).
+        self.write_ops = 0
         self._tracked: list[tuple[int, list[Run]]] = []  # recorded in the open transaction
         self._purge_orphans()
 
@@ -344,6 +347,7 @@ class MetadataService(MetadataReader):
         caller writes the data, then calls :meth:`commit_write` with the new runs (or
         :meth:`abort_write`). Raises ENOSPC, reserving nothing, when the disks are full.
         """
+        self.write_ops += 1
         with self.store.lock:
             row = self._attr_row(ino)
             if not stat.S_ISREG(row[1]):

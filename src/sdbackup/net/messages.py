@@ -601,6 +601,7 @@ class Backup(Request, method="backup"):
     incremental: Flag = False
     full_if_needed: Flag = False
     bwlimit: Annotated[int, Int(0, I64_MAX)] = 0
+    pace: Annotated[str, Choice("off", "adaptive")] = "off"
 
 
 class UsedRuns(Request, method="used_runs"):
