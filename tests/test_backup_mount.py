@@ -48,6 +48,7 @@ from pathlib import Path
 import pytest
 from test_backup_support import diff_trees, make_tree
 
+from sdbackup.backup.engine import T0Images
 from sdbackup.blocks.source import Buffer
 from sdbackup.fs.readonly import ReadOnlyFileSystem
 from sdbackup.media.generation import Generation, GenerationReader
@@ -207,24 +208,6 @@ def all_files(root: Path) -> list[Path]:
     for dirpath, _dirs, names in os.walk(root):
         out += [Path(dirpath) / n for n in names if not (Path(dirpath) / n).is_symlink()]
     return sorted(out)
-
-
-class T0Images:
-    """The disk images the engine's test hook wrote while the cluster was frozen at T0,
-    as a block source (the data at T0, read from nothing the backup wrote)."""
-
-    def __init__(self, files: dict[int, Path], block_size: int) -> None:
-        self.block_size = block_size
-        self._fds = {d: os.open(p, os.O_RDONLY) for d, p in files.items()}
-
-    def readinto(self, disk: DiskId, block: int, buf: Buffer) -> None:
-        view = memoryview(buf).cast("B")
-        got = os.preadv(self._fds[disk], [view], block * self.block_size)
-        view[got:] = bytes(len(view) - got)
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
 
 
 def t0_tree(medium: Path, gen: str, images: Path, dest: Path) -> Path:

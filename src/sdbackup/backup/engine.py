@@ -41,7 +41,7 @@ from sdbackup.backup.source import BackupSource, Snapshot, SourceConfig
 from sdbackup.backup.window import LOG_MODES
 from sdbackup.blocks.blockset import BlockSet
 from sdbackup.blocks.durable import fsync_path
-from sdbackup.blocks.source import read_blocks
+from sdbackup.blocks.source import Buffer, read_blocks
 from sdbackup.errors import CorruptError, NoSpaceError, SdbError, UsageError
 from sdbackup.media.bilog import BiEntry, read_entries
 from sdbackup.media.index import make_entries, write_index
@@ -549,6 +549,25 @@ def _dump_t0_image(source: BackupSource, plan: Plan, gen_id: str) -> None:
             for start, count in plan.disks[d.id].runs():
                 f.seek(start * bs)
                 f.write(read_blocks(source.disks, DiskId(d.id), start, count))
+
+
+class T0Images:
+    """The disk images :func:`_dump_t0_image` wrote at T0, as a block source: the data
+    at T0 read from nothing the backup wrote (the demo and the tests compare backups
+    with it)."""
+
+    def __init__(self, files: dict[int, Path], block_size: int) -> None:
+        self.block_size = block_size
+        self._fds = {d: os.open(p, os.O_RDONLY) for d, p in files.items()}
+
+    def readinto(self, disk: DiskId, block: int, buf: Buffer) -> None:
+        view = memoryview(buf).cast("B")
+        got = os.preadv(self._fds[disk], [view], block * self.block_size)
+        view[got:] = bytes(len(view) - got)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
 
 
 def _run_hook(name: str, cmd: str | None) -> None:

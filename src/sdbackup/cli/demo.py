@@ -23,9 +23,7 @@ import click
 from sdbackup.errors import FsError, SdbError
 
 if TYPE_CHECKING:
-    from sdbackup.blocks.source import Buffer
     from sdbackup.media.chain import GenerationSource
-    from sdbackup.types import DiskId
 
 
 def register(cli: click.Group) -> None:
@@ -479,28 +477,12 @@ def _incremental_step(base: Path, cdir: Path) -> None:
         _same_as_t0(base, reader, newest.id, disks)
 
 
-class _T0Images:
-    """The disk images the engine's test hook wrote at T0, as a block source."""
-
-    def __init__(self, files: dict[int, Path], block_size: int) -> None:
-        self.block_size = block_size
-        self._fds = {d: os.open(p, os.O_RDONLY) for d, p in files.items()}
-
-    def readinto(self, disk: DiskId, block: int, buf: Buffer) -> None:
-        view = memoryview(buf).cast("B")
-        got = os.preadv(self._fds[disk], [view], block * self.block_size)
-        view[got:] = bytes(len(view) - got)
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-
-
 def _mount_step(base: Path) -> None:
     """Mount the newest generation with FUSE and compare every file with the T0 data."""
     import subprocess
     import sys
 
+    from sdbackup.backup.engine import T0Images
     from sdbackup.fs import fuse_mount
     from sdbackup.fs.readonly import ReadOnlyFileSystem
     from sdbackup.media.generation import Generation
@@ -527,7 +509,7 @@ def _mount_step(base: Path) -> None:
         raise SdbError(f"demo: sdbackup mount failed: {r.stderr.strip()}", 1)
     t0 = base / "t0-images" / m.id
     gen = Generation(med, m)
-    images = _T0Images({d.id: t0 / f"{d.name}.img" for d in m.disks}, m.block_size)
+    images = T0Images({d.id: t0 / f"{d.name}.img" for d in m.disks}, m.block_size)
     files = nbytes = 0
     try:
         with SnapshotMeta(gen.meta_file(), "snapshot") as snap:

@@ -76,21 +76,20 @@ def mount(medium: Path, args: tuple[str, ...], all_gens: bool, log_medium: Path 
             return mount_mod.open_all(medium, log_medium=log_medium)
         return mount_mod.open_generation(medium, gen, log_medium=log_medium)
 
-    what = "every generation" if all_gens else "generation {}"
-    if not background:
-        src = opened()  # errors (no medium, no such generation) before mounting
-        name = what.format(src.manifest.id if src.manifest else "")
-        mount_mod.serve(src, mp, on_ready=lambda p: click.echo(
-            f"mounted {name} of {medium} at {p} (read-only); 'sdbackup umount {p}' "
-            "ends it", err=True))
-        return
     if not all_gens:
         gen = mount_mod.resolve(medium, gen).id  # a clear error now, not in the child
+    what = "every generation" if all_gens else f"generation {gen}"
+    if not background:
+        src = opened()  # errors (no medium, a damaged snapshot) before mounting
+        mount_mod.serve(src, mp, on_ready=lambda p: click.echo(
+            f"mounted {what} of {medium} at {p} (read-only); 'sdbackup umount {p}' "
+            "ends it", err=True))
+        return
     if log_file is None:
         fd, tmp = tempfile.mkstemp(prefix="sdbackup-mount.", suffix=".log")
         os.close(fd)
         log_file = Path(tmp)
-    _background(opened, mp, log_file, what.format(gen), medium)
+    _background(opened, mp, log_file, what, medium)
 
 
 def _background(opened: Callable[[], MountSource], mp: str, log_file: Path, what: str,

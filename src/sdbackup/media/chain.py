@@ -256,3 +256,20 @@ class ChainReader:
                 buf = bytearray(n * self.block_size)
                 self.readinto(did, s, buf)
                 yield s, n, bytes(buf)
+
+
+def open_chain(medium: DiskMedium, manifest: Manifest, *,
+               log_medium: str | os.PathLike[str] | None = None
+               ) -> tuple[SnapshotMeta, ChainReader]:
+    """Generation ``manifest`` opened for reading as a file system: its T0 snapshot
+    (the metadata source) and its chain (the block source), which takes the blocks in
+    use from that same open snapshot, so that nothing of the generation is opened by
+    path afterwards (a prune or merge may remove it while it is read). The caller
+    closes both."""
+    g = Generation(medium, manifest)
+    snap = SnapshotMeta(g.meta_file(), f"metadata snapshot of {g.where()}")
+    try:
+        return snap, ChainReader(medium, manifest, log_medium=log_medium, snapshot=snap)
+    except BaseException:
+        snap.close()
+        raise

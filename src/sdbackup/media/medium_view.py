@@ -34,8 +34,7 @@ from dataclasses import dataclass, field, replace
 
 from sdbackup.blocks.source import Buffer
 from sdbackup.errors import CorruptError, FsError, NotFoundError
-from sdbackup.media.chain import ChainReader
-from sdbackup.media.generation import Generation
+from sdbackup.media.chain import ChainReader, open_chain
 from sdbackup.media.medium import GEN_ID_RE, MANIFEST, Catalog, DiskMedium, Manifest, iso_utc
 from sdbackup.media.snapshot import SnapshotMeta
 from sdbackup.meta.api import READDIR_BATCH
@@ -179,15 +178,8 @@ class MediumView:
         with g.opening:  # one opener per generation; its other users wait for it
             if g.reader is not None:
                 return
-            gen = Generation(self.medium, g.manifest)
-            snap = SnapshotMeta(gen.meta_file(), f"metadata snapshot of {gen.where()}")
-            try:
-                g.reader = ChainReader(self.medium, g.manifest, log_medium=self.log_medium,
-                                       snapshot=snap)
-            except BaseException:
-                snap.close()
-                raise
-            g.snap = snap
+            g.snap, g.reader = open_chain(self.medium, g.manifest,
+                                          log_medium=self.log_medium)
 
     def _evict(self) -> None:
         idle = [s for s in self._open if (g := self._gens.get(s) or self._gone.get(s))

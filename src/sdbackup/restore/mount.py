@@ -22,11 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sdbackup.fs.readonly import ReadOnlyFileSystem
-from sdbackup.media.chain import ChainReader
-from sdbackup.media.generation import Generation
+from sdbackup.media.chain import open_chain
 from sdbackup.media.medium import DiskMedium, Manifest
 from sdbackup.media.medium_view import MediumView
-from sdbackup.media.snapshot import SnapshotMeta
 
 
 @dataclass
@@ -49,13 +47,7 @@ def open_generation(medium_path: str | os.PathLike[str], gen: str | None, *,
     """One generation as a read-only file system, read through its chain."""
     med = DiskMedium.open(medium_path)
     m = med.resolve(gen)
-    g = Generation(med, m)
-    snap = SnapshotMeta(g.meta_file(), f"metadata snapshot of {g.where()}")
-    try:
-        reader = ChainReader(med, m, log_medium=log_medium, snapshot=snap)
-    except BaseException:
-        snap.close()
-        raise
+    snap, reader = open_chain(med, m, log_medium=log_medium)
 
     def close() -> None:
         reader.close()
