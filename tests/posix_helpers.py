@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
+import test_backup_support as support
 
 SDB = [sys.executable, "-m", "sdbackup.cli.main"]
 NOBODY = 65534
@@ -41,19 +41,7 @@ Op = list[Any]
 
 def require_fuse() -> None:
     """Fail (never skip) when this machine cannot run FUSE tests."""
-    problems = []
-    if not os.path.exists("/dev/fuse"):
-        problems.append("/dev/fuse is missing")
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError as e:
-        problems.append(f"pyfuse3 cannot be imported ({e})")
-    if shutil.which("fusermount3") is None:
-        problems.append("fusermount3 is not installed")
-    if os.geteuid() != 0:
-        problems.append("these tests change their uid and need root")
-    if problems:
-        pytest.fail("POSIX tests cannot run: " + "; ".join(problems), pytrace=False)
+    support.require_fuse("POSIX tests", "fusermount3", root=True)
 
 
 def sh(*args: str | Path, timeout: float = 120, check: bool = True

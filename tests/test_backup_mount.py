@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import test_backup_support as support
 from test_backup_support import diff_trees, make_tree
 
 from sdbackup.backup.engine import T0Images
@@ -68,18 +69,7 @@ MiB = 1 << 20
 
 def require_fuse() -> None:
     """Fail (never skip) when this machine cannot run these tests."""
-    problems = []
-    if not os.path.exists("/dev/fuse"):
-        problems.append("/dev/fuse is missing")
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError as e:
-        problems.append(f"pyfuse3 cannot be imported ({e})")
-    for prog in ("fusermount3", "diff", "cp", "tar", "unshare"):
-        if shutil.which(prog) is None:
-            problems.append(f"{prog} is not installed")
-    if problems:
-        pytest.fail("mount tests cannot run: " + "; ".join(problems), pytrace=False)
+    support.require_fuse("mount tests", "fusermount3", "diff", "cp", "tar", "unshare")
 
 
 def run(*args: str | os.PathLike[str], check: bool = True, timeout: float = 120,

@@ -12,10 +12,13 @@ import dataclasses
 import io
 import os
 import random
+import shutil
 import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from sdbackup.backup.engine import BackupOptions, BackupResult, run_backup
 from sdbackup.cli.main import main
@@ -144,3 +147,20 @@ def diff_trees(a: Path, b: Path, *, times: bool = True) -> list[str]:
                 if first_a != first_b:
                     out.append(f"{rel}: hard link structure differs")
     return out
+
+
+def require_fuse(what: str, *programs: str, root: bool = False, hint: str = "") -> None:
+    """Fail (never skip) when this machine cannot run ``what``: FUSE (``/dev/fuse``,
+    pyfuse3), the ``programs`` it runs, and root when it changes its uid."""
+    problems = []
+    if not os.path.exists("/dev/fuse"):
+        problems.append("/dev/fuse is missing")
+    try:
+        import pyfuse3  # noqa: F401
+    except ImportError as e:
+        problems.append(f"pyfuse3 cannot be imported ({e})")
+    problems += [f"{p} is not installed" for p in programs if shutil.which(p) is None]
+    if root and os.geteuid() != 0:
+        problems.append("these tests change their uid and need root")
+    if problems:
+        pytest.fail(f"{what} cannot run: " + "; ".join(problems) + hint, pytrace=False)

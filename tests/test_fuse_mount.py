@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import test_backup_support as support
 
 pytestmark = pytest.mark.fuse
 
@@ -40,19 +41,8 @@ SITE = Path(pytest.__file__).resolve().parent.parent  # the venv's site-packages
 
 def require_fuse() -> None:
     """Fail (never skip) when this machine cannot run the FUSE tests."""
-    problems = []
-    if not os.path.exists("/dev/fuse"):
-        problems.append("/dev/fuse is missing")
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError as e:
-        problems.append(f"pyfuse3 cannot be imported ({e})")
-    for prog in ("fusermount3", "sqlite3", "tar", "diff", "cp", "dd", "cmp"):
-        if shutil.which(prog) is None:
-            problems.append(f"{prog} is not installed")
-    if problems:
-        pytest.fail("FUSE tests cannot run: " + "; ".join(problems) +
-                    " (./run installs fuse3, libfuse3-dev and sqlite3)", pytrace=False)
+    support.require_fuse("FUSE tests", "fusermount3", "sqlite3", "tar", "diff", "cp", "dd",
+                         "cmp", hint=" (./run installs fuse3, libfuse3-dev and sqlite3)")
 
 
 def sh(*args: str | Path, cwd: Path | None = None, timeout: float = 120,

@@ -48,6 +48,7 @@ from pathlib import Path
 from random import Random
 
 import pytest
+import test_backup_support as support
 
 try:  # tests/ as a plain directory of modules...
     from cluster_helpers import PY, ClusterProcs, Proc, sdb, sdb_cmd, wait_for
@@ -550,14 +551,7 @@ def test_control_port_ping_pong_never_reads_stale(hosts: TwoHosts, n2_how: str,
 # -- FUSE ---------------------------------------------------------------------------------
 
 def require_fuse() -> None:
-    problems = []
-    if not os.path.exists("/dev/fuse"):
-        problems.append("/dev/fuse is missing")
-    for prog in ("fusermount3", "dd"):
-        if shutil.which(prog) is None:
-            problems.append(f"{prog} is not installed")
-    if problems:
-        pytest.fail("FUSE two-host test cannot run: " + "; ".join(problems), pytrace=False)
+    support.require_fuse("FUSE two-host test", "fusermount3", "dd")
 
 
 def mount_side(name: str, path: Path, scratch: Path) -> Side:

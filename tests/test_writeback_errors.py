@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import test_backup_support as support
 
 try:  # tests/ as a plain directory of modules...
     from cluster_helpers import PY, ClusterProcs, sdb, wait_for
@@ -569,15 +570,7 @@ class Program:
 
 def require_fuse() -> None:
     """Fail (never skip) when this machine cannot run FUSE tests."""
-    problems = []
-    if not os.path.exists("/dev/fuse"):
-        problems.append("/dev/fuse is missing")
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError as e:
-        problems.append(f"pyfuse3 cannot be imported ({e})")
-    if problems:
-        pytest.fail("FUSE tests cannot run: " + "; ".join(problems), pytrace=False)
+    support.require_fuse("FUSE tests")
 
 
 def mounted(mp: Path) -> bool:
