@@ -41,6 +41,7 @@ from sdbackup.blocks.blockset import BlockSet
 from sdbackup.blocks.disk_access import disk_identity
 from sdbackup.blocks.diskset import DiskSet
 from sdbackup.blocks.durable import write_atomic
+from sdbackup.cluster.caps import CapTable
 from sdbackup.cluster.config import ADDR_FILE, load_config
 from sdbackup.cluster.local import ClusterLock, open_disks
 from sdbackup.cluster.rights import RecallFailed, RightsManager
@@ -103,6 +104,14 @@ class Session:
     owner: bool = False  # proved to run as the cluster's owner on this host
 
 
+@dataclass
+class Change:
+    """The inodes one request changes, and whether the actor keeps their capabilities."""
+
+    touched: list[int]
+    kept: bool = False
+
+
 class Coordinator:
     """The metadata authority and cache-coherence manager of one cluster."""
 
@@ -132,6 +141,9 @@ class Coordinator:
         restarted = (self.dir / ADDR_FILE).exists() or (self.dir / RECLAIM_FILE).exists()
         self.grace_until = time.monotonic() + (lease if restarted else 0.0)
         self.rights = RightsManager(self._recall, self._fence_key)
+        self.caps = CapTable(self._drop_caps, self._fence_key)
+        self._ns_mu = threading.Lock()
+        self._ns_locks: dict[int, list[Any]] = {}  # directory -> [lock, users]
         self.sessions: dict[Connection, Session] = {}
         self._keys: dict[str, Session] = {}  # every session not yet cleaned up, by key
         self._serial = 0
@@ -335,6 +347,7 @@ class Coordinator:
         # A node that goes (or stops answering) because this coordinator stops keeps its
         # dirty data and reclaims it from the next coordinator: nothing is lost.
         lost = self.rights.node_failed(s.key)
+        self.caps.forget(s.key)
         if failed and not self._stop.is_set():
             for e in lost:
                 path = self.path_of(e.ino)
@@ -376,6 +389,61 @@ class Coordinator:
             self.fence(s, "recalled while fenced")
             return
         msg.call(s.conn, msg.Recall(ino, tuple(segs), keep), timeout=self.lease)
+
+    def _drop_caps(self, key: str, inos: list[int]) -> None:
+        with self._mu:
+            s = self._keys.get(key)
+        if s is None:
+            return  # cleaned up already: it caches nothing any more
+        if s.state != "up":
+            self.fence(s, "capabilities recalled while fenced")
+            return
+        msg.call(s.conn, msg.DropCaps(tuple(inos)), timeout=self.lease)
+
+    def may_cache(self, key: str, ino: int) -> bool:
+        """No other node holds a write right on ``ino`` (its size and times would change
+        in that node's cache, unseen here)."""
+        return all(w == key for w in self.rights.writers(ino))
+
+    @contextlib.contextmanager
+    def namespace(self, *dirs: int) -> Iterator[None]:
+        """Changes of names in these directories, one at a time per directory (in inode
+        order), so that the inodes a change touches are the ones it looked up first."""
+        order = sorted(set(dirs))
+        with self._ns_mu:
+            entries = []
+            for d in order:
+                e = self._ns_locks.setdefault(d, [threading.Lock(), 0])
+                e[1] += 1
+                entries.append((d, e))
+        try:
+            with contextlib.ExitStack() as stack:
+                for _, e in entries:
+                    stack.enter_context(e[0])
+                yield
+        finally:
+            with self._ns_mu:
+                for d, e in entries:
+                    e[1] -= 1
+                    if not e[1]:
+                        del self._ns_locks[d]
+
+    @contextlib.contextmanager
+    def changing(self, key: str, inos: Sequence[int | None]) -> Iterator[Change]:
+        """Around a change of these inodes: every other node's capability on them is
+        taken back before it, and once more after it (grants made while it ran). The
+        actor keeps them (``Change.kept``) when nothing else changed them meanwhile."""
+        ch = Change(sorted({i for i in inos if i is not None}))
+        with self._mu:
+            s = self._keys.get(key)
+        holds = s is not None and s.kind != "admin"  # admin sessions take no callbacks
+        since = self.caps.begin(ch.touched, key)
+        try:
+            yield ch
+        finally:
+            ch.kept = self.caps.break_(
+                ch.touched, key, since=since if holds else None,
+                ok=lambda: all(self.may_cache(key, i) for i in ch.touched))
 
     def flush_writers(self, ino: int, exclude: str | None) -> None:
         """Make every other node holding a write right on ``ino`` write its data back."""
@@ -637,6 +705,10 @@ class _Handler(msg.RequestHandler):
             # is dropped here (if not, the cleanup drops it; either way it goes).
             self.c.rights.released(s.key, ino, segs)
             raise FencedError(f"session {s.key} was fenced; join again")
+        if r.mode == "w":
+            # The file's size and times now change in this node's cache: no other node
+            # may answer for them from its own (and none gets them while this lasts).
+            self.c.caps.break_([ino], s.key)
         try:
             # Removed while this grant waited (an unlink holds the inode exclusively):
             # no right on a file that no longer exists.
@@ -657,7 +729,12 @@ class _Handler(msg.RequestHandler):
     def rpc_release_rights(self, conn: Connection, r: msg.ReleaseRights, blob: bytes | None
                            ) -> None:
         s = self._s(conn)
+        if len(r.more) != len(r.more_segs):
+            raise UsageError("bad release_rights request: 'more' and 'more_segs' differ "
+                             "in length")
         self.c.rights.released(s.key, r.ino, list(r.segs))
+        for ino, segs in zip(r.more, r.more_segs, strict=True):
+            self.c.rights.released(s.key, ino, list(segs))
 
     def rpc_dirty(self, conn: Connection, r: msg.Dirty, blob: bytes | None) -> None:
         s = self._s(conn)
@@ -677,29 +754,88 @@ class _Handler(msg.RequestHandler):
                     ) -> dict[str, Any]:
         s = self._s(conn)
         self.c.flush_writers(r.ino, s.key)
-        return self._attr(self.c.meta.getattr(r.ino))
+        since = self.c.caps.stamp()
+        out = self._attr(self.c.meta.getattr(r.ino))
+        if r.cap and s.kind != "admin":  # admin sessions take no callbacks
+            out["cap"] = self.c.caps.grant(s.key, [r.ino], since,
+                                           lambda: self.c.may_cache(s.key, r.ino))
+        return out
 
     def rpc_lookup(self, conn: Connection, r: msg.Lookup, blob: bytes | None
                    ) -> dict[str, Any]:
         s = self._s(conn)
-        attr = self.c.meta.lookup(r.parent, r.name)
+        since = self.c.caps.stamp()
+        try:
+            attr = self.c.meta.lookup(r.parent, r.name)
+        except FsError as e:
+            if not r.cap or s.kind == "admin" or e.errno != errno.ENOENT:
+                raise
+            # A name known absent is cached too (the parent's capability covers it).
+            return {"absent": True, "cap": self.c.caps.grant(s.key, [r.parent], since)}
         if attr.is_reg:
             self.c.flush_writers(attr.ino, s.key)
             attr = self.c.meta.getattr(attr.ino)
-        return self._attr(attr)
+        out = self._attr(attr)
+        if r.cap and s.kind != "admin":  # admin sessions take no callbacks
+            out["cap"] = self.c.caps.grant(s.key, [r.parent, attr.ino], since,
+                                           lambda: self.c.may_cache(s.key, attr.ino))
+        return out
+
+    def _created(self, s: Session, ch: Change, attr: Attr, since: int) -> dict[str, Any]:
+        """The answer to a new name: as any change, and when the actor keeps the
+        parent, the new inode's capability too, unless another node changed it already
+        (a new directory is then known complete, and empty, to its maker)."""
+        out = self._changed(ch, attr)
+        if ch.kept and self.c.caps.grant(s.key, [attr.ino], since,
+                                         lambda: self.c.may_cache(s.key, attr.ino)):
+            out["child_cap"] = True
+        return out
+
+    def _changed(self, ch: Change, attr: Attr | None = None) -> dict[str, Any]:
+        """The answer to a change: what it touched, and when the actor keeps their
+        capabilities, their attributes now (inodes gone are left out)."""
+        out: dict[str, Any] = {"touched": ch.touched}
+        if attr is not None:
+            out["attr"] = wire.enc_attr(attr)
+        if ch.kept:
+            now = []
+            for i in ch.touched:
+                try:
+                    now.append(wire.enc_attr(self.c.meta.getattr(i)))
+                except FsError:
+                    pass
+            out["cap"] = True
+            out["attrs"] = now
+        return out
 
     def rpc_mknod(self, conn: Connection, r: msg.Mknod, blob: bytes | None) -> dict[str, Any]:
-        self._s(conn)
-        return self._attr(self.c.meta.mknod(r.parent, r.name, r.mode, r.uid, r.gid, r.rdev))
+        s = self._s(conn)
+        since = self.c.caps.stamp()
+        with self.c.namespace(r.parent), self.c.changing(s.key, [r.parent]) as ch:
+            attr = self.c.meta.mknod(r.parent, r.name, r.mode, r.uid, r.gid, r.rdev)
+            if r.open:
+                self._open(s, attr.ino)
+        out = self._created(s, ch, attr, since)
+        if r.write and attr.is_reg:
+            # Outside the directory's lock: a write grant waits while a backup freezes.
+            out["seq"] = self.c.rights.acquire(s.key, attr.ino, [0], "w")
+            self.c.caps.break_([attr.ino], s.key)  # anyone who looked it up meanwhile
+        return out
 
     def rpc_mkdir(self, conn: Connection, r: msg.Mkdir, blob: bytes | None) -> dict[str, Any]:
-        self._s(conn)
-        return self._attr(self.c.meta.mkdir(r.parent, r.name, r.mode, r.uid, r.gid))
+        s = self._s(conn)
+        since = self.c.caps.stamp()
+        with self.c.namespace(r.parent), self.c.changing(s.key, [r.parent]) as ch:
+            attr = self.c.meta.mkdir(r.parent, r.name, r.mode, r.uid, r.gid)
+        return self._created(s, ch, attr, since)
 
     def rpc_symlink(self, conn: Connection, r: msg.Symlink, blob: bytes | None
                     ) -> dict[str, Any]:
-        self._s(conn)
-        return self._attr(self.c.meta.symlink(r.parent, r.name, r.target, r.uid, r.gid))
+        s = self._s(conn)
+        since = self.c.caps.stamp()
+        with self.c.namespace(r.parent), self.c.changing(s.key, [r.parent]) as ch:
+            attr = self.c.meta.symlink(r.parent, r.name, r.target, r.uid, r.gid)
+        return self._created(s, ch, attr, since)
 
     def rpc_readlink(self, conn: Connection, r: msg.Readlink, blob: bytes | None
                      ) -> dict[str, Any]:
@@ -707,8 +843,11 @@ class _Handler(msg.RequestHandler):
         return {"target": wire.enc_name(self.c.meta.readlink(r.ino))}
 
     def rpc_link(self, conn: Connection, r: msg.Link, blob: bytes | None) -> dict[str, Any]:
-        self._s(conn)
-        return self._attr(self.c.meta.link(r.ino, r.new_parent, r.new_name))
+        s = self._s(conn)
+        with self.c.namespace(r.new_parent), \
+                self.c.changing(s.key, [r.ino, r.new_parent]) as ch:
+            attr = self.c.meta.link(r.ino, r.new_parent, r.new_name)
+        return self._changed(ch, attr)
 
     def _target(self, parent: int, name: bytes) -> int | None:
         try:
@@ -716,27 +855,41 @@ class _Handler(msg.RequestHandler):
         except FsError:
             return None
 
-    def rpc_unlink(self, conn: Connection, r: msg.Unlink, blob: bytes | None) -> None:
-        self._s(conn)
-        ino = self._target(r.parent, r.name)
-        if ino is None:
-            self.c.meta.unlink(r.parent, r.name)  # raises the right error
-            return
-        with self.c.may_free(ino):
-            self.c.meta.unlink(r.parent, r.name)
+    def rpc_unlink(self, conn: Connection, r: msg.Unlink, blob: bytes | None
+                   ) -> dict[str, Any]:
+        s = self._s(conn)
+        with self.c.namespace(r.parent):
+            ino = self._target(r.parent, r.name)
+            with self.c.changing(s.key, [r.parent, ino]) as ch:
+                if ino is None:
+                    self.c.meta.unlink(r.parent, r.name)  # raises the right error
+                else:
+                    with self.c.may_free(ino):
+                        self.c.meta.unlink(r.parent, r.name)
+        return self._changed(ch)
 
-    def rpc_rmdir(self, conn: Connection, r: msg.Rmdir, blob: bytes | None) -> None:
-        self._s(conn)
-        self.c.meta.rmdir(r.parent, r.name)
+    def rpc_rmdir(self, conn: Connection, r: msg.Rmdir, blob: bytes | None) -> dict[str, Any]:
+        s = self._s(conn)
+        with self.c.namespace(r.parent):
+            ino = self._target(r.parent, r.name)
+            with self.c.changing(s.key, [r.parent, ino]) as ch:
+                self.c.meta.rmdir(r.parent, r.name)
+        return self._changed(ch)
 
-    def rpc_rename(self, conn: Connection, r: msg.Rename, blob: bytes | None) -> None:
-        self._s(conn)
-        target = self._target(r.new_parent, r.new_name)
-        if target is None:
-            self.c.meta.rename(r.parent, r.name, r.new_parent, r.new_name, r.flags)
-            return
-        with self.c.may_free(target):
-            self.c.meta.rename(r.parent, r.name, r.new_parent, r.new_name, r.flags)
+    def rpc_rename(self, conn: Connection, r: msg.Rename, blob: bytes | None
+                   ) -> dict[str, Any]:
+        s = self._s(conn)
+        with self.c.namespace(r.parent, r.new_parent):
+            source = self._target(r.parent, r.name)
+            target = self._target(r.new_parent, r.new_name)
+            with self.c.changing(s.key, [r.parent, r.new_parent, source, target]) as ch:
+                if target is None:
+                    self.c.meta.rename(r.parent, r.name, r.new_parent, r.new_name, r.flags)
+                else:
+                    with self.c.may_free(target):
+                        self.c.meta.rename(r.parent, r.name, r.new_parent, r.new_name,
+                                           r.flags)
+        return self._changed(ch)
 
     def rpc_readdir(self, conn: Connection, r: msg.Readdir, blob: bytes | None
                     ) -> dict[str, Any]:
@@ -746,9 +899,11 @@ class _Handler(msg.RequestHandler):
 
     def rpc_setattr(self, conn: Connection, r: msg.Setattr, blob: bytes | None
                     ) -> dict[str, Any]:
-        self._s(conn)
-        return self._attr(self.c.meta.setattr(r.ino, mode=r.mode, uid=r.uid, gid=r.gid,
-                                              atime_ns=r.atime_ns, mtime_ns=r.mtime_ns))
+        s = self._s(conn)
+        with self.c.changing(s.key, [r.ino]) as ch:
+            attr = self.c.meta.setattr(r.ino, mode=r.mode, uid=r.uid, gid=r.gid,
+                                       atime_ns=r.atime_ns, mtime_ns=r.mtime_ns)
+        return self._changed(ch, attr)
 
     def rpc_statfs(self, conn: Connection, r: msg.Statfs, blob: bytes | None
                    ) -> dict[str, Any]:
@@ -756,12 +911,15 @@ class _Handler(msg.RequestHandler):
         return {"statfs": wire.enc_statfs(self.c.meta.statfs())}
 
     def rpc_open(self, conn: Connection, r: msg.Open, blob: bytes | None) -> None:
-        s = self._s(conn)
-        self.c.meta.open(r.ino)
-        with self.c._mu:
-            s.opens[r.ino] = s.opens.get(r.ino, 0) + 1
+        self._open(self._s(conn), r.ino)
 
-    def rpc_release(self, conn: Connection, r: msg.Release, blob: bytes | None) -> None:
+    def _open(self, s: Session, ino: int) -> None:
+        self.c.meta.open(ino)
+        with self.c._mu:
+            s.opens[ino] = s.opens.get(ino, 0) + 1
+
+    def rpc_release(self, conn: Connection, r: msg.Release, blob: bytes | None
+                    ) -> dict[str, Any]:
         s = self._s(conn)
         ino = r.ino
         with self.c._mu:
@@ -772,7 +930,9 @@ class _Handler(msg.RequestHandler):
                 del s.opens[ino]
             else:
                 s.opens[ino] = n - 1
-        self.c.release_inode(ino)
+        with self.c.changing(s.key, [ino]) as ch:
+            self.c.release_inode(ino)
+        return self._changed(ch)
 
     def rpc_map_read(self, conn: Connection, r: msg.MapRead, blob: bytes | None
                      ) -> dict[str, Any]:
@@ -830,12 +990,16 @@ class _Handler(msg.RequestHandler):
         s = self._s(conn)
         mine = self._unreserve(s, r.runs)
         # On failure commit_write gives the reserved blocks back itself (once).
-        return self._attr(self.c.meta.commit_write(r.ino, mine, r.end, r.mtime_ns))
+        with self.c.changing(s.key, [r.ino]) as ch:
+            attr = self.c.meta.commit_write(r.ino, mine, r.end, r.mtime_ns)
+        return self._changed(ch, attr)
 
     def rpc_truncate(self, conn: Connection, r: msg.Truncate, blob: bytes | None
                      ) -> dict[str, Any]:
-        self._s(conn)
-        return self._attr(self.c.truncate(r.ino, r.size))
+        s = self._s(conn)
+        with self.c.changing(s.key, [r.ino]) as ch:
+            attr = self.c.truncate(r.ino, r.size)
+        return self._changed(ch, attr)
 
     def rpc_sync(self, conn: Connection, r: msg.Sync, blob: bytes | None) -> None:
         self._s(conn)

@@ -44,8 +44,9 @@ from sdbackup.fs.cached import BiItem, CachedFileSystem
 from sdbackup.net import messages as msg
 from sdbackup.net import wire
 from sdbackup.net.auth import load_secret
+from sdbackup.net.cached_meta import CachingMeta
 from sdbackup.net.protocol import Blob
-from sdbackup.net.remote import RemoteMeta, RemoteRights
+from sdbackup.net.remote import RemoteRights
 from sdbackup.net.rpc import (
     Args,
     BaseHandler,
@@ -145,7 +146,7 @@ class ClusterClient:
         except BaseException:
             self.disks.close()
             raise
-        self.meta = RemoteMeta(self.ref, self.block_size)
+        self.meta = CachingMeta(self.ref, self.block_size, trusted=self.cache_trusted)
         self.rights = RemoteRights(self.ref)
         self.fs = CachedFileSystem(self.meta, self.disks, self.rights, cache_bytes=cache_bytes,
                                    flush_delay=flush_delay)
@@ -183,6 +184,9 @@ class ClusterClient:
         # on the new connection must not renew it before the caller says so.
         self._renewable = False
         self.session_gen += 1
+        meta: CachingMeta | None = getattr(self, "meta", None)
+        if meta is not None:  # capabilities belong to the session that got them
+            meta.drop_all()
         self.ref.client = client
         self.epoch = str(info["epoch"])
         self.session = str(info.get("session", ""))
@@ -237,6 +241,11 @@ class ClusterClient:
         self._renew(self.lease / 4)
         return time.monotonic() - self.last_ok < self.lease * 0.9
 
+    def cache_trusted(self) -> bool:
+        """Whether cached metadata may answer (never blocks): only while the session may
+        write, and well inside the lease (capabilities end with it, cluster/caps.py)."""
+        return self._renewable and time.monotonic() - self.last_ok < self.lease * 0.9
+
     def _renew(self, timeout: float) -> bool:
         """One heartbeat; False when the session is lost (fenced, or a new epoch)."""
         if not self._renew_lock.acquire(timeout=timeout):
@@ -282,6 +291,8 @@ class ClusterClient:
                 self.fs.recall(ino, list(segs), keep)
             case msg.FlushInode(ino):
                 self.fs.flush_inode(ino)
+            case msg.DropCaps(inos):
+                self.meta.drop(inos)
             case msg.NodeFlush():
                 self.fs.flush_all()
             case msg.Report():
@@ -594,8 +605,10 @@ class _ControlHandler(BaseHandler):
             case msg.Report():
                 return fs.report()
             case msg.Request() as req if req.METHOD in msg.NODE_PASS_THROUGH:
-                body, _ = msg.call(self.a.meta.client, req)
-                return body
+                # Through the node's metadata cache: a change made here must update
+                # it as the node's own changes do (the coordinator counts this node as
+                # the actor and tells no one else).
+                return self.a.meta.forward(req)
             case _:
                 raise RemoteError(f"unknown request {method!r} for node {self.a.name}")
         return None

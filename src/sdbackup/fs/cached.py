@@ -41,6 +41,7 @@ import logging
 import mmap
 import os
 import signal
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -52,7 +53,7 @@ from typing import Any, Protocol
 
 from sdbackup.blocks.source import BlockStore, read_blocks
 from sdbackup.errors import FsError, NoSpaceError, RemoteError, SdbError
-from sdbackup.fs.filesystem import FileSystem
+from sdbackup.fs.filesystem import FileSystem, _gid, _uid
 from sdbackup.fs.segments import SEGMENT_BYTES
 from sdbackup.meta.api import MetaApi
 from sdbackup.meta.types import Attr, Extent, WriteRun
@@ -307,6 +308,48 @@ class CachedFileSystem(FileSystem):
 
     def lookup(self, parent: int, name: bytes) -> Attr:
         attr = self.meta.lookup(parent, name)
+        local = self._sizes.get(attr.ino)
+        return replace(attr, size=local) if local is not None and local > attr.size else attr
+
+    def create_open(self, parent: int, name: bytes, mode: int = 0o644,
+                    uid: int | None = None, gid: int | None = None) -> Attr:
+        """Create and open a file, and take the write right on its first segment in the
+        same round trip when the metadata source can (a program's create is usually
+        followed by a write). The right is kept only if no recall came meanwhile (the
+        coordinator may have moved it already); otherwise the first write asks again."""
+        both = getattr(self.meta, "mknod_open_writing", None)
+        if both is None:
+            return super().create_open(parent, name, mode, uid, gid)
+        recalls = self.stats["recalls"]
+        attr: Attr
+        seq: int | None
+        attr, seq = both(parent, name, stat.S_IFREG | (mode & 0o7777),
+                         _uid(uid), _gid(gid))
+        if seq is not None:
+            o = self._get(attr.ino, 0)
+            with o.lock:
+                if self.stats["recalls"] == recalls and not o.dropped and o.mode is None:
+                    o.mode, o.seq = "w", seq
+        return attr
+
+    def peek_getattr(self, ino: int) -> Attr | None:
+        """``getattr`` answered from cached metadata, or None; never blocks (the FUSE
+        adapter calls it in its event loop). Only metadata sources with capabilities
+        (net/cached_meta.py) have such a cache."""
+        peek = getattr(self.meta, "peek_getattr", None)
+        attr: Attr | None = peek(ino) if peek is not None else None
+        if attr is None:
+            return None
+        local = self._sizes.get(ino)
+        return replace(attr, size=local) if local is not None and local > attr.size else attr
+
+    def peek_lookup(self, parent: int, name: bytes) -> Attr | None:
+        """``lookup`` answered from cached metadata, or None; raises FsError(ENOENT) for
+        a name cached as absent; never blocks."""
+        peek = getattr(self.meta, "peek_lookup", None)
+        attr: Attr | None = peek(parent, name) if peek is not None else None
+        if attr is None:
+            return None
         local = self._sizes.get(attr.ino)
         return replace(attr, size=local) if local is not None and local > attr.size else attr
 
@@ -731,11 +774,17 @@ class CachedFileSystem(FileSystem):
             by_ino: dict[int, list[Seg]] = {}
             for o in victims:
                 by_ino.setdefault(o.ino, []).append(o)
-            for ino, objs in by_ino.items():
-                # Release before the drop, under the locks: once a segment is out of
-                # the table another thread may take it again, and a release landing
-                # after that new grant would remove it at the coordinator.
-                self.rights.release(ino, [o.seg for o in objs])
+            # Release before the drop, under the locks: once a segment is out of the
+            # table another thread may take it again, and a release landing after that
+            # new grant would remove it at the coordinator. One round trip for all.
+            items = [(ino, [o.seg for o in objs]) for ino, objs in by_ino.items()]
+            many = getattr(self.rights, "release_many", None)
+            if many is not None and len(items) > 1:
+                many(items)
+            else:
+                for ino, segs in items:
+                    self.rights.release(ino, segs)
+            for objs in by_ino.values():
                 for o in objs:
                     self._drop(o)
 

@@ -57,6 +57,18 @@ class FileSystem(ReadOnlyFileSystem):
         return self.meta.mknod(parent, name, stat.S_IFREG | (mode & 0o7777),
                                _uid(uid), _gid(gid))
 
+    def create_open(self, parent: int, name: bytes, mode: int = 0o644,
+                    uid: int | None = None, gid: int | None = None) -> Attr:
+        """``create`` and ``open`` of the new file: one call where the metadata source
+        can do both at once (a node: one round trip to the coordinator)."""
+        both = getattr(self.meta, "mknod_open", None)
+        if both is None:
+            made = self.create(parent, name, mode, uid, gid)
+            self.open(made.ino)
+            return made
+        attr: Attr = both(parent, name, stat.S_IFREG | (mode & 0o7777), _uid(uid), _gid(gid))
+        return attr
+
     def mkdir(self, parent: int, name: bytes, mode: int = 0o755, uid: int | None = None,
               gid: int | None = None) -> Attr:
         return self.meta.mkdir(parent, name, mode, _uid(uid), _gid(gid))

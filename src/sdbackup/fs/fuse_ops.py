@@ -37,13 +37,17 @@ kernel keep, and why:
   cache in the kernel that the coordinator cannot see or freeze. (So SQLite's WAL
   mode, which maps its ``-shm`` file, fails with "disk I/O error", as on network file
   systems; the default rollback journal works, from several nodes in turn.)
-- **Names: not cached** (entry timeout 0). Another node may create, rename or unlink
-  a name at any moment and nothing tells this node's kernel, so every path walk asks
-  again (one ``lookup`` per component, negative answers included). The coordinator's
-  ``lookup`` first makes other writers of the file write back, and the kernel takes
-  the attributes in the answer, so a ``stat``, ``open`` or ``ls -l`` by path always
-  sees the cluster's names, sizes and modes. The price is one round trip to the
-  coordinator per name, paid mostly by small-file workloads (docs/BENCHMARKS.md).
+- **Names: not cached by the kernel** (entry timeout 0). Another node may create,
+  rename or unlink a name at any moment and the kernel's name cache cannot be told
+  in time without deadlocks (a kernel invalidation takes the directory's lock, which
+  a local request on that directory may hold while it waits for the coordinator), so
+  every path walk asks this adapter again (one ``lookup`` per component, negative
+  answers included). The node answers from its own metadata cache when it holds the
+  capability (net/cached_meta.py, cluster/caps.py: the coordinator takes it back
+  before any other node changes the inode), in this event-loop thread with no hop to
+  a worker; otherwise the coordinator's ``lookup`` first makes other writers of the
+  file write back, and the kernel takes the attributes in the answer, so a ``stat``,
+  ``open`` or ``ls -l`` by path always sees the cluster's names, sizes and modes.
 - **Attributes: 1 s** (``ATTR_TIMEOUT``). Every path walk refreshes them (above), so
   the timeout only matters for a descriptor kept open while another node changes the
   file: its ``fstat`` (and a read past the end it knows) may be up to 1 s old, as on
@@ -361,6 +365,16 @@ class FuseOperations(pyfuse3.Operations):
     # -- names and attributes ------------------------------------------------------------------
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
                      ) -> pyfuse3.EntryAttributes:
+        peek = getattr(self.fs, "peek_lookup", None)
+        if peek is not None:
+            # Answered from the node's cached metadata in this thread: the hop to a
+            # worker thread and back costs more than the rest of a cached lookup.
+            try:
+                hit = peek(parent_inode, name)
+            except FsError as e:
+                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            if hit is not None:
+                return self._e(hit, parent_inode)
         return self._e(await self._run("lookup", parent_inode, self.fs.lookup, parent_inode,
                                        name), parent_inode)
 
@@ -368,6 +382,10 @@ class FuseOperations(pyfuse3.Operations):
         return None  # no per-inode state: unlinked open files are kept by open counts
 
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        peek = getattr(self.fs, "peek_getattr", None)
+        hit = peek(inode) if peek is not None else None
+        if hit is not None:
+            return self._e(hit)
         return self._e(await self._run("getattr", inode, self.fs.getattr, inode))
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
@@ -548,7 +566,7 @@ class FuseOperations(pyfuse3.Operations):
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         def do() -> Attr:
             try:
-                attr = self.wfs.create(parent_inode, name, mode, ctx.uid, ctx.gid)
+                return self.wfs.create_open(parent_inode, name, mode, ctx.uid, ctx.gid)
             except FsError as e:
                 # Another node created the name after our lookup said it was missing:
                 # without O_EXCL, open that file as the program asked.

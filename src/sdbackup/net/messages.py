@@ -425,6 +425,11 @@ class Acquire(Request, method="acquire"):
 class ReleaseRights(Request, method="release_rights"):
     ino: Ino
     segs: Segs
+    more: Annotated[tuple[int, ...], ListOf(_ID, MAX_PATHS)] = ()
+    """Further inodes, each released whole-segment-list in ``more_segs`` (an eviction
+    gives back many files' segments in one round trip)."""
+    more_segs: Annotated[tuple[tuple[int, ...], ...], ListOf(ListOf(Int(0, SEG_MAX), MAX_SEGS),
+                                                             MAX_PATHS)] = ()
 
 
 class Dirty(Request, method="dirty"):
@@ -437,11 +442,17 @@ class Dirty(Request, method="dirty"):
 # metadata
 class GetAttr(Request, method="getattr"):
     ino: Ino
+    cap: Flag = False
+    """Ask for the inode's capability too (the answer says whether it was granted)."""
 
 
 class Lookup(Request, method="lookup"):
+    """With ``cap``: a name that does not exist answers ``absent`` instead of ENOENT,
+    and the answer says whether the node may cache it (cluster/caps.py)."""
+
     parent: Ino
     name: Name
+    cap: Flag = False
 
 
 class Mknod(Request, method="mknod"):
@@ -451,6 +462,11 @@ class Mknod(Request, method="mknod"):
     uid: U32
     gid: U32
     rdev: Offset = 0
+    open: Flag = False
+    """Open the new file too (one round trip for a program's create)."""
+    write: Flag = False
+    """And grant the write right on its first segment (its first write needs no
+    round trip); the answer carries the grant's ``seq``."""
 
 
 class Mkdir(Request, method="mkdir"):
@@ -648,6 +664,12 @@ class FlushInode(Request, method="flush_inode"):
     ino: Ino
 
 
+class DropCaps(Request, method="drop_caps"):
+    """Forget the cached metadata of these inodes (their capabilities are taken back)."""
+
+    inos: Annotated[tuple[int, ...], ListOf(_ID, MAX_PATHS)]
+
+
 class NodeFlush(Request, method="flush"):
     """Write everything back (the node's part of a cluster-wide flush)."""
 
@@ -671,7 +693,7 @@ class BackupEnd(Request, method="backup_end"):
     gen: Gen
 
 
-NODE_CALLBACKS = registry(Recall, FlushInode, NodeFlush, Report, BackupBegin, BiFetch,
+NODE_CALLBACKS = registry(Recall, FlushInode, DropCaps, NodeFlush, Report, BackupBegin, BiFetch,
                           BackupEnd)
 """What the coordinator asks a node."""
 

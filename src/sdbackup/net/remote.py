@@ -29,6 +29,10 @@ class RemoteMeta:
         body, _ = msg.call(self.client, request)
         return body
 
+    def forward(self, request: msg.Request) -> dict[str, Any]:
+        """Send any metadata request and return the answer's body as it is."""
+        return self._call(request)
+
     def _attr(self, request: msg.Request) -> Attr:
         return wire.dec_attr(self._call(request)["attr"])
 
@@ -41,6 +45,18 @@ class RemoteMeta:
     def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
               rdev: int = 0) -> Attr:
         return self._attr(msg.Mknod(parent, name, mode, uid, gid, rdev))
+
+    def mknod_open(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        """mknod, then open the new file, in one round trip."""
+        return self._attr(msg.Mknod(parent, name, mode, uid, gid, 0, True))
+
+    def mknod_open_writing(self, parent: int, name: bytes, mode: int, uid: int, gid: int
+                           ) -> tuple[Attr, int | None]:
+        """mknod, open, and the write right on the first segment (its grant seq), in one
+        round trip."""
+        body = self._call(msg.Mknod(parent, name, mode, uid, gid, 0, True, True))
+        seq = body.get("seq")
+        return wire.dec_attr(body["attr"]), None if seq is None else int(seq)
 
     def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
         return self._attr(msg.Mkdir(parent, name, mode, uid, gid))
@@ -121,6 +137,12 @@ class RemoteRights:
 
     def release(self, ino: int, segs: list[int]) -> None:
         msg.call(self.client, msg.ReleaseRights(ino, tuple(segs)))
+
+    def release_many(self, items: list[tuple[int, list[int]]]) -> None:
+        """Several files' segments in one round trip."""
+        (ino, segs), rest = items[0], items[1:]
+        msg.call(self.client, msg.ReleaseRights(ino, tuple(segs), tuple(i for i, _ in rest),
+                                                tuple(tuple(s) for _, s in rest)))
 
     def set_dirty(self, ino: int, segs: list[int], dirty: bool) -> None:
         # Sent in order with a counter: the coordinator ignores an older report that
