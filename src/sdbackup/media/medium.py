@@ -39,6 +39,7 @@ import xxhash
 
 from sdbackup.blocks.durable import sync_dir, write_atomic
 from sdbackup.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
+from sdbackup.media.record_reader import RecordReader
 
 MEDIUM_LABEL = "sdbackup-medium.json"
 MEDIUM_FORMAT = "sdbackup-medium"
@@ -455,7 +456,13 @@ class GenerationEntry:
 
 
 class DiskMedium:
-    """A directory that holds the backup generations of one cluster."""
+    """A directory that holds the backup generations of one cluster.
+
+    ``streams_local``: the generations' record streams are files in their directories
+    (a tape set's catalog holds everything of a generation but its streams, which are
+    read from tape: :class:`~sdbackup.media.tape.catalog.TapeSetMedium`)."""
+
+    streams_local = True
 
     def __init__(self, root: Path, label: Mapping[str, Any]) -> None:
         self.root = root
@@ -469,6 +476,15 @@ class DiskMedium:
 
     def __str__(self) -> str:
         return str(self.root)
+
+    def open_stream(self, gen_id: str, n: int) -> RecordReader:
+        """A reader of record stream ``n`` of generation ``gen_id``."""
+        path = self.generations_dir / gen_id / stream_name(n)
+        return RecordReader(path, medium=str(path))
+
+    def check_streams(self, manifest: Manifest) -> None:
+        """Where streams are not local files: check that every stream can be read
+        whole (``Generation.check_streams_present`` checks local files)."""
 
     # -- opening ---------------------------------------------------------------------
 
