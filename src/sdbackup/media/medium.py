@@ -482,6 +482,11 @@ class DiskMedium:
         path = self.generations_dir / gen_id / stream_name(n)
         return RecordReader(path, medium=str(path))
 
+    def read_position(self, manifest: Manifest, stream: int, offset: int) -> tuple[int, ...]:
+        """A sort key of where a record lies: reading in this order reads each medium
+        front to back (here: generations oldest first, then stream and offset)."""
+        return (manifest.t0_wall_ns, stream, offset)
+
     def check_streams(self, manifest: Manifest) -> None:
         """Where streams are not local files: check that every stream can be read
         whole (``Generation.check_streams_present`` checks local files)."""

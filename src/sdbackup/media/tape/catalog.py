@@ -169,6 +169,7 @@ class TapeSetMedium(DiskMedium):
         self.buffer = buffer
         self.set_id = str(label.get("tape_set") or label["medium_id"])
         self._tapes = catalog.tapes(self.set_id)
+        self._placements: dict[str, dict[str, list[Piece]]] = {}
 
     @classmethod
     def open_set(cls, catalog: TapeCatalog, set_id: str, buffer: TapeBuffer) -> TapeSetMedium:
@@ -179,7 +180,7 @@ class TapeSetMedium(DiskMedium):
         return f"tape set {self.set_id}"
 
     def _source(self, gen_id: str, part: str, size: int) -> TapeStreamSource:
-        pieces = self.catalog_.placement(self.set_id, gen_id).get(part)
+        pieces = self._placement(gen_id).get(part)
         if not pieces:
             raise CorruptError(f"tape catalog: generation {gen_id} has no {part} on tape "
                                f"set {self.set_id}")
@@ -193,8 +194,24 @@ class TapeSetMedium(DiskMedium):
         src = self._source(gen_id, stream_name(n), m.streams[n].bytes)
         return TapeRecordReader(src)
 
+    def read_position(self, manifest: Manifest, stream: int, offset: int) -> tuple[int, ...]:
+        """(tape's number in the set, tape block): reading in this order is one pass."""
+        pieces = self._placement(manifest.id).get(stream_name(stream), [])
+        for p in pieces:
+            if p.offset <= offset < p.offset + p.length:
+                bs = int(self._tapes.get(p.tape, {}).get("block_size",
+                                                         self.buffer.slot_size))
+                return (p.sequence, p.block + (offset - p.offset) // bs)
+        return (1 << 62, 0)
+
+    def _placement(self, gen_id: str) -> dict[str, list[Piece]]:
+        got = self._placements.get(gen_id)
+        if got is None:
+            got = self._placements[gen_id] = self.catalog_.placement(self.set_id, gen_id)
+        return got
+
     def check_streams(self, manifest: Manifest) -> None:
-        parts = self.catalog_.placement(self.set_id, manifest.id)
+        parts = self._placement(manifest.id)
         for n, s in enumerate(manifest.streams):
             pieces = sorted(parts.get(stream_name(n), []), key=lambda p: p.offset)
             at = 0
