@@ -161,8 +161,8 @@ class FileTape(TapeDevice):
                max_block: int = DEFAULT_MAX_BLOCK, force: bool = False) -> None:
         """A blank tape of ``capacity`` bytes at ``path``."""
         p = Path(path)
-        if capacity < 1 << 20:
-            raise UsageError(f"a tape needs a capacity of at least 1 MiB, not {capacity}")
+        if capacity < 64 << 10:
+            raise UsageError(f"a tape needs a capacity of at least 64 KiB, not {capacity}")
         if p.exists() and not force:
             raise UsageError(f"{p} exists; a new blank tape needs a new file (or --force "
                              "to erase it)")

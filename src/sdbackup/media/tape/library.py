@@ -360,6 +360,12 @@ class OpenedSet:
         finally:
             self.lib.close()
 
+    def __enter__(self) -> OpenedSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def open_set(specs: Sequence[str], buffer_dir: str | os.PathLike[str], *,
              catalog: TapeCatalog, limit: int = DEFAULT_LIMIT,
