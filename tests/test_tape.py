@@ -174,3 +174,108 @@ def test_image_restore_from_tape_is_one_pass(world: World) -> None:
             per_tape.setdefault(t, []).append(b)
         assert all(v == sorted(v) for v in per_tape.values()), per_tape
         assert all(list(s) == sorted(s) for s in seeks), seeks
+
+
+def test_mount_from_tape_through_the_buffer(world: World) -> None:
+    require_fuse("mounting a backup on tape", "diff")
+    mp = world.base / "mnt"
+    mp.mkdir()
+    g = world.gens[-1]
+    buf = world.base / "buf-mount"
+    for attempt in range(2):  # the second mount finds the blocks in the buffer
+        r = cli("mount", *world.tape_args(), "--buffer", buf, "--catalog", world.catalog, g,
+                mp, "--background", "--log-file", world.base / "mount.log")
+        assert r.code == 0, r.err
+        try:
+            d = subprocess.run(["diff", "-r", "--no-dereference", world.trees[g], mp / "tree"],
+                               capture_output=True, text=True)
+            assert d.returncode == 0, d.stdout + d.stderr
+        finally:
+            assert cli("umount", mp).code == 0
+            for _ in range(100):
+                if not os.path.ismount(mp):
+                    break
+                time.sleep(0.05)
+        _wait_released(world.tapes)  # the serving process has let go of the drives
+    import sqlite3
+
+    with sqlite3.connect(buf / "buffer.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM blocks").fetchone()[0] > 0
+
+
+def _wait_released(tapes: list[Path]) -> None:
+    from sdbackup.errors import BusyError
+
+    for _ in range(200):
+        try:
+            for t in tapes:
+                FileTape.open(t, write=False).close()
+            return
+        except BusyError:
+            time.sleep(0.05)
+    raise AssertionError("the mount process still holds the tapes")
+
+
+# -- bad media ------------------------------------------------------------------------------
+
+
+def test_bad_media_are_one_clear_error(world: World, tmp_path: Path) -> None:
+    g = world.gens[0]
+    # a blank tape holds no backup
+    blank = _new_tape(tmp_path / "blank.tape")
+    r = cli("restore", "--tape", f"file:{blank}", "--buffer", tmp_path / "b", "--catalog",
+            world.catalog, g, "--to", tmp_path / "o1")
+    assert r.code == 2 and "carries an sdbackup label" in r.err
+    # a foreign tape: block 0 is not a label
+    foreign = _new_tape(tmp_path / "foreign.tape")
+    t = FileTape.open(foreign)
+    t.write(b"tar archive, not sdbackup" * 10)
+    t.write_filemarks()
+    t.close()
+    r = cli("tape", "ls", "--tape", f"file:{foreign}")
+    assert r.code == 2 and "is not an sdbackup tape" in r.err and str(foreign) in r.err
+    r = cli("tape", "label", "--tape", f"file:{foreign}", "--medium", world.medium)
+    assert r.code == 2 and "--force" in r.err
+    # a labelled tape is not labelled again without --force
+    r = cli("tape", "label", "--tape", f"file:{world.tapes[0]}", "--medium", world.medium)
+    assert r.code == 2 and "labelled already" in r.err and "--force" in r.err
+    # a tape of another set next to this set's tape
+    other = _new_tape(tmp_path / "other.tape")
+    assert cli("tape", "label", "--tape", f"file:{other}", "--cluster", "x", "--block-size",
+               "4KiB", "--catalog", tmp_path / "cat-x").code == 0
+    r = cli("restore", "--tape", f"file:{world.tapes[0]}", "--tape", f"file:{other}",
+            "--buffer", tmp_path / "b", "--catalog", world.catalog, g, "--to", tmp_path / "o2")
+    assert r.code == 2 and "different tape sets" in r.err
+    # writing to another cluster's tape is refused
+    r = cli("tape", "write", "--medium", world.medium, "--tape", f"file:{other}",
+            "--catalog", tmp_path / "cat")
+    assert r.code == 2 and "holds backups of cluster x" in r.err
+    # a missing tape of the set: the tape and where to give it are named
+    r = cli("restore", "--tape", f"file:{world.tapes[1]}", "--buffer", tmp_path / "b2",
+            "--catalog", world.catalog, world.gens[-1], "--to", tmp_path / "o3", "-q")
+    assert r.code == 4 and "is in none of the drives given" in r.err
+    tape1 = TapeCatalog(world.catalog).placement(TapeCatalog(world.catalog).sets()[0],
+                                                 world.gens[0])["stream-0.sdr"][0].tape
+    assert f"tape {tape1} is needed" in r.err
+
+
+def test_a_damaged_record_on_tape_names_tape_and_block(world: World, tmp_path: Path) -> None:
+    t1 = tmp_path / "t1.tape"
+    t2 = tmp_path / "t2.tape"
+    shutil.copyfile(world.tapes[0], t1)
+    shutil.copyfile(world.tapes[1], t2)
+    cat = TapeCatalog(world.catalog)
+    set_id = cat.sets()[0]
+    p = cat.placement(set_id, world.gens[0])["stream-0.sdr"][0]
+    # flip bytes inside the 3rd data block of the full's stream, on tape 1
+    t = FileTape.open(t1)
+    off = t._offs[p.block + 2] + 16 + 1000
+    t.close()
+    with open(t1, "r+b") as f:
+        f.seek(off)
+        f.write(b"\xff" * 16)
+    r = cli("restore", "--tape", f"file:{t1}", "--tape", f"file:{t2}", "--buffer",
+            tmp_path / "b", "--catalog", world.catalog, world.gens[0], "--to",
+            tmp_path / "out", "-q")
+    assert r.code == 5
+    assert f"tape {p.tape} (#1), file {p.file}, block {p.block + 2}" in r.err

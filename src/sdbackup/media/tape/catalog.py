@@ -219,6 +219,8 @@ class TapeSetMedium(DiskMedium):
                 if p.offset != at:
                     break
                 at += p.length
+                # Every tape the generation needs is in a drive, or one error says which.
+                self.buffer.drives.device_for(p.tape)
             if at != s.bytes:
                 raise CorruptError(f"generation {manifest.id}: {stream_name(n)} is on tape "
                                    f"set {self.set_id} for {at} of its {s.bytes} bytes only: "
