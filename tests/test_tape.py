@@ -182,7 +182,7 @@ def test_mount_from_tape_through_the_buffer(world: World) -> None:
     mp.mkdir()
     g = world.gens[-1]
     buf = world.base / "buf-mount"
-    for attempt in range(2):  # the second mount finds the blocks in the buffer
+    for _attempt in range(2):  # the second mount finds the blocks in the buffer
         r = cli("mount", *world.tape_args(), "--buffer", buf, "--catalog", world.catalog, g,
                 mp, "--background", "--log-file", world.base / "mount.log")
         assert r.code == 0, r.err
