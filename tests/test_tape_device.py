@@ -227,8 +227,8 @@ def test_one_process_per_tape_and_write_protect(tmp_path: Path) -> None:
 
 
 def test_time_model_locate_and_stream(tmp_path: Path) -> None:
-    m = TapeModel(speed=100e6, wraps=4, eot_to_bot=100.0, change_direction=2.0,
-                  change_track=0.5, load=10.0)
+    m = TapeModel(speed=100e6, wraps=4, native_capacity=400 << 20, eot_to_bot=100.0,
+                  change_direction=2.0, change_track=0.5, load=10.0)
     FileTape.create(tmp_path / "t", 400 << 20, model=m, max_block=8 << 20)
     t = open_tape(f"file:{tmp_path / 't'}")
     assert t.clock == 10.0  # loading
@@ -245,7 +245,7 @@ def test_time_model_locate_and_stream(tmp_path: Path) -> None:
     assert t.last_cost > 2.0  # a direction change at least
     t.read(8 << 20)
     assert abs(t.last_cost - (5 << 20) / 100e6) < 1e-9
-    assert "100 MB/s, 4 wraps" in t.describe()
+    assert "100 MB/s, 4 wraps of 0.105 GB" in t.describe()
 
 
 # -- the state machine: the file tape against a list ------------------------------------------

@@ -252,6 +252,8 @@ class ChainReader:
             return
         did = self.disk_id(disk)
         plan = self._medium_order_plan(did)
+        if not self.gen.medium.streams_local:
+            threads = 1  # tape: records are asked for strictly in tape order
         bs = self.block_size
         with ThreadPoolExecutor(max(1, threads), thread_name_prefix="sdb-chainread") as pool:
             pending: collections.deque[tuple[list[tuple[int, int]], int, Future[bytes]]] = \

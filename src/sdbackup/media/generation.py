@@ -308,6 +308,8 @@ class GenerationReader:
         in medium order, read and verified ``ahead`` records in advance by ``threads``
         threads (for images: write DATA first, then BI, which wins)."""
         did = self.disk_id(disk)
+        if not self.gen.medium.streams_local:
+            threads = 1  # tape: records are asked for strictly in tape order
         entries: Entries = self._index.for_disk(did, kind)
         entries = entries[np.lexsort((entries["offset"], entries["stream"]))]
         if entries.size == 0:

@@ -286,12 +286,21 @@ class TapeBuffer:
             got = self._from_slots(req.tape, req.first, req.count)
             if got is not None:
                 return got  # loaded by an earlier request of this batch
+            # Blocks at the front that are here already (a record that straddles the
+            # end of the last read-ahead) are not read again: no locate back.
+            out: list[bytes] = []
+            start = req.first
+            while start < req.first + req.count:
+                got = self._from_slots(req.tape, start, 1)
+                if got is None:
+                    break
+                out.append(got)
+                start += 1
         stop = min(req.end, req.first + req.count + self.readahead)
         stop = max(stop, req.first + req.count)
-        out: list[bytes] = []
-        if dev.tell() != req.first:
-            dev.seek(req.first)
-        for b in range(req.first, stop):
+        if dev.tell() != start:
+            dev.seek(start)
+        for b in range(start, stop):
             try:
                 data = dev.read(dev.max_block)
             except TapeError as e:

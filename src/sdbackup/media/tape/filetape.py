@@ -12,7 +12,11 @@ changing wraps ``change_track``; data moves at ``speed`` bytes per second while
 streaming. A write that arrives after the drive's buffer ran dry (more wall-clock time
 than ``drive_buffer / speed`` since the last one) costs a backhitch (two direction
 changes): shoe-shining is visible in the figures. The parameters default to an
-LTO-8-class drive and are stored in the tape file, so that they travel with it.
+LTO-8-class drive (12 TB native, 208 wraps of 57.7 GB) and are stored in the tape
+file, so that they travel with it. A tape created with a smaller capacity is the
+beginning of such a cartridge: its wraps keep their native length, so that a locate
+costs what it costs on the real tape (about 1.7 times faster than streaming), not a
+shrunken tape's.
 
 File layout (private to this module): a 4096-byte header (``SDBTAPE1``, u32 length,
 JSON: capacity, early-warning zone, largest block, the model's parameters), then one
@@ -61,6 +65,7 @@ class TapeModel:
 
     speed: float = 360e6  # bytes per second while streaming
     wraps: int = 208
+    native_capacity: float = 12e12  # bytes of the full cartridge: sets a wrap's length
     eot_to_bot: float = 94.0  # seconds to move the tape end to end
     change_direction: float = 2.0  # seconds to reverse the tape
     change_track: float = 0.01  # seconds to step the head to another wrap
@@ -68,7 +73,8 @@ class TapeModel:
     drive_buffer: int = 1 << 30  # bytes the drive buffers: gaps shorter than it drains
 
     def describe(self) -> str:
-        return (f"{self.speed / 1e6:.0f} MB/s, {self.wraps} wraps, end to end "
+        return (f"{self.speed / 1e6:.0f} MB/s, {self.wraps} wraps of "
+                f"{self.native_capacity / self.wraps / 1e9:.3g} GB, end to end "
                 f"{self.eot_to_bot:g} s, direction change {self.change_direction:g} s, "
                 f"wrap change {self.change_track * 1e3:g} ms, load {self.load:g} s, drive "
                 f"buffer {self.drive_buffer >> 20} MiB")
@@ -78,8 +84,10 @@ class _Motion:
     """Where the head is along the tape and which way the tape last moved."""
 
     def __init__(self, model: TapeModel, capacity: int) -> None:
+        # A tape of a smaller capacity is the beginning of a full cartridge: its wraps
+        # are as long as the cartridge's, so locating and streaming stay consistent.
         self.m = model
-        self.wrap_bytes = max(1.0, capacity / model.wraps)
+        self.wrap_bytes = max(1.0, model.native_capacity / model.wraps)
         self.direction = 1
 
     def _place(self, x: int) -> tuple[int, float]:
