@@ -85,7 +85,7 @@ def main() -> None:
     out: dict[str, Any] = {"generations": gens, "big_file": big, "model": model.describe()}
     with bench_dir("sdbackup-bench-tape-") as base:
         t = time.monotonic()
-        cdir, medium = build(base, gens, big)
+        _cdir, medium = build(base, gens, big)
         out["build_seconds"] = round(time.monotonic() - t, 1)
         tape = base / "t1.tape"
         FileTape.create(tape, 12 * 10**12 // 1000, model=model)  # 12 GB: LTO-8 / 1000

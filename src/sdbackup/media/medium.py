@@ -33,13 +33,15 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import xxhash
 
 from sdbackup.blocks.durable import sync_dir, write_atomic
 from sdbackup.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
-from sdbackup.media.record_reader import RecordReader
+
+if TYPE_CHECKING:  # the record reader pulls in zstandard: not for 'generations' (issue 11)
+    from sdbackup.media.record_reader import RecordReader
 
 MEDIUM_LABEL = "sdbackup-medium.json"
 MEDIUM_FORMAT = "sdbackup-medium"
@@ -479,6 +481,8 @@ class DiskMedium:
 
     def open_stream(self, gen_id: str, n: int) -> RecordReader:
         """A reader of record stream ``n`` of generation ``gen_id``."""
+        from sdbackup.media.record_reader import RecordReader
+
         path = self.generations_dir / gen_id / stream_name(n)
         return RecordReader(path, medium=str(path))
 
