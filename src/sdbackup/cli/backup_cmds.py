@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sdbackup.cli.progress import ByteProgress
+from sdbackup.cli.tape_cmds import tape_read_options
 from sdbackup.errors import EXIT_CHECK_FAILED, EXIT_CORRUPT, CorruptError, SdbError, UsageError
 
 if TYPE_CHECKING:
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 MEDIUM = click.option("--medium", "medium", required=True, metavar="DIR",
                       type=click.Path(path_type=Path),
                       help="The backup medium: a directory (created by the first backup).")
+MEDIUM_OR_TAPE = click.option(
+    "--medium", "medium", metavar="DIR", type=click.Path(path_type=Path), default=None,
+    help="The backup medium: a directory (or read a backup on tape: --tape, --buffer).")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 QUIET = click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 
@@ -537,12 +541,28 @@ def prune_cmd(medium: Path, keep_last: int, keep_daily: int, keep_weekly: int,
 # -- restores -------------------------------------------------------------------------------
 
 @contextmanager
-def _open_gen(medium: Path, gen: str | None, log_medium: Path | None = None
-             ) -> Iterator[tuple[Generation, ChainReader]]:
-    """The generation, read through its chain (a full is a chain of one)."""
+def _open_gen(medium: Path | None, gen: str | None, log_medium: Path | None = None,
+              tape: dict[str, Any] | None = None
+              ) -> Iterator[tuple[Generation, ChainReader]]:
+    """The generation, read through its chain (a full is a chain of one); from tape
+    through a disk buffer when ``tape`` names drives (``--tape``)."""
     from sdbackup.media.chain import ChainReader
     from sdbackup.media.medium import DiskMedium
 
+    if tape is not None and tape["tapes"]:
+        from sdbackup.cli.tape_cmds import open_tape_set
+
+        if medium is not None:
+            raise UsageError("give --medium DIR or --tape DEV, not both")
+        opened = open_tape_set(**tape)
+        try:
+            with ChainReader(opened.medium, opened.medium.resolve(gen)) as reader:
+                yield reader.gen, reader
+        finally:
+            opened.close()
+        return
+    if medium is None:
+        raise UsageError("give the backup medium: --medium DIR (or --tape DEV --buffer DIR)")
     med = DiskMedium.open(medium)
     with ChainReader(med, med.resolve(gen), log_medium=log_medium) as reader:
         yield reader.gen, reader
@@ -562,15 +582,16 @@ def _echo_json_or(as_json: bool, data: dict[str, Any], lines: Callable[[], None]
 
 
 @click.command()
-@MEDIUM
+@MEDIUM_OR_TAPE
 @click.argument("args", nargs=-1, metavar="[GEN] [PATTERN]...")
 @click.option("--to", "dest", required=True, type=click.Path(path_type=Path),
               help="A new or empty directory to restore into.")
 @LOG_MEDIUM
+@tape_read_options
 @JSON
 @QUIET
-def restore(medium: Path, args: tuple[str, ...], dest: Path, log_medium: Path | None,
-            as_json: bool, quiet: bool) -> None:
+def restore(medium: Path | None, args: tuple[str, ...], dest: Path, log_medium: Path | None,
+            as_json: bool, quiet: bool, **tape: Any) -> None:
     """Restore files of generation GEN (default: the newest) under --to DIR.
 
     PATTERNs are paths inside the cluster, with shell wildcards per component
@@ -587,7 +608,7 @@ def restore(medium: Path, args: tuple[str, ...], dest: Path, log_medium: Path | 
     patterns = list(args)
     if patterns and (looks_like_generation(patterns[0]) or patterns[0] == "latest"):
         gen = patterns.pop(0)
-    with _open_gen(medium, gen, log_medium) as (g, reader), \
+    with _open_gen(medium, gen, log_medium, tape) as (g, reader), \
             _progress("restore", quiet) as prog:
         stats = restore_files(g, reader, dest, patterns, on_total=prog.start,
                               progress=prog.advance)
@@ -607,17 +628,19 @@ def restore(medium: Path, args: tuple[str, ...], dest: Path, log_medium: Path | 
 
 
 @click.command("restore-image")
-@MEDIUM
+@MEDIUM_OR_TAPE
 @click.argument("gen", required=False)
 @click.option("--disk", "disk", required=True, metavar="NAME", help="The disk to restore.")
 @click.option("--to", "dest", required=True, type=click.Path(path_type=Path),
               help="Image file to create (or an empty file, or a device with --force).")
 @click.option("--force", is_flag=True, help="Overwrite a file or device that holds data.")
 @LOG_MEDIUM
+@tape_read_options
 @JSON
 @QUIET
-def restore_image_cmd(medium: Path, gen: str | None, disk: str, dest: Path, force: bool,
-                      log_medium: Path | None, as_json: bool, quiet: bool) -> None:
+def restore_image_cmd(medium: Path | None, gen: str | None, disk: str, dest: Path,
+                      force: bool, log_medium: Path | None, as_json: bool, quiet: bool,
+                      **tape: Any) -> None:
     """Rebuild disk NAME of generation GEN (default: the newest) as an image at PATH.
 
     Blocks unused at T0 are holes in a new image file. The image is the disk as it was
@@ -625,7 +648,7 @@ def restore_image_cmd(medium: Path, gen: str | None, disk: str, dest: Path, forc
     """
     from sdbackup.restore.image import restore_image
 
-    with _open_gen(medium, gen, log_medium) as (g, reader):
+    with _open_gen(medium, gen, log_medium, tape) as (g, reader):
         d = g.manifest.disk(disk)
         with ByteProgress("restore-image", d.blocks * g.block_size, quiet=quiet) as prog:
             stats = restore_image(reader, disk, dest, force=force, progress=prog.advance)

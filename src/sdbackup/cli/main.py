@@ -50,7 +50,15 @@ def cli(verbose: int) -> None:
 
 
 def _register() -> None:
-    from sdbackup.cli import backup_cmds, cluster_cmds, daemon_cmds, demo, fs_cmds, mount_cmds
+    from sdbackup.cli import (
+        backup_cmds,
+        cluster_cmds,
+        daemon_cmds,
+        demo,
+        fs_cmds,
+        mount_cmds,
+        tape_cmds,
+    )
 
     cluster_cmds.register(cli)
     backup_cmds.register(cli)
@@ -58,6 +66,7 @@ def _register() -> None:
     fs_cmds.register(cli)
     mount_cmds.register(cli)
     demo.register(cli)
+    tape_cmds.register(cli)
 
 
 _register()

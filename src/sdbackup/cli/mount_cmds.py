@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from sdbackup.cli.tape_cmds import tape_read_options
 from sdbackup.errors import EXIT_USAGE, SdbError, UsageError
 
 if TYPE_CHECKING:
@@ -25,8 +26,9 @@ def register(cli: click.Group) -> None:
 
 
 @click.command()
-@click.option("--medium", "medium", required=True, metavar="DIR",
-              type=click.Path(path_type=Path), help="The backup medium (a directory).")
+@click.option("--medium", "medium", default=None, metavar="DIR",
+              type=click.Path(path_type=Path),
+              help="The backup medium (a directory); or --tape DEV --buffer DIR.")
 @click.argument("args", nargs=-1, required=True, metavar="[GEN] MOUNTPOINT")
 @click.option("--all", "all_gens", is_flag=True,
               help="Mount every generation of the medium, one directory each (named by "
@@ -41,8 +43,11 @@ def register(cli: click.Group) -> None:
 @click.option("--log-file", type=click.Path(path_type=Path),
               help="With --background: where the mount's log goes (default: a file in the "
                    "temporary directory, printed at start).")
-def mount(medium: Path, args: tuple[str, ...], all_gens: bool, log_medium: Path | None,
-          background: bool, log_file: Path | None) -> None:
+@tape_read_options
+def mount(medium: Path | None, args: tuple[str, ...], all_gens: bool, log_medium: Path | None,
+          background: bool, log_file: Path | None, tapes: tuple[str, ...],
+          catalog_dir: Path | None, buffer_dir: Path | None, buffer_size: str,
+          readahead: int) -> None:
     """Mount a backup as a read-only file system: browse it, copy files back.
 
     GEN is a generation id or a unique prefix (default: the newest). An incremental
@@ -54,6 +59,10 @@ def mount(medium: Path, args: tuple[str, ...], all_gens: bool, log_medium: Path 
 
     Runs in the foreground until unmounted ('sdbackup umount MOUNTPOINT', or Ctrl-C),
     or with --background returns once the mount works.
+
+    With --tape DEV --buffer DIR, the generation is read from a tape set (the catalog
+    says where each block lies): only the blocks read are loaded from tape into the
+    buffer, with read-ahead, and kept there for the next mount.
     """
     from sdbackup.fs import fuse_mount
     from sdbackup.restore import mount as mount_mod
@@ -70,6 +79,38 @@ def mount(medium: Path, args: tuple[str, ...], all_gens: bool, log_medium: Path 
         raise UsageError("give [GEN] MOUNTPOINT")
     fuse_mount.check_fuse()
     mp = fuse_mount.check_mountpoint(mp)
+
+    if tapes:
+        from sdbackup.cluster.config import parse_size
+
+        if medium is not None or all_gens:
+            raise UsageError("--tape mounts one generation: give no --medium and no --all")
+        if buffer_dir is None:
+            raise UsageError("reading from tape needs a disk buffer: give --buffer DIR")
+        limit = parse_size(buffer_size)
+
+        def from_tape() -> MountSource:
+            return mount_mod.open_tape_generation(tapes, buffer_dir, gen,
+                                                  catalog_dir=catalog_dir, limit=limit,
+                                                  readahead=readahead)
+
+        src = from_tape()  # resolves GEN and checks the tapes now, not in the child
+        gen = src.manifest.id if src.manifest else gen
+        if not background:
+            label = " ".join(tapes)
+            mount_mod.serve(src, mp, on_ready=lambda p: click.echo(
+                f"mounted generation {gen} from tape {label} at {p} (read-only, buffer "
+                f"{buffer_dir}); 'sdbackup umount {p}' ends it", err=True))
+            return
+        src.close()
+        if log_file is None:
+            fd, tmp = tempfile.mkstemp(prefix="sdbackup-mount.", suffix=".log")
+            os.close(fd)
+            log_file = Path(tmp)
+        _background(from_tape, mp, log_file, f"generation {gen}", Path(tapes[0]))
+        return
+    if medium is None:
+        raise UsageError("give the backup medium: --medium DIR (or --tape DEV --buffer DIR)")
 
     def opened() -> MountSource:
         if all_gens:

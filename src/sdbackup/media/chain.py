@@ -20,9 +20,11 @@ A full's chain is itself: then every call goes straight to its
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
@@ -240,22 +242,77 @@ class ChainReader:
                 kind: int = int(Kind.DATA)) -> Iterator[tuple[int, int, bytes]]:
         """The generation's blocks of a disk as (start, count, data): for a full, its
         records in medium order (DATA, then BI, which wins); for a chain, the blocks in
-        use at T0 as the chain holds them (all in the DATA pass, before images applied),
-        in disk order, in batches of up to 8 MiB."""
+        use at T0 as the chain holds them (all in the DATA pass, each block once, from
+        its before image where its owner has one), in the order the records lie on their
+        media: a chain on tape is restored in one pass along the tape."""
         if len(self.readers) == 1:
             yield from self._top.records(disk, threads=threads, ahead=ahead, kind=kind)
             return
         if kind != int(Kind.DATA):
             return
         did = self.disk_id(disk)
+        plan = self._medium_order_plan(did)
+        if not self.gen.medium.streams_local:
+            threads = 1  # tape: records are asked for strictly in tape order
+        bs = self.block_size
+        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="sdb-chainread") as pool:
+            pending: collections.deque[tuple[list[tuple[int, int]], int, Future[bytes]]] = \
+                collections.deque()
+            try:
+                for _, i, e, parts in plan:
+                    pending.append((parts, int(e["start"]),
+                                    pool.submit(self.readers[i]._load, e)))
+                    if len(pending) >= ahead:
+                        ps, s, f = pending.popleft()
+                        data = f.result()
+                        for lo, hi in ps:
+                            yield lo, hi - lo, data[(lo - s) * bs : (hi - s) * bs]
+                while pending:
+                    ps, s, f = pending.popleft()
+                    data = f.result()
+                    for lo, hi in ps:
+                        yield lo, hi - lo, data[(lo - s) * bs : (hi - s) * bs]
+            finally:
+                for _, _, f in pending:
+                    f.cancel()
+
+    def _medium_order_plan(self, did: DiskId
+                           ) -> list[tuple[tuple[int, ...], int, np.void, list[tuple[int, int]]]]:
+        """Every record the chain reads for disk ``did``, with the runs of it that are
+        read (each block once: the owner's before image if it has one, else its copy),
+        sorted by where the records lie on their media (``DiskMedium.read_position``):
+        on tape, one pass from the beginning to the end."""
         own = self.owners(did)
-        per = max(1, READ_BATCH // self.block_size)
-        for s0, e0 in zip(own.starts.tolist(), own.ends.tolist(), strict=True):
-            for s in range(s0, e0, per):
-                n = min(per, e0 - s)
-                buf = bytearray(n * self.block_size)
-                self.readinto(did, s, buf)
-                yield s, n, bytes(buf)
+        plan: list[tuple[tuple[int, ...], int, np.void, list[tuple[int, int]]]] = []
+        for i, r in enumerate(self.readers):
+            mask = own.owner == i
+            if not mask.any():
+                continue
+            mine = BlockSet.from_runs(np.stack(
+                [own.starts[mask], own.ends[mask] - own.starts[mask]], axis=1))
+            bi_e = r.index.for_disk(did, int(Kind.BI))
+            bi = BlockSet.from_runs(np.stack([bi_e["start"].astype(np.int64),
+                                              bi_e["count"].astype(np.int64)], axis=1)) \
+                if bi_e.size else BlockSet()
+            med = r.gen.medium
+            for kind, allowed in ((int(Kind.DATA), mine - bi), (int(Kind.BI), mine & bi)):
+                runs = allowed.runs_array()
+                if not runs.size:
+                    continue
+                starts = runs[:, 0]
+                ends = runs[:, 0] + runs[:, 1]
+                for e in r.index.for_disk(did, kind):
+                    s, c = int(e["start"]), int(e["count"])
+                    lo = int(np.searchsorted(ends, s, side="right"))
+                    hi = int(np.searchsorted(starts, s + c, side="left"))
+                    parts = [(max(int(starts[j]), s), min(int(ends[j]), s + c))
+                             for j in range(lo, hi)]
+                    if parts:
+                        key = med.read_position(r.manifest, int(e["stream"]),
+                                                int(e["offset"]))
+                        plan.append((key, i, e, parts))
+        plan.sort(key=lambda x: x[0])
+        return plan
 
 
 def open_chain(medium: DiskMedium, manifest: Manifest, *,

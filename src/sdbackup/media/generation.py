@@ -91,6 +91,9 @@ class Generation:
     def check_streams_present(self) -> None:
         """Every stream exists with the size the manifest lists (a cheap stat): a
         truncated stream is reported at once, naming the first blocks it lost."""
+        if not self.medium.streams_local:
+            self.medium.check_streams(self.manifest)
+            return
         for n, s in enumerate(self.manifest.streams):
             p = self.stream_path(n)
             try:
@@ -166,7 +169,7 @@ class GenerationReader:
         gen.check_streams_present()
         self._ids = {d.name: d.id for d in self.manifest.disks}
         self._nblocks = {d.id: d.nblocks for d in self.manifest.disks}
-        self._readers = [RecordReader(gen.stream_path(n), medium=str(gen.stream_path(n)))
+        self._readers = [gen.medium.open_stream(gen.id, n)
                          for n in range(len(self.manifest.streams))]
         ext = external_log(gen, log_medium)
         if ext is not None:
@@ -305,6 +308,8 @@ class GenerationReader:
         in medium order, read and verified ``ahead`` records in advance by ``threads``
         threads (for images: write DATA first, then BI, which wins)."""
         did = self.disk_id(disk)
+        if not self.gen.medium.streams_local:
+            threads = 1  # tape: records are asked for strictly in tape order
         entries: Entries = self._index.for_disk(did, kind)
         entries = entries[np.lexsort((entries["offset"], entries["stream"]))]
         if entries.size == 0:

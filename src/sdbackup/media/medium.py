@@ -33,12 +33,15 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import xxhash
 
 from sdbackup.blocks.durable import sync_dir, write_atomic
 from sdbackup.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
+
+if TYPE_CHECKING:  # the record reader pulls in zstandard: not for 'generations' (issue 11)
+    from sdbackup.media.record_reader import RecordReader
 
 MEDIUM_LABEL = "sdbackup-medium.json"
 MEDIUM_FORMAT = "sdbackup-medium"
@@ -455,7 +458,13 @@ class GenerationEntry:
 
 
 class DiskMedium:
-    """A directory that holds the backup generations of one cluster."""
+    """A directory that holds the backup generations of one cluster.
+
+    ``streams_local``: the generations' record streams are files in their directories
+    (a tape set's catalog holds everything of a generation but its streams, which are
+    read from tape: :class:`~sdbackup.media.tape.catalog.TapeSetMedium`)."""
+
+    streams_local = True
 
     def __init__(self, root: Path, label: Mapping[str, Any]) -> None:
         self.root = root
@@ -469,6 +478,22 @@ class DiskMedium:
 
     def __str__(self) -> str:
         return str(self.root)
+
+    def open_stream(self, gen_id: str, n: int) -> RecordReader:
+        """A reader of record stream ``n`` of generation ``gen_id``."""
+        from sdbackup.media.record_reader import RecordReader
+
+        path = self.generations_dir / gen_id / stream_name(n)
+        return RecordReader(path, medium=str(path))
+
+    def read_position(self, manifest: Manifest, stream: int, offset: int) -> tuple[int, ...]:
+        """A sort key of where a record lies: reading in this order reads each medium
+        front to back (here: generations oldest first, then stream and offset)."""
+        return (manifest.t0_wall_ns, stream, offset)
+
+    def check_streams(self, manifest: Manifest) -> None:
+        """Where streams are not local files: check that every stream can be read
+        whole (``Generation.check_streams_present`` checks local files)."""
 
     # -- opening ---------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from sdbackup.media.record_format import (
     HEADER_SIZE,
@@ -39,15 +39,28 @@ from sdbackup.media.record_format import (
 )
 from sdbackup.media.record_scan import scan_stream
 
-__all__ = ["RecordReader"]
+__all__ = ["PositionalSource", "RecordReader"]
+
+
+@runtime_checkable
+class PositionalSource(Protocol):
+    """A stream that is not a file: ``pread(n, offset)`` returns up to ``n`` bytes
+    from ``offset`` (fewer only at the end), from any thread (a tape through its
+    buffer, :class:`~sdbackup.media.tape.buffer.TapeStreamSource`)."""
+
+    def pread(self, n: int, offset: int) -> bytes: ...
+
+    def close(self) -> None: ...
 
 
 class RecordReader:
     """Reads records from a stream written by
     :class:`~sdbackup.media.record_writer.RecordWriter`.
 
-    ``source`` is a path (opened read-only, closed by :meth:`close`) or a descriptor
-    (left open). ``medium`` names the medium in error messages (default: the path).
+    ``source`` is a path (opened read-only, closed by :meth:`close`), a descriptor
+    (left open) or a :class:`PositionalSource` (closed by :meth:`close`; :meth:`read_at`
+    and :meth:`read_header` only). ``medium`` names the medium in error messages
+    (default: the path).
     Every read verifies the header and payload checksums; nothing wrong is returned.
     Offsets are positions in the file; a stream is expected at offset 0 (``start``
     otherwise). Safe to share between threads for :meth:`read_at` (positional reads).
@@ -55,12 +68,18 @@ class RecordReader:
 
     def __init__(
         self,
-        source: int | str | os.PathLike[str],
+        source: int | str | os.PathLike[str] | PositionalSource,
         medium: str | None = None,
         *,
         start: int = 0,
     ) -> None:
-        if isinstance(source, int):
+        self._src: PositionalSource | None = None
+        if isinstance(source, PositionalSource):
+            self._src = source
+            self._fd = -1
+            self._owns = False
+            default = repr(source)
+        elif isinstance(source, int):
             self._fd = source
             self._owns = False
             default = f"fd {source}"
@@ -72,6 +91,8 @@ class RecordReader:
         self.start = start
 
     def close(self) -> None:
+        if self._src is not None:
+            self._src.close()
         if self._owns and self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -83,6 +104,8 @@ class RecordReader:
         self.close()
 
     def _pread(self, n: int, offset: int) -> bytes:
+        if self._src is not None:
+            return self._src.pread(n, offset)
         parts: list[bytes] = []
         while n:
             got = os.pread(self._fd, n, offset)
@@ -130,6 +153,8 @@ class RecordReader:
         (payloads are skipped, ``data`` is empty): for rebuilding an index.
         See :func:`~sdbackup.media.record_scan.scan_stream`.
         """
+        if self._src is not None:
+            raise TypeError("scan() reads a file or descriptor, not a positional source")
         yield from scan_stream(
             self._fd,
             medium=self.medium,

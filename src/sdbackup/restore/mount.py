@@ -56,6 +56,37 @@ def open_generation(medium_path: str | os.PathLike[str], gen: str | None, *,
     return MountSource(ReadOnlyFileSystem(snap, reader), f"backup-{m.id}", close, m)
 
 
+def open_tape_generation(tapes: list[str] | tuple[str, ...], buffer_dir: str | os.PathLike[str],
+                         gen: str | None, *, catalog_dir: str | os.PathLike[str] | None = None,
+                         limit: int | None = None, readahead: int | None = None
+                         ) -> MountSource:
+    """One generation of the tape set in the drives ``tapes``, read through the disk
+    buffer at ``buffer_dir`` (c.3): each block the file system reads is looked up in
+    the catalog, served from the buffer, or loaded (with read-ahead) from tape."""
+    from sdbackup.media.tape import buffer as tbuf
+    from sdbackup.media.tape.catalog import TapeCatalog, default_catalog
+    from sdbackup.media.tape.library import open_set
+
+    opened = open_set(tapes, buffer_dir, catalog=TapeCatalog(catalog_dir or default_catalog()),
+                      limit=limit or tbuf.DEFAULT_LIMIT,
+                      readahead=tbuf.DEFAULT_READAHEAD if readahead is None else readahead)
+    try:
+        m = opened.medium.resolve(gen)
+        snap, reader = open_chain(opened.medium, m)
+    except BaseException:
+        opened.close()
+        raise
+
+    def close() -> None:
+        try:
+            reader.close()
+            snap.close()
+        finally:
+            opened.close()
+
+    return MountSource(ReadOnlyFileSystem(snap, reader), f"backup-{m.id}", close, m)
+
+
 def open_all(medium_path: str | os.PathLike[str], *,
              log_medium: str | os.PathLike[str] | None = None) -> MountSource:
     """Every generation of the medium, one directory each (see :class:`MediumView`)."""
