@@ -598,6 +598,16 @@ def restore(medium: Path, args: tuple[str, ...], dest: Path, log_medium: Path | 
                       f"restored {stats.files} files ({_human(stats.bytes)}), "
                       f"{stats.directories} directories, {stats.symlinks} symlinks, "
                       f"{stats.hardlinks} hard links from generation {g.id} to {dest}"))
+    if stats.outside:
+        grp = g.manifest.group
+        shown = ", ".join(stats.outside[:5]) + (" ..." if len(stats.outside) > 5 else "")
+        why = (f"{len(stats.outside)} file(s) outside group {grp} not restored: generation "
+               f"{g.id} is a backup of group {grp} and holds only its files' data ({shown})")
+        if patterns:
+            from sdbackup.errors import NotInBackupError
+
+            raise NotInBackupError(why)
+        click.echo(f"sdbackup: warning: {why}", err=True)
     if stats.damaged:
         for d in stats.damaged:
             click.echo(f"sdbackup: not restored (damaged on the medium): {d}", err=True)
