@@ -162,6 +162,8 @@ class BackupResult:
             "disks": [{"name": d.name, "id": d.id, "nblocks": d.nblocks, "blocks": d.blocks}
                       for d in m.disks],
             **({"log": m.extra["log"]} if "log" in m.extra else {}),
+            **({"group": m.group, "group_files": m.extra["group_spec"]["files"],
+                "meta": m.extra["group_spec"]["meta"]} if m.group is not None else {}),
         }
 
 

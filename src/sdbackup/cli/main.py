@@ -50,13 +50,22 @@ def cli(verbose: int) -> None:
 
 
 def _register() -> None:
-    from sdbackup.cli import backup_cmds, cluster_cmds, daemon_cmds, demo, fs_cmds, mount_cmds
+    from sdbackup.cli import (
+        backup_cmds,
+        cluster_cmds,
+        daemon_cmds,
+        demo,
+        fs_cmds,
+        group_cmds,
+        mount_cmds,
+    )
 
     cluster_cmds.register(cli)
     backup_cmds.register(cli)
     daemon_cmds.register(cli)
     fs_cmds.register(cli)
     mount_cmds.register(cli)
+    group_cmds.register(cli)
     demo.register(cli)
 
 
