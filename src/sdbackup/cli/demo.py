@@ -500,7 +500,7 @@ def _group_step(base: Path, cdir: Path) -> None:
         with open_cluster(cdir) as c:
             mem = evaluate(c.meta, parse_group_list(text))
             blocks = mem.blocks(c.meta)
-        runs = [r for b in blocks.values() for r in format_runs(b, 3)]
+        runs = [f"disk {d}: {r}" for d, b in sorted(blocks.items()) for r in format_runs(b, 3)]
         click.echo(f"  {name}: {'; '.join(text.strip().splitlines())}")
         click.echo(f"    {len(mem.files)} files, {sum(len(b) for b in blocks.values())} "
                    f"blocks in {sum(b.num_runs() for b in blocks.values())} runs "
