@@ -60,6 +60,11 @@ class NotFoundError(SdbError):
     exit_code = EXIT_NOT_FOUND
 
 
+class NotInBackupError(NotFoundError):
+    """Data a generation does not hold: a file outside the group of a group backup
+    whose metadata lists every file (``--meta all``). A mount answers EIO."""
+
+
 class CorruptError(SdbError):
     exit_code = EXIT_CORRUPT
 

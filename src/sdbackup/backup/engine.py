@@ -44,6 +44,7 @@ from sdbackup.blocks.durable import fsync_path
 from sdbackup.blocks.source import Buffer, read_blocks
 from sdbackup.errors import CorruptError, NoSpaceError, SdbError, UsageError
 from sdbackup.media.bilog import BiEntry, read_entries
+from sdbackup.media.generation import Generation
 from sdbackup.media.index import make_entries, write_index
 from sdbackup.media.medium import (
     INDEX,
@@ -62,6 +63,14 @@ from sdbackup.media.record_reader import RecordReader
 from sdbackup.media.record_scan import StreamDigest
 from sdbackup.media.record_writer import RecordWriter
 from sdbackup.media.snapshot import SnapshotMeta
+from sdbackup.meta.groups import (
+    META_SCOPES,
+    GroupList,
+    Membership,
+    evaluate,
+    keep_only_group,
+    write_group_tables,
+)
 from sdbackup.meta.tracking import ChangeTracker, TrackingLost
 from sdbackup.types import DiskId
 
@@ -113,6 +122,12 @@ class BackupOptions:
     # of the chain (or since a mark); with no usable parent, fail, or take a full.
     incremental: bool = False
     full_if_needed: bool = False
+    # File groups (b.1-b.5): copy only the blocks of the group's files at T0, in a
+    # chain of the group's own; ``meta_scope`` "all" lists every file in the
+    # generation's metadata, "group" only the group's.
+    group: str | None = None
+    group_list: GroupList | None = None
+    meta_scope: str = "all"
 
     @property
     def compression_text(self) -> str:
@@ -147,6 +162,8 @@ class BackupResult:
             "disks": [{"name": d.name, "id": d.id, "nblocks": d.nblocks, "blocks": d.blocks}
                       for d in m.disks],
             **({"log": m.extra["log"]} if "log" in m.extra else {}),
+            **({"group": m.group, "group_files": m.extra["group_spec"]["files"],
+                "meta": m.extra["group_spec"]["meta"]} if m.group is not None else {}),
         }
 
 
@@ -200,6 +217,12 @@ def run_backup(
     opts = options or BackupOptions()
     cfg = source.config
     root = Path(medium_path).absolute()
+    if (opts.group is None) != (opts.group_list is None):
+        raise UsageError("a group backup needs the group's name and its list")
+    if opts.meta_scope not in META_SCOPES:
+        raise UsageError(f"--meta {opts.meta_scope!r}: use one of {', '.join(META_SCOPES)}")
+    if opts.group is None and opts.meta_scope != "all":
+        raise UsageError("--meta group goes with --group NAME")
     if opts.incremental and not opts.full_if_needed and _new_medium(root):
         # Refused before the medium is made: a refused backup leaves nothing behind.
         raise _no_incremental(f"backup medium {root} holds no backup of this cluster yet")
@@ -220,10 +243,12 @@ def choose_parent(medium: DiskMedium, tracker: ChangeTracker, opts: BackupOption
     what changed since its T0. None for a full (asked for, or ``--full-if-needed``)."""
     if not opts.incremental:
         return None
-    head = medium.catalog().head(None)
+    head = medium.catalog().head(opts.group)
     why: str | None = None
     if head is None:
-        why = f"backup medium {medium.root} holds no backup of this cluster yet"
+        why = (f"backup medium {medium.root} holds no backup of this cluster yet"
+               if opts.group is None else
+               f"backup medium {medium.root} holds no backup of group {opts.group} yet")
     elif head.tracking is None or head.chain is None:
         why = (f"the newest generation {head.id} was made before changed-block tracking "
                "existed")
@@ -266,7 +291,10 @@ def _after_commit(tracker: ChangeTracker, medium: DiskMedium, m: Manifest) -> No
     try:
         tracker.chain_committed(m.chain, m.tracking[1])
         if m.is_full:
-            for old in {g.chain for g in medium.catalog().current} - {m.chain, None}:
+            # Only this group's chains (or the whole-cluster ones): another group's
+            # chain on the same medium goes on (b.5).
+            for old in {g.chain for g in medium.catalog().current
+                        if g.group == m.group} - {m.chain, None}:
                 tracker.forget_chain(str(old))
         tracker.compact()
     except (SdbError, OSError, sqlite3.Error) as e:
@@ -317,6 +345,11 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
         else:
             log_path = gdir / stream_name(1)
         work.mkdir()
+    # The blocks the parent of a group incremental holds (its group block list at its
+    # T0): read before the freeze, which must stay short.
+    parent_view: dict[int, BlockSet] | None = None
+    if opts.group is not None and parent is not None:
+        parent_view = _view_blocks(medium, parent)
     _run_hook("pre-freeze", opts.pre_freeze)
     t_freeze = time.monotonic()
     chain = parent.chain if parent is not None and parent.chain else uuid.uuid4().hex
@@ -324,10 +357,12 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
         # T0: the snapshot is written; list the used blocks at the same instant, and
         # (for an incremental) the blocks changed since the parent; a new era starts.
         used = take_t0(source)
+        group: GroupAtT0 | None = None
+        if opts.group is not None:
+            assert opts.group_list is not None
+            group = group_at_t0(snap.path, opts.group, opts.group_list, used)
         track = t0_tracking(source.tracker, pending.id, chain, parent)
-        plan = used if track.changed is None else Plan(
-            {d: b & track.changed.get(d, BlockSet()) for d, b in used.disks.items()},
-            used.info)
+        plan = _plan(used, track, group, parent_view)
         _crash_point("after-snapshot")
         if on_plan is not None:
             on_plan(plan)
@@ -387,7 +422,18 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
     streams.insert(0, stream)
     log_info["freeze_flush_seconds"] = round(getattr(source, "freeze_flush_seconds", 0.0), 6)
 
-    meta = _finish_snapshot(snap, cfg.cluster_id)
+    edit = None
+    if group is not None:
+        assert opts.group is not None and opts.group_list is not None
+        g_name, g_list, g_at = opts.group, opts.group_list, group
+
+        def edit(path: Path) -> None:
+            if opts.meta_scope == "group":
+                keep_only_group(path, g_at.members, g_at.blocks)
+            write_group_tables(path, g_name, g_list, opts.meta_scope, g_at.blocks,
+                               len(g_at.members.files))
+
+    meta = _finish_snapshot(snap, cfg.cluster_id, edit)
     _check_copied(to_copy, copied)
     nb = len(bi_entries)
     entries = make_entries(copied.disk + [e.disk for e in bi_entries],
@@ -406,7 +452,8 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
                         else None, mark=track.mark)
     manifest = Manifest(
         id=pending.id, kind="full" if parent is None else "incremental",
-        parent=None if parent is None else parent.id, group=None, cluster_id=cfg.cluster_id,
+        parent=None if parent is None else parent.id, group=opts.group,
+        cluster_id=cfg.cluster_id,
         medium_id=medium.medium_id, block_size=cfg.block_size, t0_wall_ns=snap.wall_ns,
         t0_logical=snap.logical_time, committed_ns=time.time_ns(),
         disks=tuple(DiskEntry(d.id, d.name, d.nblocks, len(plan.disks[d.id]))
@@ -421,7 +468,8 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
                         "batches": copied.batches, "runs": plan.runs(),
                         "batch_bytes": opts.batch_bytes, "record_bytes": opts.record_bytes,
                         "gap_bytes": opts.gap_bytes},
-               **({"log": log_info} if online else {})},
+               **({"log": log_info} if online else {}),
+               **({"group_spec": group.manifest_entry(opts)} if group is not None else {})},
     )
     pending.commit(manifest)
     return BackupResult(manifest, medium, copied.read_bytes, copied.records, plan.runs(),
@@ -483,7 +531,8 @@ def _adaptive_pace(source: BackupSource) -> Callable[[float], float]:
     return pace
 
 
-def _finish_snapshot(snap: Snapshot, cluster_id: str) -> FileEntry:
+def _finish_snapshot(snap: Snapshot, cluster_id: str,
+                     edit: Callable[[Path], None] | None = None) -> FileEntry:
     """Make the snapshot one self-contained file, check whose it is, fsync and checksum
     it.
 
@@ -495,6 +544,23 @@ def _finish_snapshot(snap: Snapshot, cluster_id: str) -> FileEntry:
     nothing but those two bytes.
     """
     path = snap.path
+    _rollback_header(path, sync=edit is None)
+    if edit is not None:
+        edit(path)  # a group generation's tables (and --meta group's pruning)
+        for extra in ("-wal", "-shm", "-journal"):
+            Path(str(path) + extra).unlink(missing_ok=True)
+        fsync_path(path)
+    with SnapshotMeta(path, "metadata snapshot at T0") as meta:
+        got = meta.get_meta("cluster_id")
+    if got != cluster_id:
+        raise CorruptError(f"the metadata snapshot at T0 names cluster {got}, not "
+                           f"{cluster_id}: the cluster's metadata store is inconsistent")
+    size, digest = file_digest(path)
+    return FileEntry(META, size, digest)
+
+
+def _rollback_header(path: Path, *, sync: bool) -> None:
+    """See :func:`_finish_snapshot`: the snapshot as a rollback-journal database."""
     for extra in ("-wal", "-shm", "-journal"):
         Path(str(path) + extra).unlink(missing_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -504,16 +570,71 @@ def _finish_snapshot(snap: Snapshot, cluster_id: str) -> FileEntry:
             raise CorruptError(f"the metadata snapshot {path} is not an SQLite database")
         if head[18:20] == b"\x02\x02":
             os.pwrite(fd, b"\x01\x01", 18)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
-    with SnapshotMeta(path, "metadata snapshot at T0") as meta:
-        got = meta.get_meta("cluster_id")
-    if got != cluster_id:
-        raise CorruptError(f"the metadata snapshot at T0 names cluster {got}, not "
-                           f"{cluster_id}: the cluster's metadata store is inconsistent")
-    size, digest = file_digest(path)
-    return FileEntry(META, size, digest)
+
+
+@dataclass
+class GroupAtT0:
+    """A group's files and block list in the T0 snapshot (b.1)."""
+
+    members: Membership
+    blocks: dict[int, BlockSet]
+    seconds: float
+
+    def manifest_entry(self, opts: BackupOptions) -> dict[str, object]:
+        assert opts.group_list is not None
+        return {"name": opts.group, "list": opts.group_list.lines, "meta": opts.meta_scope,
+                "files": len(self.members.files),
+                "blocks": sum(len(b) for b in self.blocks.values()),
+                "dirs_listed": self.members.dirs_listed,
+                "evaluate_seconds": round(self.seconds, 6)}
+
+
+def group_at_t0(snapshot: Path, name: str, gl: GroupList, used: Plan) -> GroupAtT0:
+    """Inside the freeze: the group's members in the T0 snapshot just written, and
+    their blocks (O(files in the group's directories)). A group that selects no file
+    is refused: never a silent empty backup."""
+    t = time.monotonic()
+    _rollback_header(snapshot, sync=False)  # readable as an immutable file
+    with SnapshotMeta(snapshot, "metadata snapshot at T0") as snap:
+        members = evaluate(snap, gl)
+        blocks = members.blocks(snap)
+    if not members.files:
+        raise UsageError(f"group {name} selects no file at T0 (its list: "
+                         f"{'; '.join(gl.lines)}): nothing was backed up")
+    view = {d: blocks.get(d, BlockSet()) & u for d, u in used.disks.items()}
+    if sum(len(b) for b in view.values()) != sum(len(b) for b in blocks.values()):
+        raise CorruptError("the group's files map blocks the allocation bitmap does not "
+                           "mark used at T0: run 'sdbackup fsck'")
+    return GroupAtT0(members, view, time.monotonic() - t)
+
+
+def _plan(used: Plan, track: T0Tracking, group: GroupAtT0 | None,
+          parent_view: dict[int, BlockSet] | None) -> Plan:
+    """What the backup copies. Whole cluster: the used blocks (full) or those changed
+    since the parent (incremental). A group: its block list (full), or the blocks of
+    its list that changed since the parent or that the parent does not hold (files
+    created, renamed or moved into the group's directories since: a rename changes no
+    block, yet the parent never held them)."""
+    if group is None:
+        if track.changed is None:
+            return used
+        return Plan({d: b & track.changed.get(d, BlockSet()) for d, b in used.disks.items()},
+                    used.info)
+    if track.changed is None or parent_view is None:
+        return Plan(dict(group.blocks), used.info)
+    return Plan({d: (g & track.changed.get(d, BlockSet())) | (g - parent_view.get(d, BlockSet()))
+                 for d, g in group.blocks.items()}, used.info)
+
+
+def _view_blocks(medium: DiskMedium, m: Manifest) -> dict[int, BlockSet]:
+    """The blocks generation ``m`` answers for, per disk (a group's block list)."""
+    g = Generation(medium, m)
+    with SnapshotMeta(g.meta_file(), f"metadata snapshot of {g.where()}") as snap:
+        return {d.id: snap.view_blocks(d.id, d.nblocks) for d in m.disks}
 
 
 def _check_copied(disks: dict[int, BlockSet], copied: CopyResult) -> None:

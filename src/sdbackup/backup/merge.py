@@ -244,7 +244,7 @@ def _keep(medium: DiskMedium, n: Manifest) -> tuple[dict[int, BlockSet], int]:
         g = Generation(medium, m)
         with SnapshotMeta(g.meta_file(), f"metadata snapshot of {g.where()}") as snap:
             for d in n.disks:
-                u = snap.used_blocks(d.id, d.nblocks)
+                u = snap.view_blocks(d.id, d.nblocks)
                 if i:
                     beyond += len(u - keep[d.id])
                 keep[d.id] = keep[d.id] | u if d.id in keep else u

@@ -47,6 +47,7 @@ class Retention:
     daily: int = 0
     weekly: int = 0
     monthly: int = 0
+    only_group: str | None = None  # prune only this group's generations
 
     def check(self) -> None:
         if self.last < 1:
@@ -113,7 +114,8 @@ def plan(cat: Catalog, r: Retention) -> PrunePlan:
     p = PrunePlan()
     groups: dict[str | None, list[Manifest]] = {}
     for m in sorted(cat.current, key=lambda m: (m.t0_wall_ns, m.id)):
-        groups.setdefault(m.group, []).append(m)
+        if r.only_group is None or m.group == r.only_group:
+            groups.setdefault(m.group, []).append(m)
     for gens in groups.values():
         keep = choose(gens, r)
         p.keep.update(keep)

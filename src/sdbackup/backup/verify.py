@@ -80,13 +80,17 @@ def verify_generation(gen: Generation, progress: Callable[[int], None] | None = 
                 rep.problems.append(f"{tag}: metadata snapshot has block size "
                                     f"{snap.get_meta('block_size')}, the manifest "
                                     f"{m.block_size}")
+            gi = snap.group_info()
+            if (gi or {}).get("name") != m.group:
+                rep.problems.append(f"{tag}: metadata snapshot is of group "
+                                    f"{(gi or {}).get('name')}, the manifest of {m.group}")
             have = [(i, n, nb) for i, n, nb, _ in snap.disks()]
             want = [(d.id, d.name, d.nblocks) for d in m.disks]
             if have != want:
                 rep.problems.append(f"{tag}: metadata snapshot lists disks {have}, the "
                                     f"manifest {want}")
             else:
-                used = {d.id: snap.used_blocks(d.id, d.nblocks) for d in m.disks}
+                used = {d.id: snap.view_blocks(d.id, d.nblocks) for d in m.disks}
     except SdbError as err:
         rep.problems.append(err.message if tag in err.message else f"{tag}: {err.message}")
 

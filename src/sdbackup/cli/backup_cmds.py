@@ -118,12 +118,21 @@ def _progress(label: str, quiet: bool) -> Iterator[_LazyProgress]:
               help="adaptive: while applications write (during an online backup), the "
                    "copy rests six times as long as each batch takes to read; when they "
                    "do not, it runs at full speed.")
+@click.option("--group", "group_name", metavar="NAME",
+              help="Back up only the files of group NAME ('sdbackup group add'): the blocks "
+                   "of its files at T0, copied as one batch, in a chain of the group's own "
+                   "(--incremental follows the group's newest generation on the medium).")
+@click.option("--meta", "meta_scope", type=click.Choice(["all", "group"]), default=None,
+              help="With --group: the generation's metadata lists every file (all, the "
+                   "default; reading a file outside the group fails) or only the group's "
+                   "(group).")
 @JSON
 @QUIET
 def backup(cluster_dir: Path, medium: Path, full: bool, incremental: bool,
            full_if_needed: bool, compress: str, wait: float,
            log_mode: str | None, log_medium: Path | None, overlay: bool,
            pre_freeze: str | None, post_thaw: str | None, bwlimit: str, pace: str,
+           group_name: str | None, meta_scope: str | None,
            as_json: bool, quiet: bool) -> None:
     """Back up the cluster's disks to a new generation on the medium DIR.
 
@@ -164,11 +173,19 @@ def backup(cluster_dir: Path, medium: Path, full: bool, incremental: bool,
     if overlay and log_mode != "separate":
         raise UsageError("--overlay goes with --log-mode separate (other modes keep the log "
                          "in the generation already)")
+    if meta_scope is not None and group_name is None:
+        raise UsageError("--meta goes with --group NAME")
+    group_list = None
+    if group_name is not None:
+        from sdbackup.cluster.groups import GroupStore
+
+        group_list = GroupStore(cluster_dir).get(group_name).group_list()
     opts = BackupOptions(compression=comp, level=level or 1, log_mode=log_mode,
                          log_medium=log_medium.absolute() if log_medium else None,
                          overlay=overlay, pre_freeze=pre_freeze, post_thaw=post_thaw,
                          incremental=incremental, full_if_needed=full_if_needed,
-                         bwlimit=limit, pace=pace)
+                         bwlimit=limit, pace=pace, group=group_name, group_list=group_list,
+                         meta_scope=meta_scope or "all")
     rc = try_coordinator_client(cluster_dir)
     if rc is not None:
         with rc:
@@ -177,7 +194,9 @@ def backup(cluster_dir: Path, medium: Path, full: bool, incremental: bool,
             request = msg.Backup(str(medium.absolute()), comp, opts.level, log_mode,
                                  str(opts.log_medium) if opts.log_medium else None, overlay,
                                  pre_freeze, post_thaw, incremental, full_if_needed, limit,
-                                 pace)
+                                 pace, group_name,
+                                 group_list.text() if group_list is not None else None,
+                                 opts.meta_scope)
             s = msg.call(rc, request, timeout=None)[0]
         _print_backup(s, medium, as_json)
         return
@@ -199,7 +218,9 @@ def _print_backup(s: dict[str, Any], medium: Path, as_json: bool) -> None:
     raw = int(str(s["raw_bytes"]))
     stored = int(str(s["stored_bytes"]))
     secs = float(str(s["seconds"]))
-    click.echo(f"generation {s['generation']} committed on {medium}")
+    click.echo(f"generation {s['generation']} committed on {medium}"
+               + (f" (group {s['group']}: {s['group_files']} files)" if s.get("group")
+                  else ""))
     click.echo(f"  {s['blocks']} blocks ({_human(raw)}) in {s['runs']} runs, "
                f"{s['records']} records; stored {_human(stored)}"
                + (f" ({stored / raw:.0%} of raw, {s['compression']})" if raw else ""))
@@ -494,9 +515,13 @@ def merge_cmd(medium: Path, older: str, newer: str, compress: str | None,
 @click.option("--dry-run", is_flag=True, help="Only print what would be done.")
 @click.option("--log-medium", type=click.Path(path_type=Path),
               help="Where separate before-image logs are, if some were not overlaid.")
+@click.option("--group", "group_name", metavar="NAME",
+              help="Prune only the generations of group NAME (default: every group, "
+                   "and the whole-cluster backups, each on its own).")
 @JSON
 def prune_cmd(medium: Path, keep_last: int, keep_daily: int, keep_weekly: int,
-              keep_monthly: int, dry_run: bool, log_medium: Path | None, as_json: bool) -> None:
+              keep_monthly: int, dry_run: bool, log_medium: Path | None,
+              group_name: str | None, as_json: bool) -> None:
     """Keep the generations the rules select and drop the others (days, weeks and
     months by T0, in UTC; the newest generation is always kept).
 
@@ -509,7 +534,8 @@ def prune_cmd(medium: Path, keep_last: int, keep_daily: int, keep_weekly: int,
     from sdbackup.media.medium import DiskMedium
 
     med = DiskMedium.open(medium)
-    r = Retention(keep_last, keep_daily, keep_weekly, keep_monthly)
+    r = Retention(keep_last, keep_daily, keep_weekly, keep_monthly,
+                  only_group=group_name)
 
     def show(step: Step) -> None:
         if not as_json:
@@ -619,6 +645,16 @@ def restore(medium: Path | None, args: tuple[str, ...], dest: Path, log_medium: 
                       f"restored {stats.files} files ({_human(stats.bytes)}), "
                       f"{stats.directories} directories, {stats.symlinks} symlinks, "
                       f"{stats.hardlinks} hard links from generation {g.id} to {dest}"))
+    if stats.outside:
+        grp = g.manifest.group
+        shown = ", ".join(stats.outside[:5]) + (" ..." if len(stats.outside) > 5 else "")
+        why = (f"{len(stats.outside)} file(s) outside group {grp} not restored: generation "
+               f"{g.id} is a backup of group {grp} and holds only its files' data ({shown})")
+        if patterns:
+            from sdbackup.errors import NotInBackupError
+
+            raise NotInBackupError(why)
+        click.echo(f"sdbackup: warning: {why}", err=True)
     if stats.damaged:
         for d in stats.damaged:
             click.echo(f"sdbackup: not restored (damaged on the medium): {d}", err=True)

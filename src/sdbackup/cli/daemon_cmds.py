@@ -176,9 +176,16 @@ def status(cluster_dir: Path, as_json: bool) -> None:
     from sdbackup.net import messages as msg
 
     st = _rpc(cluster_dir, msg.Status())
+    failed = _failed_group_runs(cluster_dir)
     if as_json:
-        click.echo(json.dumps(st, indent=2))
+        click.echo(json.dumps({**st, "failed_group_runs": failed}, indent=2))
         return
+    for f in failed:
+        click.echo(f"group {f['group']}: last scheduled run FAILED at "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(f['at']))}: "
+                   f"{f['result']}"
+                   + (f" (on-failure hook exit {f['hook_status']})"
+                      if f["hook_status"] is not None else ""))
     click.echo(f"coordinator {st['coordinator']} (pid {st['pid']}, epoch {st['epoch']}, "
                f"logical clock {st['clock']}{', FROZEN' if st['frozen'] else ''})")
     click.echo(f"{'node':<16} {'kind':<7} {'host':<16} {'state':<7} {'cached':>10} "
@@ -197,6 +204,18 @@ def status(cluster_dir: Path, as_json: bool) -> None:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loss["time"]))
         click.echo(f"LOST {when} node {loss['node']}: {loss['path']} bytes "
                    f"{loss['start']}-{loss['end']}: {loss['why']}")
+
+
+def _failed_group_runs(cluster_dir: Path) -> list[dict[str, Any]]:
+    """Groups whose last scheduled run failed (``sdbackup scheduler``)."""
+    from sdbackup.cluster.groups import GroupStore
+
+    out = []
+    for name, r in sorted(GroupStore(cluster_dir).runs().items()):
+        if r.last_result and r.last_result.startswith("failed"):
+            out.append({"group": name, "at": r.last_start or 0.0, "result": r.last_result,
+                        "hook_status": r.hook_status})
+    return out
 
 
 @click.group()

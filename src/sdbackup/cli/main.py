@@ -56,6 +56,7 @@ def _register() -> None:
         daemon_cmds,
         demo,
         fs_cmds,
+        group_cmds,
         mount_cmds,
         tape_cmds,
     )
@@ -65,6 +66,7 @@ def _register() -> None:
     daemon_cmds.register(cli)
     fs_cmds.register(cli)
     mount_cmds.register(cli)
+    group_cmds.register(cli)
     demo.register(cli)
     tape_cmds.register(cli)
 

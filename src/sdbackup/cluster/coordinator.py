@@ -1055,7 +1055,14 @@ class _Handler(msg.RequestHandler):
                              overlay=r.overlay, pre_freeze=r.pre_freeze,
                              post_thaw=r.post_thaw, incremental=r.incremental,
                              full_if_needed=r.full_if_needed, bwlimit=r.bwlimit,
-                             pace=r.pace)
+                             pace=r.pace, group=r.group, meta_scope=r.meta)
+        if (r.group is None) != (r.group_list is None):
+            raise UsageError("a group backup request needs the group's name and list")
+        if r.group_list is not None:
+            from sdbackup.meta.groups import check_group_name, parse_group_list
+
+            check_group_name(str(r.group))
+            opts.group_list = parse_group_list(r.group_list, where=f"group {r.group}")
         if not self.c.backup_lock.acquire(blocking=False):
             raise BusyError("a backup of this cluster is running already; wait for it")
         try:

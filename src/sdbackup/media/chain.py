@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from sdbackup.blocks.blockset import BlockSet
 from sdbackup.blocks.source import Buffer
-from sdbackup.errors import UsageError
+from sdbackup.errors import NotInBackupError, UsageError
 from sdbackup.media.generation import Generation, GenerationReader
 from sdbackup.media.medium import DiskMedium, Manifest
 from sdbackup.media.record_format import Kind
@@ -117,6 +117,13 @@ class ChainReader:
         self._snapshot = snapshot
         self._owners: dict[int, _Owners] = {}
         self._lock = threading.Lock()
+        # A group generation made with --meta all lists files whose blocks it does not
+        # hold: reading them must fail, never read as zeros (seed, after Fig. 24).
+        g = manifest.extra.get("group_spec")
+        self.group: str | None = manifest.group
+        self._guard = self.group is not None and isinstance(g, dict) \
+            and g.get("meta") == "all" and used is None
+        self._outside: dict[int, BlockSet] = {}
 
     @classmethod
     def open(cls, medium_path: str | os.PathLike[str], gen: str | None = None, *,
@@ -193,18 +200,50 @@ class ChainReader:
         return _Owners(runs[:, 0].copy(), runs[:, 0] + runs[:, 1], owner)
 
     def used_blocks(self, disk: DiskId) -> BlockSet:
-        """The blocks of ``disk`` in use at the generation's T0 (its snapshot's bitmap)."""
+        """The blocks of ``disk`` the generation answers for: those in use at its T0
+        (its snapshot's bitmap), or a group generation's block list at T0."""
+        return self._from_snapshot(disk)[0]
+
+    def _from_snapshot(self, disk: DiskId) -> tuple[BlockSet, BlockSet]:
+        """(blocks answered for, blocks in use at T0 and not answered for)."""
         nblocks = self.manifest.disk_by_id(disk).nblocks
         if self._snapshot is not None:
-            return self._snapshot.used_blocks(disk, nblocks)
+            snap = self._snapshot
+            view = snap.view_blocks(disk, nblocks)
+            return view, (snap.used_blocks(disk, nblocks) - view if self._guard
+                          else BlockSet())
         with SnapshotMeta(self.gen.meta_file(), f"metadata snapshot of {self.gen.where()}"
                           ) as snap:
-            return snap.used_blocks(disk, nblocks)
+            view = snap.view_blocks(disk, nblocks)
+            return view, (snap.used_blocks(disk, nblocks) - view if self._guard
+                          else BlockSet())
+
+    def outside(self, disk: DiskId) -> BlockSet:
+        """Blocks in use at T0 that this (group) generation does not hold."""
+        with self._lock:
+            got = self._outside.get(disk)
+        if got is None:
+            got = self._from_snapshot(disk)[1] if self._guard else BlockSet()
+            with self._lock:
+                self._outside[disk] = got
+        return got
+
+    def _check_held(self, disk: DiskId, block: int, count: int) -> None:
+        if self._guard and self.outside(disk).intersects_run(block, count):
+            raise NotInBackupError(
+                f"blocks {block}-{block + count - 1} of disk {self.gen.disk_name(disk)} "
+                f"belong to a file outside group {self.group}: generation {self.gen.id} "
+                f"is a backup of group {self.group} only and does not hold them")
 
     # -- the block seam -----------------------------------------------------------------------
     def readinto(self, disk: DiskId, block: int, buf: Buffer) -> None:
         """Fill ``buf`` with blocks of ``disk`` from ``block`` as generation G holds them
-        through its chain; zeros for blocks not in use at G's T0."""
+        through its chain; zeros for blocks not in use at G's T0. A group generation
+        made with ``--meta all`` raises :class:`NotInBackupError` for blocks of files
+        outside the group."""
+        if self._guard:
+            n = memoryview(buf).nbytes // self.block_size
+            self._check_held(self._top.disk_id(int(disk)), block, n)
         if len(self.readers) == 1:
             self._top.readinto(disk, block, buf)
             return

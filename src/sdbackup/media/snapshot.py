@@ -81,6 +81,28 @@ class SnapshotMeta(MetadataReader):
         used.remove_run(nblocks, bits.size * 8 - nblocks)  # padding bits are set
         return used
 
+    def group_info(self) -> dict[str, str] | None:
+        """For a group generation (``meta/groups.py``: ``sdb_group``): its name, list
+        (JSON), meta scope and file count; None for a whole-cluster generation."""
+        if not self.query("SELECT 1 FROM sqlite_master WHERE type='table' AND "
+                          "name='sdb_group'"):
+            return None
+        return {str(k): str(v) for k, v in self.query("SELECT key, value FROM sdb_group")}
+
+    def group_blocks(self, disk_id: int) -> BlockSet | None:
+        """The group block list at T0 of a group generation (the blocks it answers
+        for); None for a whole-cluster generation."""
+        if self.group_info() is None:
+            return None
+        rows = self.query("SELECT data FROM sdb_group_blocks WHERE disk=?", (disk_id,))
+        return BlockSet.deserialize(bytes(rows[0][0])) if rows else BlockSet()
+
+    def view_blocks(self, disk_id: int, nblocks: int) -> BlockSet:
+        """The blocks the generation answers for: those in use at T0, or, for a group
+        generation, the group's blocks at T0 (its chain holds exactly these)."""
+        g = self.group_blocks(disk_id)
+        return self.used_blocks(disk_id, nblocks) if g is None else g
+
     def extent_rows(self) -> npt.NDArray[np.int64]:
         """Every extent as rows (ino, fblock, count, disk, dblock)."""
         rows = self.query("SELECT ino, fblock, count, disk, dblock FROM extents "

@@ -618,6 +618,11 @@ class Backup(Request, method="backup"):
     full_if_needed: Flag = False
     bwlimit: Annotated[int, Int(0, I64_MAX)] = 0
     pace: Annotated[str, Choice("off", "adaptive")] = "off"
+    # A group backup (b.1-b.5): the group's name and list (the lines of Fig. 22, one
+    # text), and what the generation's metadata lists.
+    group: Annotated[str | None, Opt(Text(64, min_len=1))] = None
+    group_list: Annotated[str | None, Opt(Text(1 << 22))] = None
+    meta: Annotated[str, Choice("all", "group")] = "all"
 
 
 class UsedRuns(Request, method="used_runs"):

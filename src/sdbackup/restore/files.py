@@ -56,12 +56,15 @@ class RestoreStats:
     # Files not restored because a record holding their data is damaged: the other
     # files are restored all the same (the command then exits 5, naming each).
     damaged: list[str] = field(default_factory=list)
+    # Files a group generation made with --meta all lists but does not hold (outside
+    # its group): not restored.
+    outside: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
         return {"files": self.files, "directories": self.directories,
                 "symlinks": self.symlinks, "hardlinks": self.hardlinks,
                 "special": self.special, "bytes": self.bytes, "warnings": self.warnings,
-                "damaged": self.damaged}
+                "damaged": self.damaged, "outside_group": self.outside}
 
 
 @dataclass
@@ -283,6 +286,10 @@ def restore_files(
         # the medium is read in order and each decoded record serves all its files.
         order_key: list[tuple[tuple[int, int], int, list[Extent]]] = []
         bad_maps: dict[int, str] = {}
+        # A group generation whose metadata lists every file: files outside the group
+        # have no data in it, and are left out (listed in ``stats.outside``).
+        outside = getattr(reader, "outside", None)
+        skipped: set[int] = set()
         for ino, i in first_name.items():
             nfb = (nodes[i].size + bs - 1) // bs
             exts = fs.meta.map_read(ino, 0, nfb) if nfb else []
@@ -291,11 +298,17 @@ def restore_files(
                     bad_maps[i] = f"maps blocks to unknown disk id {e.disk}"
                 elif e.dblock < 0 or e.length < 1 or e.dblock + e.length > disks[e.disk]:
                     bad_maps[i] = "maps blocks outside its disks"
+            if outside is not None and any(
+                    e.disk in disks and outside(e.disk).intersects_run(e.dblock, e.length)
+                    for e in exts):
+                stats.outside.append(os.fsdecode(tree.path(i)))
+                skipped.add(ino)
+                continue
             first = (int(exts[0].disk), exts[0].dblock) if exts else (-1, 0)
             order_key.append((first, i, exts))
     order_key.sort(key=lambda t: (t[0], t[1]))
     if on_total is not None:
-        on_total(sum(nodes[i].size for i in first_name.values()))
+        on_total(sum(nodes[i].size for ino, i in first_name.items() if ino not in skipped))
 
     root_fd = prepare_dest(dest)
     dirs = _DirFds(tree, root_fd)
@@ -345,6 +358,9 @@ def restore_files(
         # 3. hard links, symlinks, special files
         for i in links:
             n = nodes[i]
+            if n.ino in skipped:
+                stats.outside.append(os.fsdecode(tree.path(i)))
+                continue
             if n.ino in bad_inos:
                 stats.damaged.append(f"{os.fsdecode(tree.path(i))}: a hard link of a "
                                      "damaged file")

@@ -38,6 +38,7 @@ from sdbackup.cluster.config import CONFIG_NAME, ClusterConfig, DiskConfig
 from sdbackup.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
 from sdbackup.media.chain import GenerationSource
 from sdbackup.media.generation import Generation
+from sdbackup.media.medium import Manifest
 from sdbackup.media.record_format import Kind
 from sdbackup.meta import fsck as fsck_mod
 from sdbackup.meta.store import MetaStore
@@ -57,6 +58,16 @@ class ImageStats:
                 "bytes": self.bytes, "size": self.size}
 
 
+def _whole_cluster_only(m: Manifest, what: str) -> None:
+    """A group generation holds the blocks of its group's files only: no disk image
+    or cluster can be made from it."""
+    if m.group is not None:
+        raise UsageError(f"generation {m.id} is a backup of group {m.group}: it holds only "
+                         f"the data of that group's files, not whole disks, so {what} "
+                         "cannot use it; restore its files with 'sdbackup restore' or "
+                         "mount it with 'sdbackup mount'")
+
+
 def restore_image(
     reader: GenerationSource,
     disk: str,
@@ -67,6 +78,7 @@ def restore_image(
 ) -> ImageStats:
     """Write disk ``disk`` of the generation to ``dest`` (a new file, an empty file, or a
     device/file that holds data with ``force``)."""
+    _whole_cluster_only(reader.manifest, "restore-image")
     d = reader.manifest.disk(disk)
     bs = reader.block_size
     size = d.nblocks * bs
@@ -197,6 +209,7 @@ def restore_cluster(
 ) -> ClusterRestore:
     """Create the cluster ``new_dir`` from the generation (see the module docstring)."""
     m = gen.manifest
+    _whole_cluster_only(m, "restore-cluster")
     new_dir = new_dir.absolute()
     paths = dict(disk_paths or {})
     for name in paths:
