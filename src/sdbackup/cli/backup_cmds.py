@@ -76,7 +76,10 @@ def _progress(label: str, quiet: bool) -> Iterator[_LazyProgress]:
 
 @click.command()
 @click.argument("cluster_dir", type=click.Path(path_type=Path))
-@MEDIUM
+@click.option("--medium", "media", required=True, multiple=True, metavar="DIR|NODE=DIR",
+              help="The backup medium: a directory (created by the first backup). With "
+                   "--copy-nodes, NODE=DIR gives copy node NODE a medium of its own (a "
+                   "directory on its host); repeat. Copy nodes without one write to DIR.")
 @click.option("--full", is_flag=True,
               help="A full backup: every block in use at T0 (the default). It starts a "
                    "new chain.")
@@ -114,12 +117,29 @@ def _progress(label: str, quiet: bool) -> Iterator[_LazyProgress]:
               help="adaptive: while applications write (during an online backup), the "
                    "copy rests six times as long as each batch takes to read; when they "
                    "do not, it runs at full speed.")
+@click.option("--copy-nodes", metavar="N1,N2,...",
+              help="Copy dispersed over these nodes (a.12): one freeze and one T0 for the "
+                   "whole cluster; each node copies parts of the disks to its --medium "
+                   "NODE=DIR (or to DIR), and the generation is committed once, on DIR, "
+                   "when every part is durable. Needs a running coordinator. --bwlimit "
+                   "then limits each copier.")
+@click.option("--no-reassign", is_flag=True,
+              help="With --copy-nodes: when a copy node fails, fail the backup (never "
+                   "committed) instead of giving its unfinished parts to another.")
+@click.option("--split", type=click.Choice(["ranges", "disks"]), default="ranges",
+              show_default=True,
+              help="With --copy-nodes: cut the disks into ranges balanced by used bytes, "
+                   "or copy whole disks.")
+@click.option("--part-size", metavar="SIZE", default="256MiB", show_default=True,
+              help="With --copy-nodes and --split ranges: used bytes per part at most "
+                   "(about); a failed copier loses at most the part it was copying.")
 @JSON
 @QUIET
-def backup(cluster_dir: Path, medium: Path, full: bool, incremental: bool,
+def backup(cluster_dir: Path, media: tuple[str, ...], full: bool, incremental: bool,
            full_if_needed: bool, compress: str, wait: float,
            log_mode: str | None, log_medium: Path | None, overlay: bool,
            pre_freeze: str | None, post_thaw: str | None, bwlimit: str, pace: str,
+           copy_nodes: str | None, no_reassign: bool, split: str, part_size: str,
            as_json: bool, quiet: bool) -> None:
     """Back up the cluster's disks to a new generation on the medium DIR.
 
@@ -139,7 +159,12 @@ def backup(cluster_dir: Path, medium: Path, full: bool, incremental: bool,
     from sdbackup.cluster.local import open_cluster
 
     comp, level = parse_compression(compress)
+    from sdbackup.cli.dispersed import parse_backup_media
     from sdbackup.cluster.config import parse_size
+
+    medium, node_media, copiers = parse_backup_media(media, copy_nodes)
+    if copiers is None and (no_reassign or split != "ranges"):
+        raise UsageError("--no-reassign and --split go with --copy-nodes")
 
     try:
         limit = parse_size(bwlimit)
@@ -174,9 +199,19 @@ def backup(cluster_dir: Path, medium: Path, full: bool, incremental: bool,
                                  str(opts.log_medium) if opts.log_medium else None, overlay,
                                  pre_freeze, post_thaw, incremental, full_if_needed, limit,
                                  pace)
-            s = msg.call(rc, request, timeout=None)[0]
+            if copiers is not None:
+                from sdbackup.cli.dispersed import run_dispersed
+
+                s = run_dispersed(rc, request, copiers, node_media, no_reassign, split,
+                                  part_size, quiet=quiet or as_json)
+            else:
+                s = msg.call(rc, request, timeout=None)[0]
         _print_backup(s, medium, as_json)
         return
+    if copiers is not None:
+        raise UsageError(f"--copy-nodes needs a running coordinator of {cluster_dir} (the "
+                         "copy nodes are its node agents): start it with 'sdbackup "
+                         f"coordinator {cluster_dir}' and the nodes with 'sdbackup node'")
     cluster = open_cluster(cluster_dir, wait=wait)
     with cluster, _progress("backup", quiet) as prog:
         source = LocalClusterSource(cluster)
@@ -206,6 +241,15 @@ def _print_backup(s: dict[str, Any], medium: Path, as_json: bool) -> None:
         click.echo(f"  online ({log['mode']}): {log.get('blocks', 0)} before-image blocks "
                    f"logged in {log.get('records', 0)} records"
                    + (f" on {log['medium']}" if log.get("medium") else ""))
+    dispersed = s.get("dispersed")
+    if isinstance(dispersed, dict):
+        for name, c in dispersed.get("copiers", {}).items():
+            click.echo(f"  copier {name}: {c.get('parts', 0)} part(s), "
+                       f"{_human(int(c.get('bytes', 0)))} in {float(c.get('seconds', 0)):.2f} "
+                       f"s to {c.get('medium')}"
+                       + (f"; FAILED: {c['failed']}" if c.get("failed") else ""))
+        for r in dispersed.get("reassigned", []):
+            click.echo(f"  part {r['stream']} reassigned from {r['from']}: {r['why']}")
 
 
 # -- marks (a.11) ----------------------------------------------------------------------------
