@@ -60,6 +60,11 @@ class NotFoundError(SdbError):
     exit_code = EXIT_NOT_FOUND
 
 
+class MediumMissing(NotFoundError):
+    """A generation has parts on a medium that was not given and cannot be found
+    (dispersed backups): the message names the medium, its path and its nodes."""
+
+
 class CorruptError(SdbError):
     exit_code = EXIT_CORRUPT
 

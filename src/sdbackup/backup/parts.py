@@ -30,7 +30,6 @@ does not matter, so every log mode works unchanged.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ import numpy.typing as npt
 
 from sdbackup.backup.copy import CopyResult
 from sdbackup.blocks.blockset import BlockSet
-from sdbackup.errors import CorruptError, UsageError
+from sdbackup.errors import UsageError
 from sdbackup.media.medium import FileEntry, stream_name
 
 SPLITS = ("ranges", "disks")
@@ -56,8 +55,6 @@ ROW_DTYPE = np.dtype("<i8")
 """A part's index rows travel as little-endian int64 quadruples (disk, start, count,
 offset), one per DATA record, in stream order."""
 
-_PART_FILE_RE = re.compile(
-    r"^(generations|parts)/(\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{8})/stream-(\d+)(\.try\d+)?\.sdr$")
 
 
 def part_file(gen_id: str, stream: int, attempt: int, *, primary: bool) -> str:
@@ -69,16 +66,6 @@ def part_file(gen_id: str, stream: int, attempt: int, *, primary: bool) -> str:
     if attempt:
         base = base.removesuffix(".sdr") + f".try{attempt}.sdr"
     return f"{'generations' if primary else PARTS_DIR}/{gen_id}/{base}"
-
-
-def check_part_file(name: str, gen_id: str, stream: int) -> None:
-    """A part file named by a manifest must be one :func:`part_file` makes for that
-    generation and stream (a damaged or forged manifest never sends a reader
-    elsewhere)."""
-    m = _PART_FILE_RE.match(name)
-    if m is None or m.group(2) != gen_id or int(m.group(3)) != stream:
-        raise CorruptError(f"generation {gen_id}: part file {name!r} of stream {stream} is "
-                           "not a part file of this generation: the manifest is damaged")
 
 
 def split_plan(disks: Mapping[int, BlockSet], copiers: int, *, split: str = "ranges",
@@ -195,7 +182,7 @@ class PartsResult:
             c.start += r[:, 1].tolist()
             c.count += r[:, 2].tolist()
             c.offset += r[:, 3].tolist()
-            self.streams += [p.stream] * p.records
+            self.streams += [p.stream] * len(r)
             c.blocks += p.blocks
             c.read_bytes += p.read_bytes
             c.batches += p.batches

@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 MEDIUM = click.option("--medium", "medium", required=True, metavar="DIR",
                       type=click.Path(path_type=Path),
                       help="The backup medium: a directory (created by the first backup).")
+MEDIA = click.option("--medium", "medium", required=True, multiple=True, metavar="DIR",
+                     type=click.Path(path_type=Path),
+                     help="The backup medium: a directory. Repeat it for a generation whose "
+                          "parts lie on several media (backup --copy-nodes): the first is "
+                          "where it was committed.")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 QUIET = click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 
@@ -393,7 +398,7 @@ def generations(medium: Path, as_json: bool) -> None:
 # -- verify ---------------------------------------------------------------------------------
 
 @click.command()
-@MEDIUM
+@MEDIA
 @click.argument("gen", required=False)
 @click.option("--all", "all_gens", is_flag=True, help="Verify every committed generation.")
 @click.option("--log-medium", type=click.Path(path_type=Path),
@@ -401,7 +406,7 @@ def generations(medium: Path, as_json: bool) -> None:
                    "--log-mode separate (and not overlaid) is, if it moved.")
 @JSON
 @QUIET
-def verify(medium: Path, gen: str | None, all_gens: bool, log_medium: Path | None,
+def verify(medium: tuple[Path, ...], gen: str | None, all_gens: bool, log_medium: Path | None,
            as_json: bool, quiet: bool) -> None:
     """Read every record of generation GEN (default: the newest) and check everything.
 
@@ -413,9 +418,9 @@ def verify(medium: Path, gen: str | None, all_gens: bool, log_medium: Path | Non
     """
     from sdbackup.backup.verify import verify_generation
     from sdbackup.media.generation import Generation
-    from sdbackup.media.medium import DiskMedium
+    from sdbackup.media.media_set import open_media
 
-    med = DiskMedium.open(medium)
+    med = open_media(medium)
     if all_gens:
         if gen is not None:
             raise UsageError("give a generation or --all, not both")
@@ -581,13 +586,14 @@ def prune_cmd(medium: Path, keep_last: int, keep_daily: int, keep_weekly: int,
 # -- restores -------------------------------------------------------------------------------
 
 @contextmanager
-def _open_gen(medium: Path, gen: str | None, log_medium: Path | None = None
+def _open_gen(medium: tuple[Path, ...], gen: str | None, log_medium: Path | None = None
              ) -> Iterator[tuple[Generation, ChainReader]]:
-    """The generation, read through its chain (a full is a chain of one)."""
+    """The generation, read through its chain (a full is a chain of one), its parts
+    from every medium given (media/media_set.py)."""
     from sdbackup.media.chain import ChainReader
-    from sdbackup.media.medium import DiskMedium
+    from sdbackup.media.media_set import open_media
 
-    med = DiskMedium.open(medium)
+    med = open_media(medium)
     with ChainReader(med, med.resolve(gen), log_medium=log_medium) as reader:
         yield reader.gen, reader
 
@@ -606,14 +612,14 @@ def _echo_json_or(as_json: bool, data: dict[str, Any], lines: Callable[[], None]
 
 
 @click.command()
-@MEDIUM
+@MEDIA
 @click.argument("args", nargs=-1, metavar="[GEN] [PATTERN]...")
 @click.option("--to", "dest", required=True, type=click.Path(path_type=Path),
               help="A new or empty directory to restore into.")
 @LOG_MEDIUM
 @JSON
 @QUIET
-def restore(medium: Path, args: tuple[str, ...], dest: Path, log_medium: Path | None,
+def restore(medium: tuple[Path, ...], args: tuple[str, ...], dest: Path, log_medium: Path | None,
             as_json: bool, quiet: bool) -> None:
     """Restore files of generation GEN (default: the newest) under --to DIR.
 
@@ -651,7 +657,7 @@ def restore(medium: Path, args: tuple[str, ...], dest: Path, log_medium: Path | 
 
 
 @click.command("restore-image")
-@MEDIUM
+@MEDIA
 @click.argument("gen", required=False)
 @click.option("--disk", "disk", required=True, metavar="NAME", help="The disk to restore.")
 @click.option("--to", "dest", required=True, type=click.Path(path_type=Path),
@@ -660,7 +666,7 @@ def restore(medium: Path, args: tuple[str, ...], dest: Path, log_medium: Path | 
 @LOG_MEDIUM
 @JSON
 @QUIET
-def restore_image_cmd(medium: Path, gen: str | None, disk: str, dest: Path, force: bool,
+def restore_image_cmd(medium: tuple[Path, ...], gen: str | None, disk: str, dest: Path, force: bool,
                       log_medium: Path | None, as_json: bool, quiet: bool) -> None:
     """Rebuild disk NAME of generation GEN (default: the newest) as an image at PATH.
 
@@ -680,7 +686,7 @@ def restore_image_cmd(medium: Path, gen: str | None, disk: str, dest: Path, forc
 
 
 @click.command("restore-cluster")
-@MEDIUM
+@MEDIA
 @click.argument("gen", required=False)
 @click.option("--to", "dest", required=True, type=click.Path(path_type=Path),
               help="The new cluster directory (must not exist, or be empty).")
@@ -690,8 +696,8 @@ def restore_image_cmd(medium: Path, gen: str | None, disk: str, dest: Path, forc
 @LOG_MEDIUM
 @JSON
 @QUIET
-def restore_cluster_cmd(medium: Path, gen: str | None, dest: Path, disks: tuple[str, ...],
-                        force: bool, log_medium: Path | None, as_json: bool,
+def restore_cluster_cmd(medium: tuple[Path, ...], gen: str | None, dest: Path,
+                        disks: tuple[str, ...], force: bool, log_medium: Path | None, as_json: bool,
                         quiet: bool) -> None:
     """Disaster recovery: a new cluster from generation GEN (default: the newest).
 

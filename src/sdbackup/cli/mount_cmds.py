@@ -25,8 +25,11 @@ def register(cli: click.Group) -> None:
 
 
 @click.command()
-@click.option("--medium", "medium", required=True, metavar="DIR",
-              type=click.Path(path_type=Path), help="The backup medium (a directory).")
+@click.option("--medium", "medium", required=True, multiple=True, metavar="DIR",
+              type=click.Path(path_type=Path),
+              help="The backup medium (a directory). Repeat it for generations whose parts "
+                   "lie on several media (backup --copy-nodes): the first is where they "
+                   "were committed.")
 @click.argument("args", nargs=-1, required=True, metavar="[GEN] MOUNTPOINT")
 @click.option("--all", "all_gens", is_flag=True,
               help="Mount every generation of the medium, one directory each (named by "
@@ -41,7 +44,7 @@ def register(cli: click.Group) -> None:
 @click.option("--log-file", type=click.Path(path_type=Path),
               help="With --background: where the mount's log goes (default: a file in the "
                    "temporary directory, printed at start).")
-def mount(medium: Path, args: tuple[str, ...], all_gens: bool, log_medium: Path | None,
+def mount(medium: tuple[Path, ...], args: tuple[str, ...], all_gens: bool, log_medium: Path | None,
           background: bool, log_file: Path | None) -> None:
     """Mount a backup as a read-only file system: browse it, copy files back.
 
@@ -82,7 +85,7 @@ def mount(medium: Path, args: tuple[str, ...], all_gens: bool, log_medium: Path 
     if not background:
         src = opened()  # errors (no medium, a damaged snapshot) before mounting
         mount_mod.serve(src, mp, on_ready=lambda p: click.echo(
-            f"mounted {what} of {medium} at {p} (read-only); 'sdbackup umount {p}' "
+            f"mounted {what} of {medium[0]} at {p} (read-only); 'sdbackup umount {p}' "
             "ends it", err=True))
         return
     if log_file is None:
@@ -93,7 +96,7 @@ def mount(medium: Path, args: tuple[str, ...], all_gens: bool, log_medium: Path 
 
 
 def _background(opened: Callable[[], MountSource], mp: str, log_file: Path, what: str,
-                medium: Path) -> None:
+                medium: tuple[Path, ...]) -> None:
     """Fork; the child serves the mount, the parent returns once it works (or fails)."""
     from sdbackup.restore import mount as mount_mod
 
@@ -136,7 +139,7 @@ def _background(opened: Callable[[], MountSource], mp: str, log_file: Path, what
     with os.fdopen(r, "rb") as f:
         answer = f.read().decode(errors="replace").strip()
     if answer == "ok":
-        click.echo(f"mounted {what} of {medium} at {mp} (read-only), served by process "
+        click.echo(f"mounted {what} of {medium[0]} at {mp} (read-only), served by process "
                    f"{pid}; log: {log_file}; 'sdbackup umount {mp}' ends it")
         return
     code_s, _, message = answer.partition(" ")

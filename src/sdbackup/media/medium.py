@@ -462,6 +462,9 @@ class DiskMedium:
         self.label = dict(label)
         self.medium_id: str = str(label["medium_id"])
         self.cluster_id: str = str(label["cluster_id"])
+        # Other media given with this one, where parts of its dispersed generations may
+        # lie (media/media_set.py).
+        self.companions: list[DiskMedium] = []
 
     @property
     def generations_dir(self) -> Path:
