@@ -268,3 +268,87 @@ def test_a_missing_medium_is_named_in_one_line(two: Cluster) -> None:
     shutil.rmtree(c.tmp / "r", ignore_errors=True)
     sdb("restore", *media, gen, "--to", str(c.tmp / "r"))
     assert (c.tmp / "r" / "f0").stat().st_size == 3 << 20
+
+
+@pytest.fixture
+def slow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    yield from _make(tmp_path, monkeypatch, ("n1", "n2", "n3"), "0.4")
+
+
+def _start_backup(c: Cluster, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*SDB, "backup", str(c.dir), *_media_args(c, ("n1", "n2")), "--copy-nodes", "n1,n2",
+         "--compress", "none", "--json", "--log-mode", "central", "--part-size", "1MiB",
+         *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_copying(c: Cluster, node: str) -> dict[str, object]:
+    """The status of the running dispersed backup once ``node`` has finished a part
+    and copies the next one (per-copier progress as 'sdbackup status' shows it)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        st = json.loads(sdb("status", str(c.dir), "--json").stdout)
+        d = st.get("dispersed")
+        if isinstance(d, dict):
+            me = next((x for x in d["copiers"] if x["node"] == node), None)
+            if me is not None and me["parts_done"] >= 1 and me["state"] == "copying":
+                text = sdb("status", str(c.dir)).stdout
+                assert f"copier {node}" in text and "parts done" in text, text
+                return d
+        time.sleep(0.2)
+    raise AssertionError("the copier never got to its second part")
+
+
+def test_a_copier_killed_mid_copy_loses_its_part_to_another(slow: Cluster) -> None:
+    c = slow
+    _seed(c, files=8)
+    stop = c.tmp / "stop"
+    ws = _writers(c, stop, ("n1", "n3"))  # n2 only copies: killing it stops no writer
+    time.sleep(0.5)
+    b = _start_backup(c)
+    d = _wait_copying(c, "n2")
+    assert d["bytes_done"] > 0 and d["parts"] >= 4  # type: ignore[operator]
+    c.nodes["n2"].kill()
+    out, err = b.communicate(timeout=240)
+    ops = _stop(ws, stop)
+    assert b.returncode == 0, err
+    assert min(ops) > 5, ops
+    s = json.loads(out)
+    gen = s["generation"]
+    assert len(os.listdir(c.t0_dir)) == 1, "the freeze was repeated"
+    dis = s["dispersed"]
+    assert "failed" in dis["copiers"]["n2"], dis
+    assert dis["reassigned"] and all(r["from"] == "n2" for r in dis["reassigned"])
+    parts = _manifest(c.tmp / "m0", gen)["parts"]
+    assert isinstance(parts, list)
+    redone = {r["stream"] for r in dis["reassigned"]}
+    for p in parts:
+        if p["stream"] in redone:
+            assert p["node"] == "n1" and p["attempt"] >= 1 and ".try" in p["file"], p
+    assert any(p["node"] == "n2" for p in parts), "n2's finished part was not kept"
+    media = [*_media_args(c, ()), "--medium", str(c.tmp / "m-n1"),
+             "--medium", str(c.tmp / "m-n2")]
+    assert "OK" in sdb("verify", *media, gen).stdout
+    _check_restores_t0(c, media, gen)
+
+
+def test_no_reassign_fails_the_backup_cleanly(slow: Cluster) -> None:
+    c = slow
+    _seed(c, files=6)
+    b = _start_backup(c, "--no-reassign")
+    _wait_copying(c, "n2")
+    c.nodes["n2"].kill()
+    out, err = b.communicate(timeout=240)
+    assert b.returncode == 1, (out, err)
+    line = err.strip().splitlines()
+    assert len(line) == 1 and "n2" in line[0] and "--no-reassign" in line[0], err
+    assert "not committed" in line[0], line[0]
+    gens = c.tmp / "m0" / "generations"
+    (g,) = list(gens.iterdir())
+    assert not (g / "manifest.json").exists() and (g / "FAILED").exists()
+    assert "n2" in (g / "FAILED").read_text()
+    # n1 removed what it wrote for the failed backup.
+    assert not list((c.tmp / "m-n1").glob("parts/*/*.sdr"))
+    r = sdb("generations", "--medium", str(c.tmp / "m0"), "--json", check=False)
+    assert json.loads(r.stdout) == [] or "[]" in r.stdout

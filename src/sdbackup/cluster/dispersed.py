@@ -179,7 +179,7 @@ class DispersedCopier:
                 if c.thread is not None:
                     c.thread.join(timeout=5.0)
             if failure is not None:
-                raise BackupFailed(f"dispersed copy of backup {gen_id} failed: {failure}")
+                raise BackupFailed(f"the dispersed copy failed: {failure}")
             done = [p.done for p in self._parts if p.done is not None]
             return PartsResult(done, copiers=self._copier_summary(),
                                reassigned=list(self._reassigned), split=self.split)
