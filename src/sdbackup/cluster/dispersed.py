@@ -95,6 +95,10 @@ class DispersedCopier:
             raise UsageError("--copy-nodes names no node")
         if len(set(names)) != len(names):
             raise UsageError(f"--copy-nodes names a node twice: {', '.join(names)}")
+        if opts.pace != "off":
+            raise UsageError("--pace adaptive does not work with --copy-nodes yet (the "
+                             "copiers do not see the cluster's write activity): use "
+                             "--bwlimit, which limits each copier")
         unknown = sorted(set(node_media) - set(names))
         if unknown:
             raise UsageError(f"--medium {unknown[0]}=DIR: {unknown[0]} is not one of the copy "
