@@ -181,45 +181,47 @@ def index_cost(records: int = 1_000_000) -> dict[str, float]:
 
 
 def simulate(inp: dict[str, float]) -> dict[str, Any]:
-    """Backup time of ``data`` bytes over ``nodes`` copiers, and the first limit that
-    binds as copiers are added (1, 2, 4, ... up to ``nodes``).
+    """Backup time of ``data`` bytes over 1, 2, 4, ... ``nodes`` copiers, and at how
+    many copiers each limit starts to bind (the first is the first bottleneck).
 
     Each copier moves min(its disk link, its medium) bytes per second; together at most
-    the shared storage's aggregate bandwidth. The coordinator (one Python process, one
-    core for this work) handles per part a copy_part and a part_done call and, per
-    copier, a progress notification every ``progress_s``; it is saturated when those
-    cost a core. After the copy it builds the index: ``index_s_per_record`` per 1 MiB
-    record, in memory ``index_bytes_per_record`` each.
+    the shared storage's aggregate bandwidth. The coordinator (one Python process; one
+    core for this work) handles per part a ``copy_part`` and a ``part_done`` call
+    (``part_call_cpu_s`` each) and per copier a ``part_progress`` notification every
+    ``progress_s`` (``progress_cpu_s``); it is saturated when those take a core. After
+    the copy it builds the index from the parts' rows, ``index_s_per_record`` per
+    record of ``record_bytes``, holding ``index_bytes_per_record`` each in memory
+    (``coordinator_mem_bytes`` available): that limit does not depend on the copiers.
     """
     data, nodes = inp["data_bytes"], int(inp["nodes"])
     per = min(inp["node_disk_Bps"], inp["node_medium_Bps"])
+    records = data / inp["record_bytes"]
+    index_s = records * inp["index_s_per_record"]
+    index_mem = records * inp["index_bytes_per_record"]
     rows = []
-    first: str | None = None
+    binds: dict[str, int] = {}
+    if index_mem > inp["coordinator_mem_bytes"]:
+        binds["coordinator memory for the index (any number of copiers)"] = 1
     n = 1
     while True:
         rate = min(n * per, inp["shared_storage_Bps"])
         copy_s = data / rate
-        parts_per_s = rate / inp["part_bytes"]
-        calls_per_s = 2 * parts_per_s + n / inp["progress_s"]
-        coord_util = calls_per_s * inp["call_cpu_s"]
-        records = data / inp["record_bytes"]
-        index_s = records * inp["index_s_per_record"]
-        index_mem = records * inp["index_bytes_per_record"]
-        limits = {"copier media": n * per <= inp["shared_storage_Bps"],
-                  "shared storage": n * per > inp["shared_storage_Bps"],
-                  "coordinator calls": coord_util >= 1.0,
-                  "coordinator memory for the index": index_mem > inp["coordinator_mem_bytes"],
-                  "index build longer than the copy": index_s > copy_s}
-        binding = [k for k, v in limits.items() if v and k != "copier media"]
-        if first is None and binding:
-            first = f"{binding[0]} at {n} copiers"
-        rows.append({"copiers": n, "copy_hours": copy_s / 3600,
-                     "coord_call_util": coord_util, "index_hours": index_s / 3600,
-                     "index_mem_GiB": index_mem / GiB, "binding": ", ".join(binding)})
+        calls_cpu = (2 * rate / inp["part_bytes"] * inp["part_call_cpu_s"]
+                     + n / inp["progress_s"] * inp["progress_cpu_s"])
+        for name, hit in (("shared storage bandwidth", n * per > inp["shared_storage_Bps"]),
+                          ("coordinator CPU for copy-manager calls", calls_cpu >= 1.0),
+                          ("index build longer than the copy", index_s > copy_s)):
+            if hit:
+                binds.setdefault(name, n)
+        rows.append({"copiers": n, "copy_hours": copy_s / 3600, "coord_cores": calls_cpu,
+                     "index_hours": index_s / 3600, "index_mem_GiB": index_mem / GiB})
         if n >= nodes:
             break
         n = min(nodes, n * 2)
-    return {"inputs": inp, "rows": rows, "first_bottleneck": first or "none"}
+    order = sorted(binds.items(), key=lambda kv: kv[1])
+    return {"inputs": inp, "rows": rows,
+            "limits": [{"limit": k, "from_copiers": v} for k, v in order],
+            "first_bottleneck": order[0][0] if order else "none up to the node count"}
 
 
 def main() -> None:
@@ -277,7 +279,10 @@ def main() -> None:
               "node_disk_Bps": 1.0 * GiB, "node_medium_Bps": 300.0 * MiB,
               "shared_storage_Bps": 200.0 * GiB, "part_bytes": float(args.part_size),
               "record_bytes": float(MiB), "progress_s": 0.5,
-              "call_cpu_s": max(costs["part_progress_cpu_s"], costs["status_cpu_s"]),
+              "progress_cpu_s": costs["part_progress_cpu_s"],
+              # copy_part and part_done: a status call's cost (a request with an answer
+              # and some work), an upper bound of what they cost at the coordinator
+              "part_call_cpu_s": costs["status_cpu_s"],
               "index_s_per_record": costs["index_s_per_record"],
               "index_bytes_per_record": costs["index_bytes_per_record"],
               "coordinator_mem_bytes": 64.0 * GiB}
@@ -293,13 +298,14 @@ def main() -> None:
           f"{costs['index_s_per_record'] * 1e9:.0f} ns, "
           f"{costs['index_bytes_per_record']:.0f} bytes\n")
     sim = out["simulation"]
-    print_table(["copiers", "copy h", "coordinator calls (cores)", "index h", "index GiB",
-                 "binding"],
-                [[r["copiers"], round(r["copy_hours"], 2), round(r["coord_call_util"], 3),
-                  round(r["index_hours"], 2), round(r["index_mem_GiB"], 1), r["binding"]]
+    print_table(["copiers", "copy h", "coordinator cores for calls", "index h", "index GiB"],
+                [[r["copiers"], round(r["copy_hours"], 2), round(r["coord_cores"], 3),
+                  round(r["index_hours"], 2), round(r["index_mem_GiB"], 1)]
                  for r in sim["rows"]],
                 title="simulation: 1 PiB, 1 GiB/s disk link and 300 MiB/s medium per node, "
                       "200 GiB/s shared storage")
+    for lim in sim["limits"]:
+        print(f"limit: {lim['limit']}, from {lim['from_copiers']} copiers on")
     print(f"first bottleneck: {sim['first_bottleneck']}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
