@@ -268,6 +268,24 @@ def test_a_missing_medium_is_named_in_one_line(two: Cluster) -> None:
     shutil.rmtree(c.tmp / "r", ignore_errors=True)
     sdb("restore", *media, gen, "--to", str(c.tmp / "r"))
     assert (c.tmp / "r" / "f0").stat().st_size == 3 << 20
+    # What 'sdbackup mount --medium A --medium B' serves (without FUSE here): the same
+    # bytes as the restore, and without B the one-line error before anything is served.
+    from sdbackup.errors import MediumMissing
+    from sdbackup.restore.mount import open_generation
+
+    src = open_generation([c.tmp / "m0", c.tmp / "elsewhere"], gen)
+    try:
+        for name in ("f0", "f3"):
+            a = src.fs.resolve(f"/{name}")
+            assert src.fs.read(a.ino, 0, a.size) == (c.tmp / "r" / name).read_bytes()
+    finally:
+        src.close()
+    with pytest.raises(MediumMissing, match=mid):
+        open_generation([c.tmp / "m0"], gen).close()
+    if os.path.exists("/dev/fuse"):  # the command itself: the error before mounting
+        (c.tmp / "mnt").mkdir()
+        r = sdb("mount", "--medium", str(c.tmp / "m0"), gen, str(c.tmp / "mnt"), check=False)
+        assert r.returncode == 4 and mid in r.stderr, r.stderr
 
 
 @pytest.fixture
