@@ -12,7 +12,8 @@ Exit codes (also listed in README.md):
 1     a check found problems (fsck, verify)
 2     usage error or bad input (unknown disk, bad size, bad path...)
 3     the cluster or medium is busy (locked by another process)
-4     not found (cluster dir, generation, file inside the file system)
+4     not found (cluster dir, generation, file inside the file system, a medium
+      holding parts of a dispersed generation)
 5     data on a disk or medium is corrupt or truncated
 6     no space left (a cluster disk or a backup medium is full)
 7     a remote peer failed (coordinator or node unreachable, refused)
@@ -63,6 +64,11 @@ class NotFoundError(SdbError):
 class NotInBackupError(NotFoundError):
     """Data a generation does not hold: a file outside the group of a group backup
     whose metadata lists every file (``--meta all``). A mount answers EIO."""
+
+
+class MediumMissing(NotFoundError):
+    """A generation has parts on a medium that was not given and cannot be found
+    (dispersed backups): the message names the medium, its path and its nodes."""
 
 
 class CorruptError(SdbError):

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from sdbackup import __version__
 from sdbackup.backup.copy import BATCH_BYTES, GAP_BYTES, RECORD_BYTES, Copier, CopyResult
+from sdbackup.backup.parts import PartCopier, PartsResult, stream_numbers
 from sdbackup.backup.plan import Plan, make_plan
 from sdbackup.backup.source import BackupSource, Snapshot, SourceConfig
 from sdbackup.backup.window import LOG_MODES
@@ -128,6 +129,9 @@ class BackupOptions:
     group: str | None = None
     group_list: GroupList | None = None
     meta_scope: str = "all"
+    # Dispersed copy (a.12, issue 17): the plan is copied as parts by several copiers
+    # (backup/parts.py); None: this process copies it into stream 0.
+    copier: PartCopier | None = None
 
     @property
     def compression_text(self) -> str:
@@ -353,6 +357,7 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
     _run_hook("pre-freeze", opts.pre_freeze)
     t_freeze = time.monotonic()
     chain = parent.chain if parent is not None and parent.chain else uuid.uuid4().hex
+    parts: PartsResult | None = None
     with source.freeze(gdir / META) as snap:
         # T0: the snapshot is written; list the used blocks at the same instant, and
         # (for an incremental) the blocks changed since the parent; a new era starts.
@@ -373,12 +378,17 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
         if not online:
             # Offline: writes are held for the whole copy.
             t_copy = time.monotonic()
-            copied, stream = _copy(source, plan.disks, gdir / stream_name(0), label, opts,
-                                   progress)
+            if opts.copier is not None:
+                parts = _copy_parts(opts.copier, source, pending.id, gdir, medium.medium_id,
+                                    plan.disks, online, progress)
+                copied = parts.copy
+            else:
+                copied, stream = _copy(source, plan.disks, gdir / stream_name(0), label, opts,
+                                       progress)
             copy_s = time.monotonic() - t_copy
     freeze_s = time.monotonic() - t_freeze
     _run_hook("post-thaw", opts.post_thaw)
-    streams = []
+    streams: list[FileEntry] = []
     log_info: dict[str, object] = {}
     bi_entries: list[BiEntry] = []
     to_copy = plan.disks
@@ -389,8 +399,13 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
             to_copy = {d: b - logged(d) for d, b in plan.disks.items()}
         t_copy = time.monotonic()
         try:
-            copied, stream = _copy(source, to_copy, gdir / stream_name(0), label, opts,
-                                   progress)
+            if opts.copier is not None:
+                parts = _copy_parts(opts.copier, source, pending.id, gdir, medium.medium_id,
+                                    to_copy, online, progress)
+                copied = parts.copy
+            else:
+                copied, stream = _copy(source, to_copy, gdir / stream_name(0), label, opts,
+                                       progress)
         finally:
             disarm = getattr(source, "disarm", None)
             stats = disarm(log_path if opts.log_mode == "merged" else None, work) \
@@ -419,7 +434,10 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
         else:
             log_info.update(records=0, bytes=0, blocks=0)
         shutil.rmtree(work, ignore_errors=True)
-    streams.insert(0, stream)
+    if parts is not None:
+        streams = _part_streams(parts, streams, gdir, cfg.cluster_id, pending.id)
+    else:
+        streams.insert(0, stream)
     log_info["freeze_flush_seconds"] = round(getattr(source, "freeze_flush_seconds", 0.0), 6)
 
     edit = None
@@ -440,7 +458,8 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
                            copied.start + [e.start for e in bi_entries],
                            copied.count + [e.count for e in bi_entries],
                            copied.offset + [e.offset for e in bi_entries],
-                           [0] * copied.records + [1] * nb,
+                           (parts.streams if parts is not None else [0] * copied.records)
+                           + [1] * nb,
                            [int(Kind.DATA)] * copied.records + [int(Kind.BI)] * nb)
     isize, irecs, idigest = write_index(
         gdir / INDEX, entries, {"cluster": cfg.cluster_id, "generation": pending.id,
@@ -469,7 +488,8 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
                         "batch_bytes": opts.batch_bytes, "record_bytes": opts.record_bytes,
                         "gap_bytes": opts.gap_bytes},
                **({"log": log_info} if online else {}),
-               **({"group_spec": group.manifest_entry(opts)} if group is not None else {})},
+               **({"group_spec": group.manifest_entry(opts)} if group is not None else {}),
+               **(parts.manifest_keys(medium.medium_id) if parts is not None else {})},
     )
     pending.commit(manifest)
     return BackupResult(manifest, medium, copied.read_bytes, copied.records, plan.runs(),
@@ -508,6 +528,46 @@ def _copy(source: BackupSource, disks: dict[int, BlockSet], path: Path,
         writer.abort()
         raise
     return copied, FileEntry(path.name, size, writer.header_digest, writer.records_written)
+
+
+def _copy_parts(copier: PartCopier, source: BackupSource, gen_id: str, gdir: Path,
+                medium_id: str, disks: dict[int, BlockSet], online: bool,
+                progress: Callable[[int], None] | None) -> PartsResult:
+    """A dispersed copy (backup/parts.py): the plan as parts, each written by a copier
+    of its own; an abort of the before-image window stops every copier."""
+    aborted = getattr(source, "aborted", None)
+
+    def why() -> str | None:
+        return aborted() if aborted is not None else None
+
+    return copier.copy(gen_id, gdir, medium_id, disks,
+                       lambda n: stream_numbers(n, online=online), progress, why)
+
+
+def _part_streams(parts: PartsResult, log_streams: list[FileEntry], gdir: Path,
+                  cluster_id: str, gen_id: str) -> list[FileEntry]:
+    """The generation's streams: every part at its number, the before-image log at 1.
+    Parts skip number 1 in an online backup; when that backup has no log stream in the
+    generation (nothing was overwritten, or the log stays on a separate log medium),
+    stream 1 is an empty record stream (LABEL and END), so that numbers stay dense."""
+    by_number = parts.file_entries()
+    for e in log_streams:
+        by_number[1] = e
+    if by_number and 1 not in by_number and max(by_number) > 1:
+        path = gdir / stream_name(1)
+        w = RecordWriter.create(path, label={"kind": "bi", "cluster": cluster_id,
+                                             "generation": gen_id, "stream": 1,
+                                             "empty": True})
+        try:
+            size = w.close()
+        except BaseException:
+            w.abort()
+            raise
+        by_number[1] = FileEntry(path.name, size, w.header_digest, w.records_written)
+    if sorted(by_number) != list(range(len(by_number))):
+        raise RuntimeError(f"part streams {sorted(by_number)} are not numbered 0..n-1 (a bug:"
+                           " please report it)")
+    return [by_number[n] for n in range(len(by_number))]
 
 
 PACE_RATIO = 6.0

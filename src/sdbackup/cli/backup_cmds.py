@@ -30,9 +30,16 @@ if TYPE_CHECKING:
 MEDIUM = click.option("--medium", "medium", required=True, metavar="DIR",
                       type=click.Path(path_type=Path),
                       help="The backup medium: a directory (created by the first backup).")
-MEDIUM_OR_TAPE = click.option(
-    "--medium", "medium", metavar="DIR", type=click.Path(path_type=Path), default=None,
-    help="The backup medium: a directory (or read a backup on tape: --tape, --buffer).")
+MEDIA = click.option("--medium", "medium", required=True, multiple=True, metavar="DIR",
+                     type=click.Path(path_type=Path),
+                     help="The backup medium: a directory. Repeat it for a generation whose "
+                          "parts lie on several media (backup --copy-nodes): the first is "
+                          "where it was committed.")
+MEDIA_OR_TAPE = click.option(
+    "--medium", "medium", multiple=True, metavar="DIR", type=click.Path(path_type=Path),
+    help="The backup medium: a directory (or read a backup on tape: --tape, --buffer). "
+         "Repeat it for a generation whose parts lie on several media (backup "
+         "--copy-nodes): the first is where it was committed.")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 QUIET = click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 
@@ -80,7 +87,10 @@ def _progress(label: str, quiet: bool) -> Iterator[_LazyProgress]:
 
 @click.command()
 @click.argument("cluster_dir", type=click.Path(path_type=Path))
-@MEDIUM
+@click.option("--medium", "media", required=True, multiple=True, metavar="DIR|NODE=DIR",
+              help="The backup medium: a directory (created by the first backup). With "
+                   "--copy-nodes, NODE=DIR gives copy node NODE a medium of its own (a "
+                   "directory on its host); repeat. Copy nodes without one write to DIR.")
 @click.option("--full", is_flag=True,
               help="A full backup: every block in use at T0 (the default). It starts a "
                    "new chain.")
@@ -126,13 +136,30 @@ def _progress(label: str, quiet: bool) -> Iterator[_LazyProgress]:
               help="With --group: the generation's metadata lists every file (all, the "
                    "default; reading a file outside the group fails) or only the group's "
                    "(group).")
+@click.option("--copy-nodes", metavar="N1,N2,...",
+              help="Copy dispersed over these nodes (a.12): one freeze and one T0 for the "
+                   "whole cluster; each node copies parts of the disks to its --medium "
+                   "NODE=DIR (or to DIR), and the generation is committed once, on DIR, "
+                   "when every part is durable. Needs a running coordinator. --bwlimit "
+                   "then limits each copier.")
+@click.option("--no-reassign", is_flag=True,
+              help="With --copy-nodes: when a copy node fails, fail the backup (never "
+                   "committed) instead of giving its unfinished parts to another.")
+@click.option("--split", type=click.Choice(["ranges", "disks"]), default="ranges",
+              show_default=True,
+              help="With --copy-nodes: cut the disks into ranges balanced by used bytes, "
+                   "or copy whole disks.")
+@click.option("--part-size", metavar="SIZE", default="256MiB", show_default=True,
+              help="With --copy-nodes and --split ranges: used bytes per part at most "
+                   "(about); a failed copier loses at most the part it was copying.")
 @JSON
 @QUIET
-def backup(cluster_dir: Path, medium: Path, full: bool, incremental: bool,
+def backup(cluster_dir: Path, media: tuple[str, ...], full: bool, incremental: bool,
            full_if_needed: bool, compress: str, wait: float,
            log_mode: str | None, log_medium: Path | None, overlay: bool,
            pre_freeze: str | None, post_thaw: str | None, bwlimit: str, pace: str,
            group_name: str | None, meta_scope: str | None,
+           copy_nodes: str | None, no_reassign: bool, split: str, part_size: str,
            as_json: bool, quiet: bool) -> None:
     """Back up the cluster's disks to a new generation on the medium DIR.
 
@@ -152,7 +179,12 @@ def backup(cluster_dir: Path, medium: Path, full: bool, incremental: bool,
     from sdbackup.cluster.local import open_cluster
 
     comp, level = parse_compression(compress)
+    from sdbackup.cli.dispersed import parse_backup_media
     from sdbackup.cluster.config import parse_size
+
+    medium, node_media, copiers = parse_backup_media(media, copy_nodes)
+    if copiers is None and (no_reassign or split != "ranges"):
+        raise UsageError("--no-reassign and --split go with --copy-nodes")
 
     try:
         limit = parse_size(bwlimit)
@@ -197,9 +229,19 @@ def backup(cluster_dir: Path, medium: Path, full: bool, incremental: bool,
                                  pace, group_name,
                                  group_list.text() if group_list is not None else None,
                                  opts.meta_scope)
-            s = msg.call(rc, request, timeout=None)[0]
+            if copiers is not None:
+                from sdbackup.cli.dispersed import run_dispersed
+
+                s = run_dispersed(rc, request, copiers, node_media, no_reassign, split,
+                                  part_size, quiet=quiet or as_json)
+            else:
+                s = msg.call(rc, request, timeout=None)[0]
         _print_backup(s, medium, as_json)
         return
+    if copiers is not None:
+        raise UsageError(f"--copy-nodes needs a running coordinator of {cluster_dir} (the "
+                         "copy nodes are its node agents): start it with 'sdbackup "
+                         f"coordinator {cluster_dir}' and the nodes with 'sdbackup node'")
     cluster = open_cluster(cluster_dir, wait=wait)
     with cluster, _progress("backup", quiet) as prog:
         source = LocalClusterSource(cluster)
@@ -231,6 +273,15 @@ def _print_backup(s: dict[str, Any], medium: Path, as_json: bool) -> None:
         click.echo(f"  online ({log['mode']}): {log.get('blocks', 0)} before-image blocks "
                    f"logged in {log.get('records', 0)} records"
                    + (f" on {log['medium']}" if log.get("medium") else ""))
+    dispersed = s.get("dispersed")
+    if isinstance(dispersed, dict):
+        for name, c in dispersed.get("copiers", {}).items():
+            click.echo(f"  copier {name}: {c.get('parts', 0)} part(s), "
+                       f"{_human(int(c.get('bytes', 0)))} in {float(c.get('seconds', 0)):.2f} "
+                       f"s to {c.get('medium')}"
+                       + (f"; FAILED: {c['failed']}" if c.get("failed") else ""))
+        for r in dispersed.get("reassigned", []):
+            click.echo(f"  part {r['stream']} reassigned from {r['from']}: {r['why']}")
 
 
 # -- marks (a.11) ----------------------------------------------------------------------------
@@ -374,7 +425,7 @@ def generations(medium: Path, as_json: bool) -> None:
 # -- verify ---------------------------------------------------------------------------------
 
 @click.command()
-@MEDIUM
+@MEDIA
 @click.argument("gen", required=False)
 @click.option("--all", "all_gens", is_flag=True, help="Verify every committed generation.")
 @click.option("--log-medium", type=click.Path(path_type=Path),
@@ -382,7 +433,7 @@ def generations(medium: Path, as_json: bool) -> None:
                    "--log-mode separate (and not overlaid) is, if it moved.")
 @JSON
 @QUIET
-def verify(medium: Path, gen: str | None, all_gens: bool, log_medium: Path | None,
+def verify(medium: tuple[Path, ...], gen: str | None, all_gens: bool, log_medium: Path | None,
            as_json: bool, quiet: bool) -> None:
     """Read every record of generation GEN (default: the newest) and check everything.
 
@@ -394,9 +445,9 @@ def verify(medium: Path, gen: str | None, all_gens: bool, log_medium: Path | Non
     """
     from sdbackup.backup.verify import verify_generation
     from sdbackup.media.generation import Generation
-    from sdbackup.media.medium import DiskMedium
+    from sdbackup.media.media_set import open_media
 
-    med = DiskMedium.open(medium)
+    med = open_media(medium)
     if all_gens:
         if gen is not None:
             raise UsageError("give a generation or --all, not both")
@@ -567,18 +618,19 @@ def prune_cmd(medium: Path, keep_last: int, keep_daily: int, keep_weekly: int,
 # -- restores -------------------------------------------------------------------------------
 
 @contextmanager
-def _open_gen(medium: Path | None, gen: str | None, log_medium: Path | None = None,
+def _open_gen(medium: tuple[Path, ...], gen: str | None, log_medium: Path | None = None,
               tape: dict[str, Any] | None = None
               ) -> Iterator[tuple[Generation, ChainReader]]:
-    """The generation, read through its chain (a full is a chain of one); from tape
-    through a disk buffer when ``tape`` names drives (``--tape``)."""
+    """The generation, read through its chain (a full is a chain of one), its parts
+    from every medium given (media/media_set.py); from tape through a disk buffer when
+    ``tape`` names drives (``--tape``)."""
     from sdbackup.media.chain import ChainReader
-    from sdbackup.media.medium import DiskMedium
+    from sdbackup.media.media_set import open_media
 
     if tape is not None and tape["tapes"]:
         from sdbackup.cli.tape_cmds import open_tape_set
 
-        if medium is not None:
+        if medium:
             raise UsageError("give --medium DIR or --tape DEV, not both")
         opened = open_tape_set(**tape)
         try:
@@ -587,9 +639,9 @@ def _open_gen(medium: Path | None, gen: str | None, log_medium: Path | None = No
         finally:
             opened.close()
         return
-    if medium is None:
+    if not medium:
         raise UsageError("give the backup medium: --medium DIR (or --tape DEV --buffer DIR)")
-    med = DiskMedium.open(medium)
+    med = open_media(medium)
     with ChainReader(med, med.resolve(gen), log_medium=log_medium) as reader:
         yield reader.gen, reader
 
@@ -608,7 +660,7 @@ def _echo_json_or(as_json: bool, data: dict[str, Any], lines: Callable[[], None]
 
 
 @click.command()
-@MEDIUM_OR_TAPE
+@MEDIA_OR_TAPE
 @click.argument("args", nargs=-1, metavar="[GEN] [PATTERN]...")
 @click.option("--to", "dest", required=True, type=click.Path(path_type=Path),
               help="A new or empty directory to restore into.")
@@ -616,8 +668,8 @@ def _echo_json_or(as_json: bool, data: dict[str, Any], lines: Callable[[], None]
 @tape_read_options
 @JSON
 @QUIET
-def restore(medium: Path | None, args: tuple[str, ...], dest: Path, log_medium: Path | None,
-            as_json: bool, quiet: bool, **tape: Any) -> None:
+def restore(medium: tuple[Path, ...], args: tuple[str, ...], dest: Path,
+            log_medium: Path | None, as_json: bool, quiet: bool, **tape: Any) -> None:
     """Restore files of generation GEN (default: the newest) under --to DIR.
 
     PATTERNs are paths inside the cluster, with shell wildcards per component
@@ -664,7 +716,7 @@ def restore(medium: Path | None, args: tuple[str, ...], dest: Path, log_medium: 
 
 
 @click.command("restore-image")
-@MEDIUM_OR_TAPE
+@MEDIA_OR_TAPE
 @click.argument("gen", required=False)
 @click.option("--disk", "disk", required=True, metavar="NAME", help="The disk to restore.")
 @click.option("--to", "dest", required=True, type=click.Path(path_type=Path),
@@ -674,7 +726,7 @@ def restore(medium: Path | None, args: tuple[str, ...], dest: Path, log_medium: 
 @tape_read_options
 @JSON
 @QUIET
-def restore_image_cmd(medium: Path | None, gen: str | None, disk: str, dest: Path,
+def restore_image_cmd(medium: tuple[Path, ...], gen: str | None, disk: str, dest: Path,
                       force: bool, log_medium: Path | None, as_json: bool, quiet: bool,
                       **tape: Any) -> None:
     """Rebuild disk NAME of generation GEN (default: the newest) as an image at PATH.
@@ -695,7 +747,7 @@ def restore_image_cmd(medium: Path | None, gen: str | None, disk: str, dest: Pat
 
 
 @click.command("restore-cluster")
-@MEDIUM
+@MEDIA
 @click.argument("gen", required=False)
 @click.option("--to", "dest", required=True, type=click.Path(path_type=Path),
               help="The new cluster directory (must not exist, or be empty).")
@@ -705,8 +757,8 @@ def restore_image_cmd(medium: Path | None, gen: str | None, disk: str, dest: Pat
 @LOG_MEDIUM
 @JSON
 @QUIET
-def restore_cluster_cmd(medium: Path, gen: str | None, dest: Path, disks: tuple[str, ...],
-                        force: bool, log_medium: Path | None, as_json: bool,
+def restore_cluster_cmd(medium: tuple[Path, ...], gen: str | None, dest: Path,
+                        disks: tuple[str, ...], force: bool, log_medium: Path | None, as_json: bool,
                         quiet: bool) -> None:
     """Disaster recovery: a new cluster from generation GEN (default: the newest).
 

@@ -204,6 +204,16 @@ def status(cluster_dir: Path, as_json: bool) -> None:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loss["time"]))
         click.echo(f"LOST {when} node {loss['node']}: {loss['path']} bytes "
                    f"{loss['start']}-{loss['end']}: {loss['why']}")
+    d = st.get("dispersed")
+    if isinstance(d, dict):  # a dispersed backup is copying (a.12)
+        click.echo(f"backup {d['generation']}: {d['bytes_done'] >> 20} of "
+                   f"{d['bytes_total'] >> 20} MiB, {d['parts_done']} of {d['parts']} parts, "
+                   f"{d['reassigned']} reassigned, {d['seconds']:.1f} s")
+        for c in d["copiers"]:
+            part = f", part {c['part']}" if c.get("part") is not None else ""
+            click.echo(f"  copier {c['node']:<12} {c['state']:<8} {c['bytes_done'] >> 20:>6} "
+                       f"MiB, {c['parts_done']} parts done{part} -> {c['medium']}"
+                       + (f" (failed: {c['failed']})" if c.get("failed") else ""))
 
 
 def _failed_group_runs(cluster_dir: Path) -> list[dict[str, Any]]:

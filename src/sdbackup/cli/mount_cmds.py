@@ -26,9 +26,11 @@ def register(cli: click.Group) -> None:
 
 
 @click.command()
-@click.option("--medium", "medium", default=None, metavar="DIR",
+@click.option("--medium", "medium", multiple=True, metavar="DIR",
               type=click.Path(path_type=Path),
-              help="The backup medium (a directory); or --tape DEV --buffer DIR.")
+              help="The backup medium (a directory); or --tape DEV --buffer DIR. Repeat it "
+                   "for generations whose parts lie on several media (backup --copy-nodes): "
+                   "the first is where they were committed.")
 @click.argument("args", nargs=-1, required=True, metavar="[GEN] MOUNTPOINT")
 @click.option("--all", "all_gens", is_flag=True,
               help="Mount every generation of the medium, one directory each (named by "
@@ -44,10 +46,10 @@ def register(cli: click.Group) -> None:
               help="With --background: where the mount's log goes (default: a file in the "
                    "temporary directory, printed at start).")
 @tape_read_options
-def mount(medium: Path | None, args: tuple[str, ...], all_gens: bool, log_medium: Path | None,
-          background: bool, log_file: Path | None, tapes: tuple[str, ...],
-          catalog_dir: Path | None, buffer_dir: Path | None, buffer_size: str,
-          readahead: int) -> None:
+def mount(medium: tuple[Path, ...], args: tuple[str, ...], all_gens: bool,
+          log_medium: Path | None, background: bool, log_file: Path | None,
+          tapes: tuple[str, ...], catalog_dir: Path | None, buffer_dir: Path | None,
+          buffer_size: str, readahead: int) -> None:
     """Mount a backup as a read-only file system: browse it, copy files back.
 
     GEN is a generation id or a unique prefix (default: the newest). An incremental
@@ -83,7 +85,7 @@ def mount(medium: Path | None, args: tuple[str, ...], all_gens: bool, log_medium
     if tapes:
         from sdbackup.cluster.config import parse_size
 
-        if medium is not None or all_gens:
+        if medium or all_gens:
             raise UsageError("--tape mounts one generation: give no --medium and no --all")
         if buffer_dir is None:
             raise UsageError("reading from tape needs a disk buffer: give --buffer DIR")
@@ -109,7 +111,7 @@ def mount(medium: Path | None, args: tuple[str, ...], all_gens: bool, log_medium
             log_file = Path(tmp)
         _background(from_tape, mp, log_file, f"generation {gen}", Path(tapes[0]))
         return
-    if medium is None:
+    if not medium:
         raise UsageError("give the backup medium: --medium DIR (or --tape DEV --buffer DIR)")
 
     def opened() -> MountSource:
@@ -123,18 +125,18 @@ def mount(medium: Path | None, args: tuple[str, ...], all_gens: bool, log_medium
     if not background:
         src = opened()  # errors (no medium, a damaged snapshot) before mounting
         mount_mod.serve(src, mp, on_ready=lambda p: click.echo(
-            f"mounted {what} of {medium} at {p} (read-only); 'sdbackup umount {p}' "
+            f"mounted {what} of {medium[0]} at {p} (read-only); 'sdbackup umount {p}' "
             "ends it", err=True))
         return
     if log_file is None:
         fd, tmp = tempfile.mkstemp(prefix="sdbackup-mount.", suffix=".log")
         os.close(fd)
         log_file = Path(tmp)
-    _background(opened, mp, log_file, what, medium)
+    _background(opened, mp, log_file, what, medium[0])
 
 
 def _background(opened: Callable[[], MountSource], mp: str, log_file: Path, what: str,
-                medium: Path) -> None:
+                where: Path) -> None:
     """Fork; the child serves the mount, the parent returns once it works (or fails)."""
     from sdbackup.restore import mount as mount_mod
 
@@ -177,7 +179,7 @@ def _background(opened: Callable[[], MountSource], mp: str, log_file: Path, what
     with os.fdopen(r, "rb") as f:
         answer = f.read().decode(errors="replace").strip()
     if answer == "ok":
-        click.echo(f"mounted {what} of {medium} at {mp} (read-only), served by process "
+        click.echo(f"mounted {what} of {where} at {mp} (read-only), served by process "
                    f"{pid}; log: {log_file}; 'sdbackup umount {mp}' ends it")
         return
     code_s, _, message = answer.partition(" ")

@@ -43,6 +43,7 @@ from sdbackup.blocks.diskset import DiskSet
 from sdbackup.blocks.durable import write_atomic
 from sdbackup.cluster.caps import CapTable
 from sdbackup.cluster.config import ADDR_FILE, load_config
+from sdbackup.cluster.dispersed import DispersedCopier
 from sdbackup.cluster.local import ClusterLock, open_disks
 from sdbackup.cluster.rights import RecallFailed, RightsManager
 from sdbackup.errors import (
@@ -164,6 +165,8 @@ class Coordinator:
             block_size=self.config.block_size, tick=self.rights.tick,
             own_lock=self.store.lock)
         self.backup_lock = threading.Lock()
+        # The copy manager of a running dispersed backup (cluster/dispersed.py).
+        self.dispersed: DispersedCopier | None = None
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self) -> tuple[str, int]:
@@ -1031,7 +1034,8 @@ class _Handler(msg.RequestHandler):
                 "cluster_id": self.c.config.cluster_id, "hostname": socket.gethostname(),
                 "nodes": self.c.node_reports(), "disks": disks,
                 "losses": list(self.c.losses),
-                "frozen": self.c.rights.frozen, "clock": self.c.rights.clock}
+                "frozen": self.c.rights.frozen, "clock": self.c.rights.clock,
+                **({"dispersed": d.status()} if (d := self.c.dispersed) is not None else {})}
 
     def rpc_backup(self, conn: Connection, r: msg.Backup, blob: bytes | None
                    ) -> dict[str, Any]:
@@ -1066,14 +1070,35 @@ class _Handler(msg.RequestHandler):
         if not self.c.backup_lock.acquire(blocking=False):
             raise BusyError("a backup of this cluster is running already; wait for it")
         try:
+            if r.copy_nodes:  # a.12: copied as parts by these nodes
+                opts.copier = self.c.dispersed = DispersedCopier(
+                    self.c, r.copy_nodes, medium=r.medium, node_media=r.node_media or {},
+                    opts=opts, reassign=not r.no_reassign, split=r.split,
+                    part_bytes=r.part_bytes)
+                self.c.dispersed.check()
             log.info("backup to %s started (log mode %s)", r.medium, opts.log_mode)
             result = run_backup(CoordinatorSource(self.c), r.medium, opts)
             summary = result.summary()
+            if "dispersed" in result.manifest.extra:
+                summary["dispersed"] = result.manifest.extra["dispersed"]
             log.info("backup %s committed (writes held %.3f s)", summary["generation"],
                      summary["freeze_seconds"])
             return summary
         finally:
+            self.c.dispersed = None
             self.c.backup_lock.release()
+
+    def rpc_part_progress(self, conn: Connection, r: msg.PartProgress, blob: bytes | None
+                          ) -> None:
+        d = self.c.dispersed
+        if d is not None:
+            d.on_progress(self._s(conn), r)
+
+    def rpc_part_done(self, conn: Connection, r: msg.PartDone, blob: bytes | None
+                      ) -> dict[str, Any]:
+        s = self._s(conn)
+        d = self.c.dispersed
+        return {"accepted": False} if d is None else d.on_done(s, r, blob)
 
     def rpc_mark(self, conn: Connection, r: msg.SetMark, blob: bytes | None
                  ) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from sdbackup.blocks.disk_access import DiskPlace, disk_identity, open_disk_set
 from sdbackup.blocks.diskset import DiskSet
 from sdbackup.blocks.durable import write_atomic
 from sdbackup.cluster.config import read_addr
+from sdbackup.cluster.part_runner import PartRunner
 from sdbackup.errors import FencedError, NotFoundError, RemoteError, SdbError, UsageError
 from sdbackup.fs.cached import BiItem, CachedFileSystem
 from sdbackup.net import messages as msg
@@ -157,6 +158,8 @@ class ClusterClient:
         self._local_log: BiLog | None = None
         self._bi_closed = False
         self._bi_gen: str | None = None
+        # Dispersed backups (a.12): the parts this node copies (cluster/part_runner.py).
+        self.parts = PartRunner(name, self.cluster_id, self.block_size, self.disks, self.ref)
         if info.get("backup"):
             self._backup_begin(str(info["backup"]["gen"]), str(info["backup"]["mode"]))
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="sdb-heartbeat",
@@ -303,6 +306,10 @@ class ClusterClient:
                 return self._bi_fetch(gen, offset, size)
             case msg.BackupEnd(gen):
                 self._backup_end(gen)
+            case msg.CopyPart() as r:
+                return self.parts.start(r, blob)
+            case msg.PartCancel(gen, discard):
+                self.parts.cancel(gen, discard)
             case _:
                 raise RemoteError(f"node {self.name} does not know request {method!r}")
         return None

@@ -25,7 +25,7 @@ import numpy as np
 from sdbackup.blocks.source import Buffer
 from sdbackup.errors import CorruptError, SdbError, UsageError
 from sdbackup.media.index import BlockIndex, Entries, read_index
-from sdbackup.media.medium import META, DiskMedium, Manifest, file_digest, stream_name
+from sdbackup.media.medium import META, DiskMedium, Manifest, file_digest
 from sdbackup.media.record_format import Kind
 from sdbackup.media.record_reader import RecordReader
 from sdbackup.types import DiskId
@@ -53,7 +53,11 @@ class Generation:
         return self.manifest.block_size
 
     def stream_path(self, n: int) -> Path:
-        return self.dir / stream_name(n)
+        """Stream ``n``: in the generation's directory, or, for a part of a dispersed
+        generation, on the medium its copier wrote (media/media_set.py)."""
+        from sdbackup.media.media_set import part_path
+
+        return part_path(self.medium, self.manifest, n)
 
     @property
     def index_path(self) -> Path:
@@ -169,7 +173,7 @@ class GenerationReader:
         gen.check_streams_present()
         self._ids = {d.name: d.id for d in self.manifest.disks}
         self._nblocks = {d.id: d.nblocks for d in self.manifest.disks}
-        self._readers = [gen.medium.open_stream(gen.id, n)
+        self._readers = [gen.medium.open_stream(gen.manifest, n)
                          for n in range(len(self.manifest.streams))]
         ext = external_log(gen, log_medium)
         if ext is not None:

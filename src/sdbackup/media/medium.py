@@ -471,6 +471,9 @@ class DiskMedium:
         self.label = dict(label)
         self.medium_id: str = str(label["medium_id"])
         self.cluster_id: str = str(label["cluster_id"])
+        # Other media given with this one, where parts of its dispersed generations may
+        # lie (media/media_set.py).
+        self.companions: list[DiskMedium] = []
 
     @property
     def generations_dir(self) -> Path:
@@ -479,11 +482,14 @@ class DiskMedium:
     def __str__(self) -> str:
         return str(self.root)
 
-    def open_stream(self, gen_id: str, n: int) -> RecordReader:
-        """A reader of record stream ``n`` of generation ``gen_id``."""
+    def open_stream(self, manifest: Manifest, n: int) -> RecordReader:
+        """A reader of record stream ``n`` of generation ``manifest``: in the
+        generation's directory, or, for a part of a dispersed generation, on the medium
+        its copier wrote (media/media_set.py)."""
+        from sdbackup.media.media_set import part_path
         from sdbackup.media.record_reader import RecordReader
 
-        path = self.generations_dir / gen_id / stream_name(n)
+        path = part_path(self, manifest, n)
         return RecordReader(path, medium=str(path))
 
     def read_position(self, manifest: Manifest, stream: int, offset: int) -> tuple[int, ...]:

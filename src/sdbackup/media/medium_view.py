@@ -35,7 +35,8 @@ from dataclasses import dataclass, field, replace
 from sdbackup.blocks.source import Buffer
 from sdbackup.errors import CorruptError, FsError, NotFoundError
 from sdbackup.media.chain import ChainReader, open_chain
-from sdbackup.media.medium import GEN_ID_RE, MANIFEST, Catalog, DiskMedium, Manifest, iso_utc
+from sdbackup.media.media_set import MediaPaths, open_media
+from sdbackup.media.medium import GEN_ID_RE, MANIFEST, Catalog, Manifest, iso_utc
 from sdbackup.media.snapshot import SnapshotMeta
 from sdbackup.meta.api import READDIR_BATCH
 from sdbackup.meta.types import Attr, DirEntry, Extent, StatFs
@@ -79,10 +80,12 @@ class _Gen:
 class MediumView:
     """The metadata source and block source of the view (see the module docstring)."""
 
-    def __init__(self, medium_path: str | os.PathLike[str], *,
+    def __init__(self, medium_path: MediaPaths, *,
                  log_medium: str | os.PathLike[str] | None = None,
                  max_open: int = MAX_OPEN) -> None:
-        self.medium = DiskMedium.open(medium_path)
+        # Several media: the first holds the generations, the others parts of dispersed
+        # ones (media/media_set.py).
+        self.medium = open_media(medium_path)
         self.log_medium = log_medium
         self.max_open = max_open
         self._lock = threading.Lock()

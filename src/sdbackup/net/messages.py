@@ -269,6 +269,12 @@ Gen = Annotated[str, Text(256)]
 Segs = Annotated[tuple[int, ...], ListOf(Int(0, SEG_MAX), MAX_SEGS)]
 WriteRuns = Annotated[tuple[WriteRun, ...], ListOf(WriteRunSpec(), MAX_RUNS)]
 LogMode = Annotated[str, Choice(*LOG_MODES)]
+Stream = Annotated[int, Int(0, 65535)]
+"""A record stream's number in its generation (u16 in the index)."""
+Attempt = Annotated[int, Int(0, 1 << 16)]
+"""How often a part was given to a copier before (0: the first copier)."""
+MAX_COPIERS = 4096
+"""Copier nodes of one dispersed backup."""
 
 
 # -- requests -----------------------------------------------------------------------------
@@ -623,6 +629,43 @@ class Backup(Request, method="backup"):
     group: Annotated[str | None, Opt(Text(64, min_len=1))] = None
     group_list: Annotated[str | None, Opt(Text(1 << 22))] = None
     meta: Annotated[str, Choice("all", "group")] = "all"
+    # A dispersed copy (a.12, issue 17): these nodes copy the plan as parts, each to
+    # its medium in ``node_media`` (its name -> a directory on its host) or to
+    # ``medium`` (shared); see cluster/dispersed.py.
+    copy_nodes: Annotated[tuple[str, ...], ListOf(Text(255, min_len=1), MAX_COPIERS)] = ()
+    node_media: Annotated[dict[str, str] | None, Opt(StrMap(MAX_COPIERS))] = None
+    no_reassign: Flag = False
+    split: Annotated[str, Choice("ranges", "disks")] = "ranges"
+    part_bytes: Annotated[int, Int(0, I64_MAX)] = 0
+
+
+class PartProgress(Request, method="part_progress"):
+    """A copier's progress on a part (a one-way notification, about twice a second)."""
+
+    gen: Gen
+    stream: Stream
+    attempt: Attempt
+    bytes: Offset
+
+
+class PartDone(Request, method="part_done"):
+    """A copier finished a part: its stream is closed (END) and fsynced on its medium,
+    or ``error`` says why not. The blob holds one index row per DATA record
+    (backup/parts.py: ROW_DTYPE)."""
+
+    gen: Gen
+    stream: Stream
+    attempt: Attempt
+    medium_id: Annotated[str, Text(256)]
+    primary: Flag
+    bytes: Offset
+    records: Offset
+    digest: Annotated[str, Text(16)]
+    blocks: Offset
+    read_bytes: Offset
+    batches: Offset
+    seconds: Annotated[float, Float(0, 1e9)]
+    error: Annotated[str | None, Opt(Text())] = None
 
 
 class UsedRuns(Request, method="used_runs"):
@@ -650,7 +693,7 @@ COORDINATOR_REQUESTS = registry(
     Lookup, Mknod, Mkdir, Symlink, Readlink, Link, Unlink, Rmdir, Rename, Readdir, Setattr,
     Statfs, Open, Release, MapRead, MapWrite, PutBi, BiFailed, AbortWrite, CommitWrite,
     Truncate, Sync, CacheTable, FlushAll, Status, Backup, UsedRuns, Fsck, Info, SetMark,
-    Marks)
+    Marks, PartProgress, PartDone)
 """What nodes, clients and commands ask the coordinator."""
 
 
@@ -698,8 +741,39 @@ class BackupEnd(Request, method="backup_end"):
     gen: Gen
 
 
+class CopyPart(Request, method="copy_part"):
+    """Copy one part of a dispersed backup (a.12, Fig. 27): the blocks in the blob
+    (``sets``: disk id and byte length of each disk's serialized BlockSet, in blob
+    order) from the shared disks into stream ``stream`` on the medium ``medium`` (a
+    directory on the node's host). Answered at once; the node reports with
+    ``part_progress`` and ``part_done``."""
+
+    gen: Gen
+    stream: Stream
+    attempt: Attempt
+    medium: Annotated[str, Text(min_len=1)]
+    primary_medium: Annotated[str, Text(256)]
+    """The id of the medium that commits the generation: a part there goes into the
+    generation's directory."""
+    sets: Annotated[tuple[tuple[int, int], ...],
+                    ListOf(Row(Int(0, U32_MAX), Int(0, MAX_BLOB)), 1 << 16)]
+    compression: Annotated[Literal["none", "zstd"], Choice("none", "zstd")] = "zstd"
+    level: Annotated[int, Int(0, 22)] = 1
+    bwlimit: Annotated[int, Int(0, I64_MAX)] = 0
+    batch_bytes: Annotated[int, Int(1, 1 << 30)] = 8 << 20
+    record_bytes: Annotated[int, Int(1, 1 << 28)] = 1 << 20
+    gap_bytes: Annotated[int, Int(0, 1 << 30)] = 128 << 10
+
+
+class PartCancel(Request, method="part_cancel"):
+    """Stop copying parts of ``gen``; ``discard``: remove what was written for it."""
+
+    gen: Gen
+    discard: Flag = False
+
+
 NODE_CALLBACKS = registry(Recall, FlushInode, DropCaps, NodeFlush, Report, BackupBegin, BiFetch,
-                          BackupEnd)
+                          BackupEnd, CopyPart, PartCancel)
 """What the coordinator asks a node."""
 
 

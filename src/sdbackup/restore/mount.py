@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from sdbackup.fs.readonly import ReadOnlyFileSystem
 from sdbackup.media.chain import open_chain
-from sdbackup.media.medium import DiskMedium, Manifest
+from sdbackup.media.media_set import MediaPaths, open_media
+from sdbackup.media.medium import Manifest
 from sdbackup.media.medium_view import MediumView
 
 
@@ -37,15 +38,16 @@ class MountSource:
     manifest: Manifest | None = None  # the generation, when one is mounted
 
 
-def resolve(medium_path: str | os.PathLike[str], gen: str | None) -> Manifest:
+def resolve(medium_path: MediaPaths, gen: str | None) -> Manifest:
     """The generation ``gen`` names (None: the newest); raises with a one-line reason."""
-    return DiskMedium.open(medium_path).resolve(gen)
+    return open_media(medium_path).resolve(gen)
 
 
-def open_generation(medium_path: str | os.PathLike[str], gen: str | None, *,
+def open_generation(medium_path: MediaPaths, gen: str | None, *,
                     log_medium: str | os.PathLike[str] | None = None) -> MountSource:
-    """One generation as a read-only file system, read through its chain."""
-    med = DiskMedium.open(medium_path)
+    """One generation as a read-only file system, read through its chain (its parts
+    from every medium given: media/media_set.py)."""
+    med = open_media(medium_path)
     m = med.resolve(gen)
     snap, reader = open_chain(med, m, log_medium=log_medium)
 
@@ -87,7 +89,7 @@ def open_tape_generation(tapes: list[str] | tuple[str, ...], buffer_dir: str | o
     return MountSource(ReadOnlyFileSystem(snap, reader), f"backup-{m.id}", close, m)
 
 
-def open_all(medium_path: str | os.PathLike[str], *,
+def open_all(medium_path: MediaPaths, *,
              log_medium: str | os.PathLike[str] | None = None) -> MountSource:
     """Every generation of the medium, one directory each (see :class:`MediumView`)."""
     view = MediumView(medium_path, log_medium=log_medium)

@@ -189,9 +189,10 @@ class TapeSetMedium(DiskMedium):
         return TapeStreamSource(self.buffer, pieces, size, bs,
                                 f"{part} of generation {gen_id} on tape set {self.set_id}")
 
-    def open_stream(self, gen_id: str, n: int) -> RecordReader:
-        m = self.read_manifest(gen_id)
-        src = self._source(gen_id, stream_name(n), m.streams[n].bytes)
+    def open_stream(self, manifest: Manifest, n: int) -> RecordReader:
+        # On tape every stream is a part of the generation named stream-N.sdr, parts of
+        # a dispersed generation included (the tape writer gathered them).
+        src = self._source(manifest.id, stream_name(n), manifest.streams[n].bytes)
         return TapeRecordReader(src)
 
     def read_position(self, manifest: Manifest, stream: int, offset: int) -> tuple[int, ...]:

@@ -1,0 +1,372 @@
+"""Dispersed backups (seed a.12, Fig. 27; issue 17): one freeze, one T0, many copiers.
+
+Real processes: the coordinator and two or three node agents; the nodes are the
+copiers, each writing its parts to a medium directory of its own, while writer
+processes keep overwriting, truncating, deleting and creating files through the nodes
+(the copy is slowed by a test hook so that it overlaps the writes). A test hook in the
+engine writes the exact T0 image while the cluster is frozen; the images restored from
+the generation -- whose parts lie on three or four media -- must equal it, block for
+block.
+
+What is proven:
+
+* two and three copiers with separate media: one generation, committed once, parts on
+  every copier's medium, listed with their medium and checksums; verify, restore-image,
+  restore and restore-cluster read it as one (``--medium A --medium B ...``, or through
+  the paths the manifest recorded), and the images equal T0 in central and merged log
+  modes;
+* a medium missing at restore time is one line naming it, exit 4;
+* a copier killed mid-copy: its unfinished part goes to another copier, the freeze is
+  not repeated (one T0), and the generation restores T0; with ``--no-reassign`` the
+  backup fails (exit 1) and nothing is committed;
+* ``sdbackup status`` shows the copy's progress per copier while it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sdbackup.cluster.launch import Proc, start_coordinator, start_node
+
+SDB = [sys.executable, "-m", "sdbackup.cli.main"]
+
+WRITER = r"""
+import os, random, sys, time
+from sdbackup.cluster.access import open_fs
+from sdbackup.errors import FsError
+cdir, node, seed, stop = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+rng = random.Random(seed)
+n = 0
+with open_fs(cdir, node=node) as fs:
+    while not os.path.exists(stop):
+        name = f"/f{rng.randrange(12)}".encode()
+        try:
+            try:
+                a = fs.resolve(name)
+            except FsError:
+                a = fs.create(1, name[1:])
+            op = rng.random()
+            if op < 0.7:
+                off = rng.randrange(0, 3 << 20)
+                fs.write(a.ino, off, rng.randbytes(rng.choice([512, 4096, 65536, 300000])))
+            elif op < 0.8:
+                fs.truncate(a.ino, rng.randrange(0, 2 << 20))
+            elif op < 0.87:
+                fs.unlink(1, name[1:])
+            else:
+                fs.fsync(a.ino)
+            n += 1
+        except FsError:
+            pass  # another writer deleted or replaced the file meanwhile
+print(n)
+"""
+
+BS = 1024
+
+
+@dataclass
+class Cluster:
+    dir: Path
+    coord: Proc
+    nodes: dict[str, Proc]
+    t0_dir: Path
+    tmp: Path
+
+
+def sdb(*args: str, check: bool = True, timeout: float = 180
+        ) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([*SDB, *args], capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"sdbackup {' '.join(args)} exited {r.returncode}:\n{r.stderr}")
+    return r
+
+
+def _make(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, names: tuple[str, ...],
+          delay: str) -> Iterator[Cluster]:
+    cdir = tmp_path / "c"
+    sdb("init", str(cdir), "--block-size", str(BS),
+        "--disk", f"d0={tmp_path}/d0.img:48MiB", "--disk", f"d1={tmp_path}/d1.img:48MiB")
+    t0_dir = tmp_path / "t0"
+    monkeypatch.setenv("SDBACKUP_TEST_T0_IMAGE_DIR", str(t0_dir))
+    monkeypatch.setenv("SDBACKUP_TEST_COPY_DELAY", delay)
+    coord = start_coordinator(cdir, lease=3.0)
+    nodes: dict[str, Proc] = {}
+    try:
+        for n in names:
+            nodes[n] = start_node(cdir, n, cache_size="8MiB", flush_delay=0.2)
+        yield Cluster(cdir, coord, nodes, t0_dir, tmp_path)
+    finally:
+        for p in nodes.values():
+            p.kill()
+        coord.stop()
+
+
+@pytest.fixture
+def two(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    yield from _make(tmp_path, monkeypatch, ("n1", "n2"), "0.05")
+
+
+@pytest.fixture
+def three(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    yield from _make(tmp_path, monkeypatch, ("n1", "n2", "n3"), "0.05")
+
+
+def _seed(c: Cluster, files: int = 12) -> None:
+    data = c.tmp / "seed.bin"
+    for i in range(files):
+        data.write_bytes(os.urandom(3 << 20))
+        sdb("fs", str(c.dir), "put", "--node", "n1", str(data), f"/f{i}")
+
+
+def _writers(c: Cluster, stop: Path, names: tuple[str, ...] = ("n1", "n2")
+             ) -> list[subprocess.Popen[str]]:
+    return [subprocess.Popen([sys.executable, "-c", WRITER, str(c.dir), n, str(i), str(stop)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i, n in enumerate(names)]
+
+
+def _stop(ws: list[subprocess.Popen[str]], stop: Path) -> list[int]:
+    stop.touch()
+    out = []
+    for w in ws:
+        so, se = w.communicate(timeout=60)
+        assert w.returncode == 0, se
+        out.append(int(so.strip()))
+    return out
+
+
+def _media_args(c: Cluster, names: tuple[str, ...]) -> list[str]:
+    args = ["--medium", str(c.tmp / "m0")]
+    for n in names:
+        args += ["--medium", f"{n}={c.tmp / ('m-' + n)}"]
+    return args
+
+
+def _check_restores_t0(c: Cluster, media: list[str], gen: str, tag: str = "") -> None:
+    for disk in ("d0", "d1"):
+        img = c.tmp / f"restored-{gen}-{disk}{tag}.img"
+        sdb("restore-image", *media, gen, "--disk", disk, "--to", str(img))
+        want = (c.t0_dir / gen / f"{disk}.img").read_bytes()
+        got = img.read_bytes()
+        assert len(got) == len(want)
+        if got != want:
+            bad = [i for i in range(0, len(want), BS) if got[i:i + BS] != want[i:i + BS]]
+            raise AssertionError(f"{disk}: {len(bad)} blocks differ from T0, first "
+                                 f"{[b // BS for b in bad[:10]]}")
+        img.unlink()
+
+
+def _backup(c: Cluster, names: tuple[str, ...], *extra: str, check: bool = True
+            ) -> subprocess.CompletedProcess[str]:
+    return sdb("backup", str(c.dir), *_media_args(c, names), "--copy-nodes", ",".join(names),
+               "--compress", "none", "--json", *extra, check=check)
+
+
+def _manifest(medium: Path, gen: str) -> dict[str, object]:
+    data: dict[str, object] = json.loads(
+        (medium / "generations" / gen / "manifest.json").read_text())
+    return data
+
+
+@pytest.mark.parametrize("mode", ["central", "merged"])
+def test_two_copiers_separate_media_restore_t0_with_writers(two: Cluster, mode: str) -> None:
+    c = two
+    _seed(c)
+    stop = c.tmp / "stop"
+    ws = _writers(c, stop)
+    time.sleep(1.0)  # the writers are busy and the caches dirty
+    r = _backup(c, ("n1", "n2"), "--log-mode", mode, "--part-size", "4MiB")
+    time.sleep(0.3)
+    ops = _stop(ws, stop)
+    s = json.loads(r.stdout)
+    assert min(ops) > 20, f"writers barely ran: {ops}"
+    assert s["log"]["blocks"] > 0, "no write needed a before image: the test proves nothing"
+    gen = s["generation"]
+    m = _manifest(c.tmp / "m0", gen)
+    parts = m["parts"]
+    assert isinstance(parts, list) and len(parts) >= 2
+    # Every part is on its copier's own medium; the generation is committed once, on m0.
+    by_node = {p["node"] for p in parts}
+    assert by_node == {"n1", "n2"}, f"a copier did no part: {by_node}"
+    for p in parts:
+        label = json.loads((c.tmp / f"m-{p['node']}" / "sdbackup-medium.json").read_text())
+        assert p["medium"] == label["medium_id"]
+        assert (c.tmp / f"m-{p['node']}" / p["file"]).is_file()
+        assert m["streams"][p["stream"]]["digest"]  # type: ignore[index]
+    assert set(m["media"]) == {p["medium"] for p in parts}  # type: ignore[arg-type]
+    assert not list((c.tmp / "m-n1").glob("generations/*")), "a part medium holds a generation"
+    assert len(os.listdir(c.t0_dir)) == 1  # one T0
+    media = [*_media_args(c, ()), "--medium", str(c.tmp / "m-n1"),
+             "--medium", str(c.tmp / "m-n2")]
+    assert "OK" in sdb("verify", *media, gen).stdout
+    _check_restores_t0(c, media, gen)
+    # Without the other media named: found where the manifest says the copiers wrote.
+    assert "OK" in sdb("verify", "--medium", str(c.tmp / "m0"), gen).stdout
+
+
+def test_three_copiers_whole_disks_and_restore_cluster(three: Cluster) -> None:
+    c = three
+    _seed(c, files=6)
+    stop = c.tmp / "stop"
+    ws = _writers(c, stop, ("n1", "n2", "n3"))
+    time.sleep(0.8)
+    r = _backup(c, ("n1", "n2", "n3"), "--log-mode", "central", "--part-size", "2MiB")
+    ops = _stop(ws, stop)
+    assert min(ops) > 5, ops
+    s = json.loads(r.stdout)
+    gen = s["generation"]
+    parts = _manifest(c.tmp / "m0", gen)["parts"]
+    assert isinstance(parts, list)
+    assert {p["node"] for p in parts} == {"n1", "n2", "n3"}
+    media = ["--medium", str(c.tmp / "m0"),
+             *(x for n in ("n1", "n2", "n3") for x in ("--medium", str(c.tmp / f"m-{n}")))]
+    _check_restores_t0(c, media, gen)
+    # Whole disks (Fig. 27): one part per disk.
+    r2 = _backup(c, ("n1", "n2", "n3"), "--split", "disks")
+    g2 = json.loads(r2.stdout)["generation"]
+    parts2 = _manifest(c.tmp / "m0", g2)["parts"]
+    assert isinstance(parts2, list) and len(parts2) == 2
+    new = c.tmp / "restored-cluster"
+    sdb("restore-cluster", *media, g2, "--to", str(new))
+    assert (new / "cluster.toml").exists()
+
+
+def test_a_missing_medium_is_named_in_one_line(two: Cluster) -> None:
+    c = two
+    _seed(c, files=4)
+    s = json.loads(_backup(c, ("n1", "n2"), "--part-size", "2MiB").stdout)
+    gen = s["generation"]
+    m = _manifest(c.tmp / "m0", gen)
+    gone = c.tmp / "m-n2"
+    mid = json.loads((gone / "sdbackup-medium.json").read_text())["medium_id"]
+    gone.rename(c.tmp / "elsewhere")
+    img = c.tmp / "x.img"
+    for args in (["restore-image", "--medium", str(c.tmp / "m0"), gen, "--disk", "d0",
+                  "--to", str(img)],
+                 ["verify", "--medium", str(c.tmp / "m0"), "--medium", str(c.tmp / "m-n1"),
+                  gen],
+                 ["restore", "--medium", str(c.tmp / "m0"), gen, "--to", str(c.tmp / "r")]):
+        r = sdb(*args, check=False)
+        assert r.returncode == 4, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1, r.stderr
+        assert mid in lines[0] and "n2" in lines[0] and str(gone) in lines[0], lines[0]
+    assert isinstance(m["media"], dict) and mid in m["media"]
+    # Given where it is now, the generation reads as one again.
+    media = ["--medium", str(c.tmp / "m0"), "--medium", str(c.tmp / "elsewhere")]
+    assert "OK" in sdb("verify", *media, gen).stdout
+    shutil.rmtree(c.tmp / "r", ignore_errors=True)
+    sdb("restore", *media, gen, "--to", str(c.tmp / "r"))
+    assert (c.tmp / "r" / "f0").stat().st_size == 3 << 20
+    # What 'sdbackup mount --medium A --medium B' serves (without FUSE here): the same
+    # bytes as the restore, and without B the one-line error before anything is served.
+    from sdbackup.errors import MediumMissing
+    from sdbackup.restore.mount import open_generation
+
+    src = open_generation([c.tmp / "m0", c.tmp / "elsewhere"], gen)
+    try:
+        for name in ("f0", "f3"):
+            a = src.fs.resolve(f"/{name}")
+            assert src.fs.read(a.ino, 0, a.size) == (c.tmp / "r" / name).read_bytes()
+    finally:
+        src.close()
+    with pytest.raises(MediumMissing, match=mid):
+        open_generation([c.tmp / "m0"], gen).close()
+    if os.path.exists("/dev/fuse"):  # the command itself: the error before mounting
+        (c.tmp / "mnt").mkdir()
+        r = sdb("mount", "--medium", str(c.tmp / "m0"), gen, str(c.tmp / "mnt"), check=False)
+        assert r.returncode == 4 and mid in r.stderr, r.stderr
+
+
+@pytest.fixture
+def slow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    yield from _make(tmp_path, monkeypatch, ("n1", "n2", "n3"), "0.4")
+
+
+def _start_backup(c: Cluster, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*SDB, "backup", str(c.dir), *_media_args(c, ("n1", "n2")), "--copy-nodes", "n1,n2",
+         "--compress", "none", "--json", "--log-mode", "central", "--part-size", "1MiB",
+         *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_copying(c: Cluster, node: str) -> dict[str, object]:
+    """The status of the running dispersed backup once ``node`` has finished a part
+    and copies the next one (per-copier progress as 'sdbackup status' shows it)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        st = json.loads(sdb("status", str(c.dir), "--json").stdout)
+        d = st.get("dispersed")
+        if isinstance(d, dict):
+            me = next((x for x in d["copiers"] if x["node"] == node), None)
+            if me is not None and me["parts_done"] >= 1 and me["state"] == "copying":
+                text = sdb("status", str(c.dir)).stdout
+                assert f"copier {node}" in text and "parts done" in text, text
+                return d
+        time.sleep(0.2)
+    raise AssertionError("the copier never got to its second part")
+
+
+def test_a_copier_killed_mid_copy_loses_its_part_to_another(slow: Cluster) -> None:
+    c = slow
+    _seed(c, files=8)
+    stop = c.tmp / "stop"
+    ws = _writers(c, stop, ("n1", "n3"))  # n2 only copies: killing it stops no writer
+    time.sleep(0.5)
+    b = _start_backup(c)
+    d = _wait_copying(c, "n2")
+    assert d["bytes_done"] > 0 and d["parts"] >= 4  # type: ignore[operator]
+    c.nodes["n2"].kill()
+    out, err = b.communicate(timeout=240)
+    ops = _stop(ws, stop)
+    assert b.returncode == 0, err
+    assert min(ops) > 5, ops
+    s = json.loads(out)
+    gen = s["generation"]
+    assert len(os.listdir(c.t0_dir)) == 1, "the freeze was repeated"
+    dis = s["dispersed"]
+    assert "failed" in dis["copiers"]["n2"], dis
+    assert dis["reassigned"] and all(r["from"] == "n2" for r in dis["reassigned"])
+    parts = _manifest(c.tmp / "m0", gen)["parts"]
+    assert isinstance(parts, list)
+    redone = {r["stream"] for r in dis["reassigned"]}
+    for p in parts:
+        if p["stream"] in redone:
+            assert p["node"] == "n1" and p["attempt"] >= 1 and ".try" in p["file"], p
+    assert any(p["node"] == "n2" for p in parts), "n2's finished part was not kept"
+    media = [*_media_args(c, ()), "--medium", str(c.tmp / "m-n1"),
+             "--medium", str(c.tmp / "m-n2")]
+    assert "OK" in sdb("verify", *media, gen).stdout
+    _check_restores_t0(c, media, gen)
+
+
+def test_no_reassign_fails_the_backup_cleanly(slow: Cluster) -> None:
+    c = slow
+    _seed(c, files=6)
+    b = _start_backup(c, "--no-reassign")
+    _wait_copying(c, "n2")
+    c.nodes["n2"].kill()
+    out, err = b.communicate(timeout=240)
+    assert b.returncode == 1, (out, err)
+    line = err.strip().splitlines()
+    assert len(line) == 1 and "n2" in line[0] and "--no-reassign" in line[0], err
+    assert "not committed" in line[0], line[0]
+    gens = c.tmp / "m0" / "generations"
+    (g,) = list(gens.iterdir())
+    assert not (g / "manifest.json").exists() and (g / "FAILED").exists()
+    assert "n2" in (g / "FAILED").read_text()
+    # n1 removed what it wrote for the failed backup.
+    assert not list((c.tmp / "m-n1").glob("parts/*/*.sdr"))
+    r = sdb("generations", "--medium", str(c.tmp / "m0"), "--json", check=False)
+    assert json.loads(r.stdout) == [] or "[]" in r.stdout
