@@ -370,3 +370,97 @@ def test_no_reassign_fails_the_backup_cleanly(slow: Cluster) -> None:
     assert not list((c.tmp / "m-n1").glob("parts/*/*.sdr"))
     r = sdb("generations", "--medium", str(c.tmp / "m0"), "--json", check=False)
     assert json.loads(r.stdout) == [] or "[]" in r.stdout
+
+
+# -- with the other features of the same release: file groups (issue 15), tape (issue 16)
+
+
+def test_group_backup_copied_by_two_nodes(two: Cluster) -> None:
+    """``backup --group G --copy-nodes ...``: the group's block list at T0 cut into parts;
+    the generation is a group generation (own chain, ``NotInBackupError`` outside) whose
+    parts lie on two media, and its incremental follows the group's chain."""
+    from sdbackup.media.chain import ChainReader
+    from sdbackup.media.generation import Generation
+    from sdbackup.media.media_set import open_media
+    from sdbackup.media.snapshot import SnapshotMeta
+
+    c = two
+    _seed(c, files=8)
+    r = sdb("group", "add", str(c.dir), "g", "--include", "f?", "--exclude", "f7")
+    assert "selects 7 file(s)" in r.stdout, r.stdout
+    stop = c.tmp / "stop"
+    ws = _writers(c, stop)
+    time.sleep(0.8)
+    r = _backup(c, ("n1", "n2"), "--group", "g", "--log-mode", "central",
+                "--part-size", "2MiB")
+    ops = _stop(ws, stop)
+    assert min(ops) > 5, ops
+    s = json.loads(r.stdout)
+    gen = s["generation"]
+    assert s["group"] == "g"
+    m = _manifest(c.tmp / "m0", gen)
+    parts = m["parts"]
+    assert isinstance(parts, list) and {p["node"] for p in parts} == {"n1", "n2"}
+    assert m["group"] == "g" and isinstance(m["group_spec"], dict)
+    media = [*_media_args(c, ()), "--medium", str(c.tmp / "m-n1"),
+             "--medium", str(c.tmp / "m-n2")]
+    assert "OK" in sdb("verify", *media, gen).stdout
+    med = open_media([c.tmp / "m0", c.tmp / "m-n1", c.tmp / "m-n2"])
+    man = med.resolve(gen)
+    g = Generation(med, man)
+    with SnapshotMeta(g.meta_file(), "test") as snap, ChainReader(med, man) as reader:
+        held = 0
+        for d in man.disks:
+            want = (c.t0_dir / gen / f"{d.name}.img").read_bytes()
+            for start, count in snap.view_blocks(d.id, d.nblocks).runs():
+                got = reader.read(d.id, start, count)
+                assert got == want[start * BS:(start + count) * BS], (d.name, start, count)
+                held += count
+        assert held == man.blocks > 0
+        outside = [e.name.decode() for e in snap.readdir(1)
+                   if e.name.decode() not in {f"f{i}" for i in range(7)}]
+    assert outside, "nothing outside the group at T0: the test proves nothing"
+    r = sdb("restore", *media, gen, f"/{outside[0]}", "--to", str(c.tmp / "r-out"),
+            check=False)
+    assert r.returncode == 4 and "outside group g" in r.stderr, r.stderr
+    # An incremental of the group, copied dispersed too, follows the group's chain.
+    sdb("fs", str(c.dir), "put", "--node", "n1", str(c.tmp / "seed.bin"), "/f3")
+    s2 = json.loads(_backup(c, ("n1", "n2"), "--group", "g", "--incremental",
+                            "--part-size", "2MiB").stdout)
+    m2 = _manifest(c.tmp / "m0", s2["generation"])
+    assert m2["parent"] == gen and m2["group"] == "g"
+    sdb("restore", *media, s2["generation"], "/f3", "--to", str(c.tmp / "r-inc"))
+    assert (c.tmp / "r-inc" / "f3").read_bytes() == (c.tmp / "seed.bin").read_bytes()
+
+
+def test_dispersed_generation_to_tape_and_back(two: Cluster) -> None:
+    """``tape write`` gathers a dispersed generation's parts from every medium given
+    (each becomes the tape part stream-N.sdr); restores from tape read T0."""
+    from sdbackup.media.tape.filetape import FileTape
+
+    c = two
+    _seed(c, files=4)
+    s = json.loads(_backup(c, ("n1", "n2"), "--part-size", "2MiB").stdout)
+    gen = s["generation"]
+    parts = _manifest(c.tmp / "m0", gen)["parts"]
+    assert isinstance(parts, list) and {p["node"] for p in parts} == {"n1", "n2"}
+    tape = c.tmp / "t1.tape"
+    FileTape.create(tape, 256 << 20)
+    catalog = c.tmp / "catalog"
+    media = [*_media_args(c, ()), "--medium", str(c.tmp / "m-n1"),
+             "--medium", str(c.tmp / "m-n2")]
+    r = sdb("tape", "write", *media, "--tape", f"file:{tape}", "--catalog", str(catalog),
+            "--json")
+    assert json.loads(r.stdout)["written"] == [gen]
+    tape_args = ["--tape", f"file:{tape}", "--buffer", str(c.tmp / "buf"),
+                 "--catalog", str(catalog)]
+    for disk in ("d0", "d1"):
+        img = c.tmp / f"from-tape-{disk}.img"
+        sdb("restore-image", *tape_args, gen, "--disk", disk, "--to", str(img))
+        assert img.read_bytes() == (c.t0_dir / gen / f"{disk}.img").read_bytes(), disk
+    # --medium and --tape exclude each other; neither is one line, exit 2.
+    r = sdb("restore", *media, *tape_args, gen, "--to", str(c.tmp / "x"), check=False)
+    assert r.returncode == 2 and "not both" in r.stderr, r.stderr
+    r = sdb("restore", gen, "--to", str(c.tmp / "x"), check=False)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--medium DIR" in r.stderr

@@ -176,8 +176,11 @@ def ls_cmd(tapes: tuple[str, ...], as_json: bool) -> None:
 
 
 @tape.command("write")
-@click.option("--medium", required=True, type=click.Path(path_type=Path), metavar="DIR",
-              help="The disk medium holding the generations.")
+@click.option("--medium", required=True, multiple=True, type=click.Path(path_type=Path),
+              metavar="DIR",
+              help="The disk medium holding the generations. Repeat it for generations "
+                   "whose parts lie on several media (backup --copy-nodes): the first is "
+                   "where they were committed.")
 @click.argument("gens", nargs=-1, metavar="[GEN]...")
 @TAPES
 @click.option("--log-medium", type=click.Path(path_type=Path),
@@ -189,7 +192,7 @@ def ls_cmd(tapes: tuple[str, ...], as_json: bool) -> None:
               help="Relabel tapes of another cluster, or foreign tapes, when needed.")
 @CATALOG
 @click.option("--json", "as_json", is_flag=True)
-def write_cmd(medium: Path, gens: tuple[str, ...], tapes: tuple[str, ...],
+def write_cmd(medium: tuple[Path, ...], gens: tuple[str, ...], tapes: tuple[str, ...],
               log_medium: Path | None, block_size: str, force: bool,
               catalog_dir: Path | None, as_json: bool) -> None:
     """Copy committed generations (default: all not yet on the set) to tape, in one
@@ -197,10 +200,10 @@ def write_cmd(medium: Path, gens: tuple[str, ...], tapes: tuple[str, ...],
     from sdbackup.backup.overlay import overlay_generation
     from sdbackup.cluster.config import parse_size
     from sdbackup.media.generation import Generation, external_log
-    from sdbackup.media.medium import DiskMedium
+    from sdbackup.media.media_set import open_media
     from sdbackup.media.tape.library import TapeLibrary, write_generations
 
-    med = DiskMedium.open(medium)
+    med = open_media(medium)
     chosen = [med.resolve(g) for g in gens] if gens else med.committed()
     ready = []
     for m in chosen:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sdbackup.errors import CorruptError, NotFoundError, SdbError, UsageError
+from sdbackup.media.media_set import part_path
 from sdbackup.media.medium import (
     MANIFEST,
     META,
@@ -250,13 +251,16 @@ def write_generations(medium: DiskMedium, gens: Sequence[Manifest], lib: TapeLib
             raise UsageError(f"generation {m.id} has a separate before-image log that is "
                              "not overlaid: overlay it first (Fig. 38)")
         gdir = medium.generations_dir / m.id
+        # The streams: a dispersed generation's parts may lie elsewhere on the medium,
+        # or on its companions (media/media_set.py); on tape each is stream-N.sdr.
+        sources = {stream_name(i): part_path(medium, m, i) for i in range(len(m.streams))}
         sizes = {stream_name(i): s.bytes for i, s in enumerate(m.streams)}
         sizes[m.index.name] = m.index.bytes
         sizes[META] = m.meta.bytes
         sizes[MANIFEST] = os.stat(gdir / MANIFEST).st_size
         parts: dict[str, list[Piece]] = {}
         for part in part_names(len(m.streams), m.index.name):
-            parts[part] = w.write_part(m.id, part, gdir / part, sizes[part])
+            parts[part] = w.write_part(m.id, part, sources.get(part, gdir / part), sizes[part])
             rep.bytes += sizes[part]
             if progress is not None:
                 progress(sizes[part])
