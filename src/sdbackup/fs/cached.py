@@ -543,17 +543,21 @@ class CachedFileSystem(FileSystem):
                            for o, m in zip(objs, marks, strict=True)):
                         continue  # a recall came in between: look again
                     for o in objs:
-                        self._apply(o, start, src, size if grow else None)
+                        self._apply(o, start, src, size if grow else None, size)
                     with self._mu:
                         self._sizes[ino] = max(self._sizes.get(ino, size), start + n)
                 break
         self._maybe_evict()
         return start
 
-    def _apply(self, o: Seg, offset: int, src: memoryview, grow_from: int | None) -> None:
+    def _apply(self, o: Seg, offset: int, src: memoryview, grow_from: int | None,
+               old_size: int | None = None) -> None:
         """Copy the part of a write that falls in this segment into its buffer (caller
         holds o.lock and the write right); with ``grow_from`` (the old size, when the
-        write starts past it), zero the old last block from there first."""
+        write starts past it), zero the old last block from there first. A partial
+        block wholly past ``old_size`` (the size under these rights) is zeros, not read
+        from the disk: no byte of the file was ever there (a new file's first write
+        asks the coordinator for nothing)."""
         bs = self.bs
         base = o.seg * SEGMENT_BYTES
         buf = self._ensure_buf(o)
@@ -575,7 +579,11 @@ class CachedFileSystem(FileSystem):
             for b in {b0, b1 - 1}:
                 edge_partial = (b == b0 and lo % bs) or (b == b1 - 1 and hi % bs)
                 if edge_partial and not (o.valid >> b) & 1:
-                    self._fill(o, b, b + 1)
+                    if old_size is not None and base + b * bs >= old_size:
+                        buf[b * bs : (b + 1) * bs] = _ZERO_SEGMENT[:bs]
+                        o.valid |= _mask(b, b + 1)
+                    else:
+                        self._fill(o, b, b + 1)
             buf[lo - base : hi - base] = src[lo - offset : hi - offset]
             touched |= _mask(b0, b1)
         if not touched:
