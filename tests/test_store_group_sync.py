@@ -77,3 +77,48 @@ def test_a_sync_with_nothing_new_committed_costs_no_fsync(
     store.execute("UPDATE t SET v=2 WHERE k=1")
     store.sync()
     assert len(log) == 4
+
+
+def test_a_sync_under_the_store_lock_does_not_deadlock_with_one_in_progress(
+        store: MetaStore) -> None:
+    """A caller that holds the store lock (a truncate zeroing a tail maps blocks under
+    it, and mapping syncs the change tracking) syncs while another thread's sync holds
+    the fsync turn: both return. (The sync holding the turn once took the store lock to
+    read its mark, and waited for the caller, which waited for the turn.)"""
+    store.execute("INSERT INTO t(k, v) VALUES (1, 1)")
+    entered, x_holds, done = threading.Event(), threading.Event(), threading.Event()
+    inner = store._sync_mu
+
+    class Gate:
+        """The fsync turn; the first thread to take it waits until X holds the lock."""
+
+        first = True
+
+        def __enter__(self) -> None:
+            inner.acquire()
+            if Gate.first and threading.current_thread().name == "other":
+                Gate.first = False
+                entered.set()
+                x_holds.wait(5)
+
+        def __exit__(self, *exc: object) -> None:
+            inner.release()
+
+    store._sync_mu = Gate()  # type: ignore[assignment]
+
+    def x() -> None:
+        entered.wait(5)
+        with store.lock:
+            x_holds.set()
+            store.execute("INSERT INTO t(k, v) VALUES (2, 2)")
+            store.sync()
+        done.set()
+
+    threads = [threading.Thread(target=store.sync, name="other", daemon=True),
+               threading.Thread(target=x, daemon=True)]
+    for t in threads:
+        t.start()
+    assert done.wait(10), "sync under the store lock deadlocked with a sync in progress"
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
