@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sdbackup.cli.progress import ByteProgress
-from sdbackup.cli.tape_cmds import tape_read_options
+from sdbackup.cli.tape_cmds import tape_read_options, wants_tape
 from sdbackup.errors import EXIT_CHECK_FAILED, EXIT_CORRUPT, CorruptError, SdbError, UsageError
 
 if TYPE_CHECKING:
@@ -549,11 +549,11 @@ def _open_gen(medium: Path | None, gen: str | None, log_medium: Path | None = No
     from sdbackup.media.chain import ChainReader
     from sdbackup.media.medium import DiskMedium
 
-    if tape is not None and tape["tapes"]:
+    if tape is not None and wants_tape(**tape):
         from sdbackup.cli.tape_cmds import open_tape_set
 
         if medium is not None:
-            raise UsageError("give --medium DIR or --tape DEV, not both")
+            raise UsageError("give --medium DIR or --tape DEV (or --tape-server), not both")
         opened = open_tape_set(**tape)
         try:
             with ChainReader(opened.medium, opened.medium.resolve(gen)) as reader:

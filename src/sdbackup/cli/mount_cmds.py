@@ -47,7 +47,7 @@ def register(cli: click.Group) -> None:
 def mount(medium: Path | None, args: tuple[str, ...], all_gens: bool, log_medium: Path | None,
           background: bool, log_file: Path | None, tapes: tuple[str, ...],
           catalog_dir: Path | None, buffer_dir: Path | None, buffer_size: str,
-          readahead: int) -> None:
+          readahead: int, tape_server: str | None, secret_file: Path | None) -> None:
     """Mount a backup as a read-only file system: browse it, copy files back.
 
     GEN is a generation id or a unique prefix (default: the newest). An incremental
@@ -62,7 +62,9 @@ def mount(medium: Path | None, args: tuple[str, ...], all_gens: bool, log_medium
 
     With --tape DEV --buffer DIR, the generation is read from a tape set (the catalog
     says where each block lies): only the blocks read are loaded from tape into the
-    buffer, with read-ahead, and kept there for the next mount.
+    buffer, with read-ahead, and kept there for the next mount. On a host without a
+    drive, --tape-server HOST:PORT --secret-file FILE reads it through the buffer of
+    the host that has one ('sdbackup tape serve').
     """
     from sdbackup.fs import fuse_mount
     from sdbackup.restore import mount as mount_mod
@@ -80,34 +82,33 @@ def mount(medium: Path | None, args: tuple[str, ...], all_gens: bool, log_medium
     fuse_mount.check_fuse()
     mp = fuse_mount.check_mountpoint(mp)
 
-    if tapes:
-        from sdbackup.cluster.config import parse_size
+    if tapes or tape_server is not None:
+        from sdbackup.cli.tape_cmds import open_tape_set
 
         if medium is not None or all_gens:
-            raise UsageError("--tape mounts one generation: give no --medium and no --all")
-        if buffer_dir is None:
-            raise UsageError("reading from tape needs a disk buffer: give --buffer DIR")
-        limit = parse_size(buffer_size)
+            raise UsageError("--tape and --tape-server mount one generation: give no "
+                             "--medium and no --all")
 
         def from_tape() -> MountSource:
-            return mount_mod.open_tape_generation(tapes, buffer_dir, gen,
-                                                  catalog_dir=catalog_dir, limit=limit,
-                                                  readahead=readahead)
+            return mount_mod.open_tape_generation(
+                lambda: open_tape_set(tapes, buffer_dir, catalog_dir, buffer_size,
+                                      readahead, tape_server, secret_file), gen)
 
         src = from_tape()  # resolves GEN and checks the tapes now, not in the child
         gen = src.manifest.id if src.manifest else gen
+        where = (f"tape server {tape_server}" if tape_server is not None else
+                 f"tape {' '.join(tapes)} (buffer {buffer_dir})")
         if not background:
-            label = " ".join(tapes)
             mount_mod.serve(src, mp, on_ready=lambda p: click.echo(
-                f"mounted generation {gen} from tape {label} at {p} (read-only, buffer "
-                f"{buffer_dir}); 'sdbackup umount {p}' ends it", err=True))
+                f"mounted generation {gen} from {where} at {p} (read-only); "
+                f"'sdbackup umount {p}' ends it", err=True))
             return
         src.close()
         if log_file is None:
             fd, tmp = tempfile.mkstemp(prefix="sdbackup-mount.", suffix=".log")
             os.close(fd)
             log_file = Path(tmp)
-        _background(from_tape, mp, log_file, f"generation {gen}", Path(tapes[0]))
+        _background(from_tape, mp, log_file, f"generation {gen}", where)
         return
     if medium is None:
         raise UsageError("give the backup medium: --medium DIR (or --tape DEV --buffer DIR)")
@@ -134,7 +135,7 @@ def mount(medium: Path | None, args: tuple[str, ...], all_gens: bool, log_medium
 
 
 def _background(opened: Callable[[], MountSource], mp: str, log_file: Path, what: str,
-                medium: Path) -> None:
+                medium: Path | str) -> None:
     """Fork; the child serves the mount, the parent returns once it works (or fails)."""
     from sdbackup.restore import mount as mount_mod
 
