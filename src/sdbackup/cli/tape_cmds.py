@@ -319,9 +319,14 @@ def catalog_cmd(catalog_dir: Path | None, rebuild: bool, tapes: tuple[str, ...],
 @click.option("--secret-file", required=True, type=click.Path(path_type=Path),
               metavar="FILE", help="The cluster secret (CLUSTER_DIR/secret or a copy): "
                                    "only hosts that hold it may read.")
+@click.option("--gather", type=click.FloatRange(0, 10), default=0.03, show_default=True,
+              metavar="SECONDS",
+              help="How long a miss waits for others to sweep them in one pass (longer: "
+                   "better order for many readers, more latency for one).")
 @CATALOG
 def serve_cmd(tapes: tuple[str, ...], buffer_dir: Path, buffer_size: str, readahead: int,
-              listen: str, secret_file: Path, catalog_dir: Path | None) -> None:
+              listen: str, secret_file: Path, gather: float,
+              catalog_dir: Path | None) -> None:
     """Serve the tape set in --tape DEV... to hosts without a tape drive (until SIGTERM
     or Ctrl-C). Logs (connections, and the buffer's and drives' counters at the end)
     go to stderr.
@@ -343,7 +348,7 @@ def serve_cmd(tapes: tuple[str, ...], buffer_dir: Path, buffer_size: str, readah
     if root.level > logging.INFO:  # a server says who connects and when it stops
         root.setLevel(logging.INFO)
     opened = open_tape_set(tapes, buffer_dir, catalog_dir, buffer_size, readahead)
-    server = TapeServer(opened, secret, host, port)
+    server = TapeServer(opened, secret, host, port, gather=gather)
     try:
         h, p = server.start()
         click.echo(f"tape server for tape set {opened.medium.set_id} (tapes "

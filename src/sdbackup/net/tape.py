@@ -64,6 +64,10 @@ log = logging.getLogger("sdbackup.tape")
 
 READ_TIMEOUT = 900.0
 """Seconds a ``tape_read`` may take: a locate end to end and a batch of misses."""
+SERVER_GATHER = 0.03
+"""Seconds the server's tape loader waits for more misses before it sweeps a batch
+(``tape serve --gather``): longer sorts readers whose requests are spread wider
+into one sweep, and adds that much to every miss."""
 CLIENT_CACHE_BLOCKS = 64
 """Tape blocks a client keeps in memory (a record's header and payload are usually in
 the same block: one round trip per record)."""
@@ -88,9 +92,13 @@ class TapeServer:
     served to the cluster (``sdbackup tape serve``). Owns ``opened``."""
 
     def __init__(self, opened: OpenedSet, secret: bytes, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, *, gather: float = SERVER_GATHER) -> None:
         self.opened = opened
         self.medium = opened.medium
+        # Misses from the network arrive milliseconds apart (each client's round trip):
+        # the loader waits a little longer for a batch than for local readers, still
+        # nothing next to a locate of seconds.
+        opened.buffer.gather = max(opened.buffer.gather, gather)
         self.rpc = RpcServer(lambda conn: _TapeHandler(self), secret, host, port,
                              name="tape server", max_workers=32)
 
