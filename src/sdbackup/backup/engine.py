@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sdbackup import __version__
 from sdbackup.backup.copy import BATCH_BYTES, GAP_BYTES, RECORD_BYTES, Copier, CopyResult
@@ -40,7 +41,6 @@ from sdbackup.backup.plan import Plan, make_plan
 from sdbackup.backup.source import BackupSource, Snapshot, SourceConfig
 from sdbackup.backup.window import LOG_MODES
 from sdbackup.blocks.blockset import BlockSet
-from sdbackup.blocks.durable import fsync_path
 from sdbackup.blocks.source import Buffer, read_blocks
 from sdbackup.errors import CorruptError, NoSpaceError, SdbError, UsageError
 from sdbackup.media.bilog import BiEntry, read_entries
@@ -58,12 +58,17 @@ from sdbackup.media.medium import (
     stream_name,
 )
 from sdbackup.media.record_format import Compression, Kind
-from sdbackup.media.record_reader import RecordReader
-from sdbackup.media.record_scan import StreamDigest
-from sdbackup.media.record_writer import RecordWriter
+from sdbackup.media.sink import DiskSink, stream_file_entry
 from sdbackup.media.snapshot import SnapshotMeta
 from sdbackup.meta.tracking import ChangeTracker, TrackingLost
 from sdbackup.types import DiskId
+
+if TYPE_CHECKING:
+    from sdbackup.media.tape.sink import TapeSink, TapeSpec
+
+    Sink = DiskSink | TapeSink
+
+__all__ = ["BackupOptions", "BackupResult", "run_backup", "stream_file_entry"]
 
 log = logging.getLogger("sdbackup.backup")
 
@@ -113,6 +118,9 @@ class BackupOptions:
     # of the chain (or since a mark); with no usable parent, fail, or take a full.
     incremental: bool = False
     full_if_needed: bool = False
+    # Straight to tape (issue 16, Fig. 36): the copy goes to the tape set in these
+    # drives through a disk spool; a separate log is appended to it at the end.
+    tape: TapeSpec | None = None
 
     @property
     def compression_text(self) -> str:
@@ -127,6 +135,7 @@ class BackupResult:
     records: int
     runs: int
     seconds: float
+    where: dict[str, Any] | None = None  # the sink's description (a tape: set, tapes)
 
     @property
     def raw_bytes(self) -> int:
@@ -147,6 +156,7 @@ class BackupResult:
             "disks": [{"name": d.name, "id": d.id, "nblocks": d.nblocks, "blocks": d.blocks}
                       for d in m.disks],
             **({"log": m.extra["log"]} if "log" in m.extra else {}),
+            **(self.where or {}),
         }
 
 
@@ -198,6 +208,8 @@ def run_backup(
     """Make a full backup of ``source`` as a new generation on the medium at
     ``medium_path`` (created when new). Returns the committed generation's result."""
     opts = options or BackupOptions()
+    if opts.tape is not None:
+        return _run_backup_to_tape(source, opts.tape, opts, on_plan, progress)
     cfg = source.config
     root = Path(medium_path).absolute()
     if opts.incremental and not opts.full_if_needed and _new_medium(root):
@@ -208,7 +220,32 @@ def run_backup(
     with medium.chain_lock():
         parent = choose_parent(medium, source.tracker, opts)
         pending = medium.begin()
-        result = _run(source, medium, pending, parent, opts, started, on_plan, progress)
+        result = _run(source, medium, pending, DiskSink(pending), parent, opts, started,
+                      on_plan, progress)
+    _after_commit(source.tracker, medium, result.manifest)
+    return result
+
+
+def _run_backup_to_tape(source: BackupSource, spec: TapeSpec, opts: BackupOptions,
+                        on_plan: Callable[[Plan], None] | None,
+                        progress: Callable[[int], None] | None) -> BackupResult:
+    """The backup straight to tape (Fig. 36): the same engine, the generation made in
+    the tape set's catalog entry and written through a :class:`TapeSink`."""
+    from sdbackup.media.tape.sink import TapeTarget
+
+    if opts.log_mode not in (None, "separate"):
+        raise UsageError(f"--log-mode {opts.log_mode} keeps before images beside the data "
+                         "while it is written, which a tape cannot take: a backup to tape "
+                         "is offline (no --log-mode) or --log-mode separate with "
+                         "--log-medium DIR (a.5)")
+    started = time.monotonic()
+    with TapeTarget(spec, source.config.cluster_id) as target:
+        medium = target.medium
+        with medium.chain_lock():
+            parent = choose_parent(medium, source.tracker, opts)
+            pending = medium.begin()
+            result = _run(source, medium, pending, target.sink(pending), parent, opts,
+                          started, on_plan, progress)
     _after_commit(source.tracker, medium, result.manifest)
     return result
 
@@ -275,18 +312,21 @@ def _after_commit(tracker: ChangeTracker, medium: DiskMedium, m: Manifest) -> No
 
 
 def _run(source: BackupSource, medium: DiskMedium, pending: PendingGeneration,
-         parent: Manifest | None, opts: BackupOptions, started: float,
+         sink: Sink, parent: Manifest | None, opts: BackupOptions, started: float,
          on_plan: Callable[[Plan], None] | None, progress: Callable[[int], None] | None
          ) -> BackupResult:
     try:
-        return _backup(source, medium, pending, parent, opts, started, on_plan, progress)
+        return _backup(source, medium, pending, sink, parent, opts, started, on_plan,
+                       progress)
     except BackupFailed as e:
+        sink.abort()
         pending.fail(e.message)
         if pending.id in e.message:
             raise
         raise BackupFailed(f"{e.message}; generation {pending.id} was not committed (it "
                            "is marked failed; 'sdbackup gc' removes it)") from None
     except BaseException as e:
+        sink.abort()
         pending.discard()
         if isinstance(e, NoSpaceError):
             raise NoSpaceError(f"{e.message}; generation {pending.id} was not committed and "
@@ -297,7 +337,7 @@ def _run(source: BackupSource, medium: DiskMedium, pending: PendingGeneration,
 
 
 def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration,
-            parent: Manifest | None, opts: BackupOptions, started: float,
+            sink: Sink, parent: Manifest | None, opts: BackupOptions, started: float,
             on_plan: Callable[[Plan], None] | None,
             progress: Callable[[int], None] | None) -> BackupResult:
     cfg = source.config
@@ -338,12 +378,12 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
         if not online:
             # Offline: writes are held for the whole copy.
             t_copy = time.monotonic()
-            copied, stream = _copy(source, plan.disks, gdir / stream_name(0), label, opts,
-                                   progress)
+            copied, stream = _copy(source, plan.disks, sink, label, opts, progress)
             copy_s = time.monotonic() - t_copy
     freeze_s = time.monotonic() - t_freeze
     _run_hook("post-thaw", opts.post_thaw)
     streams = []
+    log_stream: FileEntry | None = None
     log_info: dict[str, object] = {}
     bi_entries: list[BiEntry] = []
     to_copy = plan.disks
@@ -354,8 +394,7 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
             to_copy = {d: b - logged(d) for d, b in plan.disks.items()}
         t_copy = time.monotonic()
         try:
-            copied, stream = _copy(source, to_copy, gdir / stream_name(0), label, opts,
-                                   progress)
+            copied, stream = _copy(source, to_copy, sink, label, opts, progress)
         finally:
             disarm = getattr(source, "disarm", None)
             stats = disarm(log_path if opts.log_mode == "merged" else None, work) \
@@ -371,16 +410,18 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
             log_file = stream_file_entry(log_path)
             log_info.update(records=log_file.records, bytes=log_file.bytes,
                             blocks=sum(e.count for e in bi_entries))
-            if opts.log_mode == "separate" and not opts.overlay:
+            # To tape, the log always goes into the generation (appended as its stream
+            # 1, overlaid at the commit): the tape alone restores T0 (a.6, Fig. 36).
+            if opts.log_mode == "separate" and not opts.overlay and opts.tape is None:
                 log_info.update(medium=str(log_path.parent), file=log_path.name,
                                 digest=f"{log_file.digest:016x}", overlaid=False)
                 bi_entries = []
             elif opts.log_mode == "separate":
-                shutil.copyfile(log_path, gdir / stream_name(1))
-                fsync_path(gdir / stream_name(1))
+                if bi_entries:
+                    log_stream = sink.add_stream(1, log_path)
                 log_info.update(overlaid=True)
             if bi_entries:
-                streams.append(stream_file_entry(gdir / stream_name(1)))
+                streams.append(log_stream or stream_file_entry(gdir / stream_name(1)))
         else:
             log_info.update(records=0, bytes=0, blocks=0)
         shutil.rmtree(work, ignore_errors=True)
@@ -423,17 +464,17 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
                         "gap_bytes": opts.gap_bytes},
                **({"log": log_info} if online else {})},
     )
-    pending.commit(manifest)
+    sink.commit(manifest)
     return BackupResult(manifest, medium, copied.read_bytes, copied.records, plan.runs(),
-                        time.monotonic() - started)
+                        time.monotonic() - started, sink.describe())
 
 
-def _copy(source: BackupSource, disks: dict[int, BlockSet], path: Path,
+def _copy(source: BackupSource, disks: dict[int, BlockSet], sink: Sink,
           label: dict[str, object],
           opts: BackupOptions, progress: Callable[[int], None] | None
           ) -> tuple[CopyResult, FileEntry]:
-    writer = RecordWriter.create(path, label=label, compress=opts.compression,
-                                 level=max(opts.level, 1), threads=opts.threads)
+    writer = sink.stream_writer(0, label=label, compress=opts.compression,
+                                level=max(opts.level, 1), threads=opts.threads)
     try:
         delay = float(os.environ.get(COPY_DELAY_ENV, "0") or 0)
 
@@ -456,10 +497,12 @@ def _copy(source: BackupSource, disks: dict[int, BlockSet], path: Path,
                         pace=_adaptive_pace(source) if opts.pace == "adaptive" else None)
         copied = copier.copy(disks)
         size = writer.close()  # END record, fsync
+        sink.stream_done(0)
     except BaseException:
         writer.abort()
         raise
-    return copied, FileEntry(path.name, size, writer.header_digest, writer.records_written)
+    return copied, FileEntry(stream_name(0), size, writer.header_digest,
+                             writer.records_written)
 
 
 PACE_RATIO = 6.0
@@ -592,20 +635,6 @@ def _log_medium_file(log_medium: Path | None, gen_id: str, cfg: SourceConfig) ->
         label.write_text(json.dumps({"format": "sdbackup-log-medium", "version": 1,
                                      "cluster_id": cfg.cluster_id}) + "\n")
     return log_medium / f"{gen_id}.bilog"
-
-
-def stream_file_entry(path: Path) -> FileEntry:
-    """Size, record count and header digest of a finished record stream."""
-    digest = StreamDigest()
-    n = 0
-    end = 0
-    with RecordReader(path) as r:
-        for rec in r.scan(payloads=False):
-            digest.update(rec.header)
-            n += 1
-            end = rec.offset + rec.header.record_len
-    return FileEntry(path.name, end, digest.intdigest(), n)
-
 
 
 def _is_no_space(e: BaseException, where: Path) -> bool:

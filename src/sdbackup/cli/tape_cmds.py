@@ -201,8 +201,10 @@ def ls_cmd(tapes: tuple[str, ...], as_json: bool) -> None:
                    f"#{lab['sequence']}), cluster {lab['cluster']}")
         for f in t["files"]:
             cont = f" from byte {f['offset']}" if f["offset"] else ""
+            # A part streamed to tape by a backup: its size is in the manifest.
+            total = f["part_bytes"] if f["part_bytes"] is not None else "?"
             click.echo(f"  file {f['file']:4d} block {f['block']:8d}  {f['generation']}  "
-                       f"{f['part']}{cont} ({f['bytes']} of {f['part_bytes']} bytes)")
+                       f"{f['part']}{cont} ({f['bytes']} of {total} bytes)")
 
 
 @tape.command("write")

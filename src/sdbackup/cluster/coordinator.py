@@ -886,16 +886,27 @@ class _Handler(msg.RequestHandler):
         from sdbackup.backup.engine import BackupOptions, run_backup
         from sdbackup.cluster.backup_source import CoordinatorSource
 
+        tape = None
+        if r.tapes:
+            from sdbackup.media.tape.sink import DEFAULT_SPOOL, TapeSpec
+
+            if r.medium or r.catalog is None:
+                raise UsageError("a backup to tape names tapes and a catalog, no medium")
+            tape = TapeSpec(r.tapes, Path(r.catalog), Path(r.spool) if r.spool else None,
+                            r.spool_bytes or DEFAULT_SPOOL)
+        elif not r.medium:
+            raise UsageError("a backup names its medium (or tapes)")
         opts = BackupOptions(compression=r.compression, level=r.level, log_mode=r.log_mode,
                              log_medium=Path(r.log_medium) if r.log_medium else None,
                              overlay=r.overlay, pre_freeze=r.pre_freeze,
                              post_thaw=r.post_thaw, incremental=r.incremental,
                              full_if_needed=r.full_if_needed, bwlimit=r.bwlimit,
-                             pace=r.pace)
+                             pace=r.pace, tape=tape)
         if not self.c.backup_lock.acquire(blocking=False):
             raise BusyError("a backup of this cluster is running already; wait for it")
         try:
-            log.info("backup to %s started (log mode %s)", r.medium, opts.log_mode)
+            log.info("backup to %s started (log mode %s)",
+                     r.medium or "tape " + ", ".join(r.tapes), opts.log_mode)
             result = run_backup(CoordinatorSource(self.c), r.medium, opts)
             summary = result.summary()
             log.info("backup %s committed (writes held %.3f s)", summary["generation"],

@@ -591,7 +591,8 @@ class Status(Request, method="status"):
 
 
 class Backup(Request, method="backup"):
-    medium: Annotated[str, Text(min_len=1)]
+    medium: Annotated[str, Text()]
+    """The medium directory; empty for a backup straight to tape (``tapes``)."""
     compression: Annotated[Literal["none", "zstd"], Choice("none", "zstd")] = "zstd"
     level: Annotated[int, Int(0, 22)] = 1
     log_mode: Annotated[str | None, Opt(Choice(*LOG_MODES))] = None
@@ -603,6 +604,10 @@ class Backup(Request, method="backup"):
     full_if_needed: Flag = False
     bwlimit: Annotated[int, Int(0, I64_MAX)] = 0
     pace: Annotated[str, Choice("off", "adaptive")] = "off"
+    tapes: Annotated[tuple[str, ...], ListOf(Text(min_len=1), 64)] = ()
+    catalog: Annotated[str | None, Opt(Text(min_len=1))] = None
+    spool: Annotated[str | None, Opt(Text(min_len=1))] = None
+    spool_bytes: Annotated[int, Int(0, I64_MAX)] = 0
 
 
 class UsedRuns(Request, method="used_runs"):
