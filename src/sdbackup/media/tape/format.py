@@ -244,7 +244,9 @@ class TapeSetWriter:
         then say ``"bytes": null`` and the manifest, written last, gives the size."""
         pieces: list[Piece] = []
         done = 0
-        pending: bytes | None = None
+        # The header goes right before the first block: a spooled part's drive waits
+        # for its first burst, not for the header.
+        pending: bytes | None = next(chunks, None)
         while True:
             piece = self._start_piece(gen_id, part, done, size)
             start_done = done
