@@ -118,11 +118,11 @@ def _stream_through_spool(tmp_path: Path, name: str, spool_bytes: int, data: byt
 
 def test_the_spool_keeps_the_drive_streaming_while_a_slower_copy_fills_it(
         tmp_path: Path) -> None:
-    data = os.urandom(5 * MiB + 1234)
+    data = os.urandom(8 * MiB + 1234)
     small = _stream_through_spool(tmp_path, "small", 512 * KiB, data)  # two tape blocks
     big = _stream_through_spool(tmp_path, "big", 4 * MiB, data)
-    # Two blocks of spool: the drive stops after nearly every block.
-    assert small[0] >= 8 and small[1] >= 8, small
-    # 4 MiB of spool: one full burst, then the rest at the end (the drive idled since
-    # the label before the first, and during the copy of the rest).
-    assert big[1] == 1 and big[0] <= 3, big
+    # Two blocks of spool: the drive stops after nearly every other block.
+    assert small[0] >= 12 and small[1] >= 12, small
+    # 4 MiB of spool: a burst per 4 MiB, then the rest at the end; the drive stops
+    # before each (and rarely within one, when this host is slow to hand it a block).
+    assert big[1] <= 2 and big[0] <= 4, big

@@ -80,6 +80,9 @@ class TapeTarget:
             self.writer.full_hint = "and run the backup again"
             self.set_id = self.writer.label.set
             self.medium = self.catalog.medium(self.set_id)
+            # Drive time and counters from here on are this backup's.
+            self.clock0 = sum(d.clock for d in self.lib.devices)
+            self.hitches0 = sum(d.stats.backhitches for d in self.lib.devices)
         except BaseException:
             self.lib.close()
             raise
@@ -119,8 +122,10 @@ class TapeSink:
             "set": self.target.set_id,
             "tapes": [lab.tape for _, lab in self.w.used],
             "catalog": str(self.target.catalog.root),
-            "drive_seconds": round(sum(d.clock for d in lib.devices), 3),
-            "backhitches": sum(d.stats.backhitches for d in lib.devices),
+            "drive_seconds": round(sum(d.clock for d in lib.devices) - self.target.clock0,
+                                   3),
+            "backhitches": sum(d.stats.backhitches for d in lib.devices) -
+            self.target.hitches0,
             "bytes_written": sum(d.stats.bytes_written for d in lib.devices),
             "spool": self.spool_stats}}
 
