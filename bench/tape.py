@@ -14,7 +14,14 @@ time for:
 * a whole-image restore of the disk, against one streaming pass over the tape from
   the first block it needs to the last (target <= 1.1x);
 * restore-everything-first (what Proxmox Backup Server and Bareos do): read every
-  generation of the chain from tape to disk, then read the files from disk.
+  generation of the chain from tape to disk, then read the files from disk;
+* a full backup straight to tape (Fig. 36) with the copy limited to 150 MB/s (slower
+  than the drive): the drive's time through the 256 MiB spool and through a spool of
+  two tape blocks (write-through: the drive shoe-shines), against one start and
+  streaming the bytes;
+* from a host without the drive (c.4): the big file and the ten small ones (read at
+  once) through ``sdbackup tape serve`` in another process, over loopback: the same
+  drive time as next to the drive, and the wall time the network path adds.
 
     python bench/tape.py [--quick] [--json]
 """
@@ -24,6 +31,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
+import subprocess
 import sys
 import threading
 import time
@@ -42,8 +51,13 @@ from sdbackup.media.medium import DiskMedium
 from sdbackup.media.tape.catalog import TapeCatalog
 from sdbackup.media.tape.filetape import FileTape, TapeModel
 from sdbackup.media.tape.library import TapeLibrary, open_set, write_generations
+from sdbackup.net import messages as msg
+from sdbackup.net.tape import open_remote_set
 from sdbackup.restore.image import restore_image
 from sdbackup.types import ROOT_INODE
+
+BACKUP_RATE = 150_000_000
+"""The copy's read rate for the backups straight to tape: slower than the drive."""
 
 
 def build(base: Path, gens: int, big: int) -> tuple[Path, Path]:
@@ -133,7 +147,9 @@ def main() -> None:
             del first
             pos0 = dev.tell()
             c0, l0 = dev.clock, dev.stats.locates
+            w0 = time.monotonic()
             read_file(fs, ino)
+            wall = time.monotonic() - w0
             took = dev.clock - c0
             seeks = dev.stats.seeks[-(dev.stats.locates - l0):] if dev.stats.locates > l0 \
                 else []
@@ -144,7 +160,7 @@ def main() -> None:
 
             locate = motion.locate(dev._tape[pos0], dev._tape[target], TapeStats())
             ideal = locate + big / dev.model.speed
-            return {"read": took, "ideal": ideal, "ratio": took / ideal,
+            return {"read": took, "ideal": ideal, "ratio": took / ideal, "wall": wall,
                     "locates": dev.stats.locates - l0, "seeks": seeks[:20],
                     "locate_s": dev.stats.locate_seconds, "dirs": dev.stats.direction_changes}
 
@@ -223,6 +239,105 @@ def main() -> None:
         r = run("all", everything_first)
         out["restore_everything_first"] = r
         rows.append(["restore everything first (then any file)", f"{r['stage']:.1f}", "", ""])
+        def remote(name: str, body: Any, gather: float = 0.03) -> dict[str, Any]:
+            """``body(fs)`` on a generation read through a tape server (another process)."""
+            secret = base / "secret"
+            secret.write_text(os.urandom(32).hex())
+            log = base / f"server-{name}.log"
+            with open(log, "wb") as lf:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "sdbackup.cli.main", "tape", "serve", "--tape",
+                     f"file:{tape}", "--buffer", str(base / f"buf-remote-{name}"),
+                     "--buffer-size", "2GiB", "--catalog", str(cat.root), "--secret-file",
+                     str(secret), "--gather", str(gather)], stdout=lf,
+                    stderr=subprocess.STDOUT)
+            try:
+                while not (m := re.search(r"listening on (\S+)\n", log.read_text())):
+                    if proc.poll() is not None:
+                        raise SystemExit(log.read_text())
+                    time.sleep(0.05)
+                with open_remote_set(m.group(1), secret.read_bytes().strip()) as rs:
+                    def drive() -> dict[str, Any]:
+                        body_, _ = rs.peer.call(msg.TapeInfo())
+                        d: dict[str, Any] = next(iter(body_["stats"]["drives"].values()))
+                        return d
+
+                    snap, reader = open_chain(rs.medium, rs.medium.resolve(None))
+                    try:
+                        fs = ReadOnlyFileSystem(snap, reader)
+                        d0, w0 = drive(), time.monotonic()
+                        body(fs)
+                        wall = time.monotonic() - w0
+                        d1 = drive()
+                    finally:
+                        reader.close()
+                        snap.close()
+                    return {"read": d1["seconds"] - d0["seconds"], "wall": wall,
+                            "locates": d1["locates"] - d0["locates"],
+                            "requests": rs.blocks.requests, "bytes": rs.blocks.bytes}
+            finally:
+                proc.terminate()
+                proc.wait(30)
+
+        def big_remote(fs: ReadOnlyFileSystem) -> None:
+            read_file(fs, fs.lookup(ROOT_INODE, b"big").ino)
+
+        def smalls_remote(fs: ReadOnlyFileSystem) -> None:
+            inos = [fs.lookup(ROOT_INODE, f"small{i}".encode()).ino for i in range(10)]
+            ths = [threading.Thread(target=read_file, args=(fs, i)) for i in inos]
+            for th in ths:
+                th.start()
+            for th in ths:
+                th.join()
+
+        rb = remote("big", big_remote)
+        rs10 = remote("s", smalls_remote)
+        rs10g = remote("sg", smalls_remote, gather=0.2)
+        rbg = remote("bigg", big_remote, gather=0.2)
+        out["tape_server"] = {"one_file": rb, "ten_files_at_once": rs10,
+                              "gather_0.2": {"one_file": rbg, "ten_files_at_once": rs10g},
+                              "local_one_file_wall": out["one_file"]["wall"]}
+        rows.append([f"tape server: one {big >> 20} MiB file", f"{rb['read']:.1f}",
+                     f"{out['one_file']['read']:.1f}",
+                     f"wall {rb['wall']:.2f} s ({big / MiB / rb['wall']:.0f} MiB/s), "
+                     f"here {out['one_file']['wall']:.2f} s"])
+        rows.append(["tape server: ten 1 MiB files at once", f"{rs10['read']:.1f}",
+                     f"{r2['read']:.1f}", f"{rs10['locates']} locates"])
+        rows.append([f"  --gather 0.2: one {big >> 20} MiB file", f"{rbg['read']:.1f}",
+                     f"{out['one_file']['read']:.1f}",
+                     f"wall {rbg['wall']:.2f} s ({big / MiB / rbg['wall']:.0f} MiB/s)"])
+        rows.append(["  --gather 0.2: ten 1 MiB files at once", f"{rs10g['read']:.1f}",
+                     f"{r2['read']:.1f}", f"{rs10g['locates']} locates"])
+
+        def to_tape(name: str, spool: int) -> dict[str, Any]:
+            """A full backup straight to tape (Fig. 36) with a copy slower than the drive
+            (--bwlimit): the drive's time against streaming the same bytes."""
+            from sdbackup.media.tape.sink import TapeSpec
+
+            t = base / f"bk-{name}.tape"
+            FileTape.create(t, 12 * 10**12 // 1000, model=model)
+            spec = TapeSpec((f"file:{t}",), base / f"cat-{name}", base / "spool", spool)
+            opts = BackupOptions(compression="none", tape=spec, bwlimit=BACKUP_RATE)
+            with open_cluster(_cdir) as c:
+                res = run_backup(LocalClusterSource(c), "", opts)
+            info = res.summary()["tape"]
+            assert isinstance(info, dict)
+            # the ideal: the drive starts once (it idled since the label) and streams
+            ideal = 2 * model.change_direction + info["bytes_written"] / model.speed
+            t.unlink()
+            return {"drive": info["drive_seconds"], "ideal": ideal,
+                    "ratio": info["drive_seconds"] / ideal,
+                    "backhitches": info["backhitches"], "spool": info["spool"],
+                    "wall": res.seconds, "bytes": info["bytes_written"]}
+
+        bk = {"spool_256MiB": to_tape("spool", 256 * MiB),
+              "spool_2_blocks": to_tape("nospool", 512 << 10)}
+        out["backup_to_tape"] = {"copy_rate": BACKUP_RATE, **bk}
+        for label, k in (("256 MiB spool", "spool_256MiB"), ("2-block spool", "spool_2_blocks")):
+            r = bk[k]
+            rows.append([f"backup to tape, copy {BACKUP_RATE / 1e6:.0f} MB/s, {label}",
+                         f"{r['drive']:.1f}", f"{r['ideal']:.1f}",
+                         f"{r['ratio']:.2f}, {r['backhitches']} backhitches"])
         print(out["tape"])
         print(f"{gens} generations; write to tape: {out['write']}")
         print_table(["operation", "emulated s", "ideal s", "ratio / note"], rows)

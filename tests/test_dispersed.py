@@ -19,7 +19,10 @@ What is proven:
 * a copier killed mid-copy: its unfinished part goes to another copier, the freeze is
   not repeated (one T0), and the generation restores T0; with ``--no-reassign`` the
   backup fails (exit 1) and nothing is committed;
-* ``sdbackup status`` shows the copy's progress per copier while it runs.
+* ``sdbackup status`` shows the copy's progress per copier while it runs;
+* a dispersed generation goes to tape with ``tape write`` (parts gathered from every
+  medium) and restores from it; ``--copy-nodes`` with ``--tape`` (a dispersed copy
+  straight to tape) is refused in one line by the command and by the coordinator.
 """
 
 from __future__ import annotations
@@ -464,3 +467,22 @@ def test_dispersed_generation_to_tape_and_back(two: Cluster) -> None:
     r = sdb("restore", gen, "--to", str(c.tmp / "x"), check=False)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "--medium DIR" in r.stderr
+    # A dispersed copy straight to tape is refused in one line (the copiers write parts
+    # to disk media): by the command, and by the coordinator for a request with both.
+    r = sdb("backup", str(c.dir), "--copy-nodes", "n1,n2", "--tape", f"file:{tape}",
+            "--catalog", str(catalog), check=False)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--copy-nodes with --tape" in r.stderr and "tape write" in r.stderr
+    from sdbackup.cluster.access import try_coordinator_client
+    from sdbackup.errors import UsageError
+    from sdbackup.net import messages as msg
+
+    rc = try_coordinator_client(c.dir)
+    assert rc is not None
+    with rc, pytest.raises(UsageError, match="--copy-nodes with --tape"):
+        msg.call(rc, msg.Backup("", copy_nodes=("n1", "n2"), tapes=(f"file:{tape}",),
+                                catalog=str(catalog)), timeout=30)
+    from sdbackup.media.tape.catalog import TapeCatalog
+
+    cat = TapeCatalog(catalog)
+    assert [cat.generation_ids(x) for x in cat.sets()] == [[gen]]  # nothing more made

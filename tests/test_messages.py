@@ -110,7 +110,8 @@ def malformed(cls: type[msg.Request]) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 ALL_SETS = {"coordinator": msg.COORDINATOR_REQUESTS, "node callbacks": msg.NODE_CALLBACKS,
-            "node control port": msg.NODE_CONTROL_REQUESTS}
+            "node control port": msg.NODE_CONTROL_REQUESTS,
+            "tape server": msg.TAPE_SERVER_REQUESTS}
 
 
 # -- (a) definitions ---------------------------------------------------------------------

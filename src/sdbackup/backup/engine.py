@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sdbackup import __version__
 from sdbackup.backup.copy import BATCH_BYTES, GAP_BYTES, RECORD_BYTES, Copier, CopyResult
@@ -60,9 +61,7 @@ from sdbackup.media.medium import (
     stream_name,
 )
 from sdbackup.media.record_format import Compression, Kind
-from sdbackup.media.record_reader import RecordReader
-from sdbackup.media.record_scan import StreamDigest
-from sdbackup.media.record_writer import RecordWriter
+from sdbackup.media.sink import DiskSink, stream_file_entry
 from sdbackup.media.snapshot import SnapshotMeta
 from sdbackup.meta.groups import (
     META_SCOPES,
@@ -74,6 +73,13 @@ from sdbackup.meta.groups import (
 )
 from sdbackup.meta.tracking import ChangeTracker, TrackingLost
 from sdbackup.types import DiskId
+
+if TYPE_CHECKING:
+    from sdbackup.media.tape.sink import TapeSink, TapeSpec
+
+    Sink = DiskSink | TapeSink
+
+__all__ = ["BackupOptions", "BackupResult", "run_backup", "stream_file_entry"]
 
 log = logging.getLogger("sdbackup.backup")
 
@@ -132,6 +138,9 @@ class BackupOptions:
     # Dispersed copy (a.12, issue 17): the plan is copied as parts by several copiers
     # (backup/parts.py); None: this process copies it into stream 0.
     copier: PartCopier | None = None
+    # Straight to tape (issue 16, Fig. 36): the copy goes to the tape set in these
+    # drives through a disk spool; a separate log is appended to it at the end.
+    tape: TapeSpec | None = None
 
     @property
     def compression_text(self) -> str:
@@ -146,6 +155,7 @@ class BackupResult:
     records: int
     runs: int
     seconds: float
+    where: dict[str, Any] | None = None  # the sink's description (a tape: set, tapes)
 
     @property
     def raw_bytes(self) -> int:
@@ -168,6 +178,7 @@ class BackupResult:
             **({"log": m.extra["log"]} if "log" in m.extra else {}),
             **({"group": m.group, "group_files": m.extra["group_spec"]["files"],
                 "meta": m.extra["group_spec"]["meta"]} if m.group is not None else {}),
+            **(self.where or {}),
         }
 
 
@@ -219,14 +230,11 @@ def run_backup(
     """Make a full backup of ``source`` as a new generation on the medium at
     ``medium_path`` (created when new). Returns the committed generation's result."""
     opts = options or BackupOptions()
+    check_options(opts)
+    if opts.tape is not None:
+        return _run_backup_to_tape(source, opts.tape, opts, on_plan, progress)
     cfg = source.config
     root = Path(medium_path).absolute()
-    if (opts.group is None) != (opts.group_list is None):
-        raise UsageError("a group backup needs the group's name and its list")
-    if opts.meta_scope not in META_SCOPES:
-        raise UsageError(f"--meta {opts.meta_scope!r}: use one of {', '.join(META_SCOPES)}")
-    if opts.group is None and opts.meta_scope != "all":
-        raise UsageError("--meta group goes with --group NAME")
     if opts.incremental and not opts.full_if_needed and _new_medium(root):
         # Refused before the medium is made: a refused backup leaves nothing behind.
         raise _no_incremental(f"backup medium {root} holds no backup of this cluster yet")
@@ -235,7 +243,51 @@ def run_backup(
     with medium.chain_lock():
         parent = choose_parent(medium, source.tracker, opts)
         pending = medium.begin()
-        result = _run(source, medium, pending, parent, opts, started, on_plan, progress)
+        result = _run(source, medium, pending, DiskSink(pending), parent, opts, started,
+                      on_plan, progress)
+    _after_commit(source.tracker, medium, result.manifest)
+    return result
+
+
+TAPE_COPY_NODES = ("--copy-nodes with --tape: a dispersed copy writes its parts to disk "
+                   "media, not to tape; back up with --copy-nodes to --medium DIR, then "
+                   "copy it with 'sdbackup tape write --medium DIR [--medium OTHER...]'")
+"""The refusal of a dispersed copy straight to tape (the CLI, the coordinator and the
+engine say the same line)."""
+
+
+def check_options(opts: BackupOptions) -> None:
+    """Refuse options that do not go together, before anything is made."""
+    if (opts.group is None) != (opts.group_list is None):
+        raise UsageError("a group backup needs the group's name and its list")
+    if opts.meta_scope not in META_SCOPES:
+        raise UsageError(f"--meta {opts.meta_scope!r}: use one of {', '.join(META_SCOPES)}")
+    if opts.group is None and opts.meta_scope != "all":
+        raise UsageError("--meta group goes with --group NAME")
+    if opts.tape is not None and opts.copier is not None:
+        raise UsageError(TAPE_COPY_NODES)
+
+
+def _run_backup_to_tape(source: BackupSource, spec: TapeSpec, opts: BackupOptions,
+                        on_plan: Callable[[Plan], None] | None,
+                        progress: Callable[[int], None] | None) -> BackupResult:
+    """The backup straight to tape (Fig. 36): the same engine, the generation made in
+    the tape set's catalog entry and written through a :class:`TapeSink`."""
+    from sdbackup.media.tape.sink import TapeTarget
+
+    if opts.log_mode not in (None, "separate"):
+        raise UsageError(f"--log-mode {opts.log_mode} keeps before images beside the data "
+                         "while it is written, which a tape cannot take: a backup to tape "
+                         "is offline (no --log-mode) or --log-mode separate with "
+                         "--log-medium DIR (a.5)")
+    started = time.monotonic()
+    with TapeTarget(spec, source.config.cluster_id) as target:
+        medium = target.medium
+        with medium.chain_lock():
+            parent = choose_parent(medium, source.tracker, opts)
+            pending = medium.begin()
+            result = _run(source, medium, pending, target.sink(pending), parent, opts,
+                          started, on_plan, progress)
     _after_commit(source.tracker, medium, result.manifest)
     return result
 
@@ -307,18 +359,21 @@ def _after_commit(tracker: ChangeTracker, medium: DiskMedium, m: Manifest) -> No
 
 
 def _run(source: BackupSource, medium: DiskMedium, pending: PendingGeneration,
-         parent: Manifest | None, opts: BackupOptions, started: float,
+         sink: Sink, parent: Manifest | None, opts: BackupOptions, started: float,
          on_plan: Callable[[Plan], None] | None, progress: Callable[[int], None] | None
          ) -> BackupResult:
     try:
-        return _backup(source, medium, pending, parent, opts, started, on_plan, progress)
+        return _backup(source, medium, pending, sink, parent, opts, started, on_plan,
+                       progress)
     except BackupFailed as e:
+        sink.abort()
         pending.fail(e.message)
         if pending.id in e.message:
             raise
         raise BackupFailed(f"{e.message}; generation {pending.id} was not committed (it "
                            "is marked failed; 'sdbackup gc' removes it)") from None
     except BaseException as e:
+        sink.abort()
         pending.discard()
         if isinstance(e, NoSpaceError):
             raise NoSpaceError(f"{e.message}; generation {pending.id} was not committed and "
@@ -329,7 +384,7 @@ def _run(source: BackupSource, medium: DiskMedium, pending: PendingGeneration,
 
 
 def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration,
-            parent: Manifest | None, opts: BackupOptions, started: float,
+            sink: Sink, parent: Manifest | None, opts: BackupOptions, started: float,
             on_plan: Callable[[Plan], None] | None,
             progress: Callable[[int], None] | None) -> BackupResult:
     cfg = source.config
@@ -383,12 +438,12 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
                                     plan.disks, online, progress)
                 copied = parts.copy
             else:
-                copied, stream = _copy(source, plan.disks, gdir / stream_name(0), label, opts,
-                                       progress)
+                copied, stream = _copy(source, plan.disks, sink, label, opts, progress)
             copy_s = time.monotonic() - t_copy
     freeze_s = time.monotonic() - t_freeze
     _run_hook("post-thaw", opts.post_thaw)
     streams: list[FileEntry] = []
+    log_stream: FileEntry | None = None
     log_info: dict[str, object] = {}
     bi_entries: list[BiEntry] = []
     to_copy = plan.disks
@@ -404,8 +459,7 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
                                     to_copy, online, progress)
                 copied = parts.copy
             else:
-                copied, stream = _copy(source, to_copy, gdir / stream_name(0), label, opts,
-                                       progress)
+                copied, stream = _copy(source, to_copy, sink, label, opts, progress)
         finally:
             disarm = getattr(source, "disarm", None)
             stats = disarm(log_path if opts.log_mode == "merged" else None, work) \
@@ -421,21 +475,23 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
             log_file = stream_file_entry(log_path)
             log_info.update(records=log_file.records, bytes=log_file.bytes,
                             blocks=sum(e.count for e in bi_entries))
-            if opts.log_mode == "separate" and not opts.overlay:
+            # To tape, the log always goes into the generation (appended as its stream
+            # 1, overlaid at the commit): the tape alone restores T0 (a.6, Fig. 36).
+            if opts.log_mode == "separate" and not opts.overlay and opts.tape is None:
                 log_info.update(medium=str(log_path.parent), file=log_path.name,
                                 digest=f"{log_file.digest:016x}", overlaid=False)
                 bi_entries = []
             elif opts.log_mode == "separate":
-                shutil.copyfile(log_path, gdir / stream_name(1))
-                fsync_path(gdir / stream_name(1))
+                if bi_entries:
+                    log_stream = sink.add_stream(1, log_path)
                 log_info.update(overlaid=True)
             if bi_entries:
-                streams.append(stream_file_entry(gdir / stream_name(1)))
+                streams.append(log_stream or stream_file_entry(gdir / stream_name(1)))
         else:
             log_info.update(records=0, bytes=0, blocks=0)
         shutil.rmtree(work, ignore_errors=True)
     if parts is not None:
-        streams = _part_streams(parts, streams, gdir, cfg.cluster_id, pending.id)
+        streams = _part_streams(parts, streams, sink, cfg.cluster_id, pending.id)
     else:
         streams.insert(0, stream)
     log_info["freeze_flush_seconds"] = round(getattr(source, "freeze_flush_seconds", 0.0), 6)
@@ -491,17 +547,17 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
                **({"group_spec": group.manifest_entry(opts)} if group is not None else {}),
                **(parts.manifest_keys(medium.medium_id) if parts is not None else {})},
     )
-    pending.commit(manifest)
+    sink.commit(manifest)
     return BackupResult(manifest, medium, copied.read_bytes, copied.records, plan.runs(),
-                        time.monotonic() - started)
+                        time.monotonic() - started, sink.describe())
 
 
-def _copy(source: BackupSource, disks: dict[int, BlockSet], path: Path,
+def _copy(source: BackupSource, disks: dict[int, BlockSet], sink: Sink,
           label: dict[str, object],
           opts: BackupOptions, progress: Callable[[int], None] | None
           ) -> tuple[CopyResult, FileEntry]:
-    writer = RecordWriter.create(path, label=label, compress=opts.compression,
-                                 level=max(opts.level, 1), threads=opts.threads)
+    writer = sink.stream_writer(0, label=label, compress=opts.compression,
+                                level=max(opts.level, 1), threads=opts.threads)
     try:
         delay = float(os.environ.get(COPY_DELAY_ENV, "0") or 0)
 
@@ -524,10 +580,12 @@ def _copy(source: BackupSource, disks: dict[int, BlockSet], path: Path,
                         pace=_adaptive_pace(source) if opts.pace == "adaptive" else None)
         copied = copier.copy(disks)
         size = writer.close()  # END record, fsync
+        sink.stream_done(0)
     except BaseException:
         writer.abort()
         raise
-    return copied, FileEntry(path.name, size, writer.header_digest, writer.records_written)
+    return copied, FileEntry(stream_name(0), size, writer.header_digest,
+                             writer.records_written)
 
 
 def _copy_parts(copier: PartCopier, source: BackupSource, gen_id: str, gdir: Path,
@@ -544,7 +602,7 @@ def _copy_parts(copier: PartCopier, source: BackupSource, gen_id: str, gdir: Pat
                        lambda n: stream_numbers(n, online=online), progress, why)
 
 
-def _part_streams(parts: PartsResult, log_streams: list[FileEntry], gdir: Path,
+def _part_streams(parts: PartsResult, log_streams: list[FileEntry], sink: Sink,
                   cluster_id: str, gen_id: str) -> list[FileEntry]:
     """The generation's streams: every part at its number, the before-image log at 1.
     Parts skip number 1 in an online backup; when that backup has no log stream in the
@@ -554,16 +612,15 @@ def _part_streams(parts: PartsResult, log_streams: list[FileEntry], gdir: Path,
     for e in log_streams:
         by_number[1] = e
     if by_number and 1 not in by_number and max(by_number) > 1:
-        path = gdir / stream_name(1)
-        w = RecordWriter.create(path, label={"kind": "bi", "cluster": cluster_id,
-                                             "generation": gen_id, "stream": 1,
-                                             "empty": True})
+        w = sink.stream_writer(1, label={"kind": "bi", "cluster": cluster_id,
+                                         "generation": gen_id, "stream": 1, "empty": True})
         try:
             size = w.close()
+            sink.stream_done(1)
         except BaseException:
             w.abort()
             raise
-        by_number[1] = FileEntry(path.name, size, w.header_digest, w.records_written)
+        by_number[1] = FileEntry(stream_name(1), size, w.header_digest, w.records_written)
     if sorted(by_number) != list(range(len(by_number))):
         raise RuntimeError(f"part streams {sorted(by_number)} are not numbered 0..n-1 (a bug:"
                            " please report it)")
@@ -773,20 +830,6 @@ def _log_medium_file(log_medium: Path | None, gen_id: str, cfg: SourceConfig) ->
         label.write_text(json.dumps({"format": "sdbackup-log-medium", "version": 1,
                                      "cluster_id": cfg.cluster_id}) + "\n")
     return log_medium / f"{gen_id}.bilog"
-
-
-def stream_file_entry(path: Path) -> FileEntry:
-    """Size, record count and header digest of a finished record stream."""
-    digest = StreamDigest()
-    n = 0
-    end = 0
-    with RecordReader(path) as r:
-        for rec in r.scan(payloads=False):
-            digest.update(rec.header)
-            n += 1
-            end = rec.offset + rec.header.record_len
-    return FileEntry(path.name, end, digest.intdigest(), n)
-
 
 
 def _is_no_space(e: BaseException, where: Path) -> bool:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sdbackup.cli.progress import ByteProgress
-from sdbackup.cli.tape_cmds import tape_read_options
+from sdbackup.cli.tape_cmds import reads_tape, tape_read_options
 from sdbackup.errors import EXIT_CHECK_FAILED, EXIT_CORRUPT, CorruptError, SdbError, UsageError
 
 if TYPE_CHECKING:
@@ -37,7 +37,8 @@ MEDIA = click.option("--medium", "medium", required=True, multiple=True, metavar
                           "where it was committed.")
 MEDIA_OR_TAPE = click.option(
     "--medium", "medium", multiple=True, metavar="DIR", type=click.Path(path_type=Path),
-    help="The backup medium: a directory (or read a backup on tape: --tape, --buffer). "
+    help="The backup medium: a directory (or read a backup on tape: --tape DEV --buffer "
+         "DIR, or through a tape server: --tape-server HOST:PORT --secret-file FILE). "
          "Repeat it for a generation whose parts lie on several media (backup "
          "--copy-nodes): the first is where it was committed.")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
@@ -87,10 +88,27 @@ def _progress(label: str, quiet: bool) -> Iterator[_LazyProgress]:
 
 @click.command()
 @click.argument("cluster_dir", type=click.Path(path_type=Path))
-@click.option("--medium", "media", required=True, multiple=True, metavar="DIR|NODE=DIR",
-              help="The backup medium: a directory (created by the first backup). With "
-                   "--copy-nodes, NODE=DIR gives copy node NODE a medium of its own (a "
-                   "directory on its host); repeat. Copy nodes without one write to DIR.")
+@click.option("--medium", "media", multiple=True, metavar="DIR|NODE=DIR",
+              help="The backup medium: a directory (created by the first backup); or "
+                   "straight to tape with --tape. With --copy-nodes, NODE=DIR gives copy "
+                   "node NODE a medium of its own (a directory on its host); repeat. Copy "
+                   "nodes without one write to DIR.")
+@click.option("--tape", "tapes", multiple=True, metavar="DEV",
+              help="Back up straight to tape (Fig. 36): the tape set's last tape (or a "
+                   "blank one to start a set), then blank tapes to continue on when it "
+                   "fills (file:PATH or /dev/nstN; repeat). Offline, or with --log-mode "
+                   "separate --log-medium DIR: the log is appended to the tape at the end.")
+@click.option("--catalog", "catalog_dir", type=click.Path(path_type=Path), default=None,
+              metavar="DIR",
+              help="With --tape: the tape catalog (default: $SDBACKUP_TAPE_CATALOG or "
+                   "~/.local/share/sdbackup/tape-catalog).")
+@click.option("--spool", "spool_dir", type=click.Path(path_type=Path), default=None,
+              metavar="DIR",
+              help="With --tape: the disk spool between the copy and the drive (default: "
+                   "CATALOG/spool).")
+@click.option("--spool-size", default="256MiB", show_default=True, metavar="SIZE",
+              help="With --tape: the spool's size; the drive writes a burst each time it "
+                   "is full, so that it streams.")
 @click.option("--full", is_flag=True,
               help="A full backup: every block in use at T0 (the default). It starts a "
                    "new chain.")
@@ -154,7 +172,9 @@ def _progress(label: str, quiet: bool) -> Iterator[_LazyProgress]:
                    "(about); a failed copier loses at most the part it was copying.")
 @JSON
 @QUIET
-def backup(cluster_dir: Path, media: tuple[str, ...], full: bool, incremental: bool,
+def backup(cluster_dir: Path, media: tuple[str, ...], tapes: tuple[str, ...],
+           catalog_dir: Path | None, spool_dir: Path | None, spool_size: str,
+           full: bool, incremental: bool,
            full_if_needed: bool, compress: str, wait: float,
            log_mode: str | None, log_medium: Path | None, overlay: bool,
            pre_freeze: str | None, post_thaw: str | None, bwlimit: str, pace: str,
@@ -172,6 +192,12 @@ def backup(cluster_dir: Path, media: tuple[str, ...], full: bool, incremental: b
     the metadata is snapshotted) and writes go on during the copy: whoever overwrites a
     block the backup still needs saves its before image first, and the generation holds
     exactly the data at T0. With a coordinator running, the coordinator runs the backup.
+
+    With --tape, the generation goes straight to tape, spooled through a disk buffer
+    (--spool) so that the drive streams while the copy reads the cluster; with
+    --log-mode separate the before images go to --log-medium meanwhile and are appended
+    to the tape at the end (the tape alone restores T0); the index, the snapshot and
+    the manifest follow, then the generation enters the tape catalog.
     """
     from sdbackup.backup.engine import BackupOptions, parse_compression, run_backup
     from sdbackup.cluster.access import try_coordinator_client
@@ -182,7 +208,20 @@ def backup(cluster_dir: Path, media: tuple[str, ...], full: bool, incremental: b
     from sdbackup.cli.dispersed import parse_backup_media
     from sdbackup.cluster.config import parse_size
 
-    medium, node_media, copiers = parse_backup_media(media, copy_nodes)
+    if tapes and copy_nodes is not None:
+        from sdbackup.backup.engine import TAPE_COPY_NODES
+
+        raise UsageError(TAPE_COPY_NODES)
+    if tapes and media:
+        raise UsageError("give --medium DIR or --tape DEV, not both (a generation on disk "
+                         "goes to tape later with 'sdbackup tape write')")
+    if not tapes and not media:
+        raise UsageError("give the backup medium: --medium DIR (or --tape DEV)")
+    medium: Path | None = None
+    node_media: dict[str, str] = {}
+    copiers: list[str] | None = None
+    if media:
+        medium, node_media, copiers = parse_backup_media(media, copy_nodes)
     if copiers is None and (no_reassign or split != "ranges"):
         raise UsageError("--no-reassign and --split go with --copy-nodes")
 
@@ -196,7 +235,8 @@ def backup(cluster_dir: Path, media: tuple[str, ...], full: bool, incremental: b
         raise UsageError("--full-if-needed goes with --incremental")
     if log_medium is not None and log_mode != "separate":
         raise UsageError("--log-medium goes with --log-mode separate")
-    if log_medium is not None:
+    tape_spec = _tape_spec(medium, tapes, catalog_dir, spool_dir, spool_size)
+    if log_medium is not None and medium is not None:
         lm, bm = log_medium.resolve(), medium.resolve()
         if lm == bm or bm in lm.parents or lm in bm.parents:
             raise UsageError(f"--log-medium {log_medium} is (inside) the backup medium "
@@ -217,18 +257,20 @@ def backup(cluster_dir: Path, media: tuple[str, ...], full: bool, incremental: b
                          overlay=overlay, pre_freeze=pre_freeze, post_thaw=post_thaw,
                          incremental=incremental, full_if_needed=full_if_needed,
                          bwlimit=limit, pace=pace, group=group_name, group_list=group_list,
-                         meta_scope=meta_scope or "all")
+                         meta_scope=meta_scope or "all", tape=tape_spec)
+    where = str(medium) if medium is not None else "tape"
     rc = try_coordinator_client(cluster_dir)
     if rc is not None:
         with rc:
             from sdbackup.net import messages as msg
 
-            request = msg.Backup(str(medium.absolute()), comp, opts.level, log_mode,
+            request = msg.Backup(str(medium.absolute()) if medium else "", comp, opts.level,
+                                 log_mode,
                                  str(opts.log_medium) if opts.log_medium else None, overlay,
                                  pre_freeze, post_thaw, incremental, full_if_needed, limit,
                                  pace, group_name,
                                  group_list.text() if group_list is not None else None,
-                                 opts.meta_scope)
+                                 opts.meta_scope, **_tape_fields(tape_spec))
             if copiers is not None:
                 from sdbackup.cli.dispersed import run_dispersed
 
@@ -236,7 +278,7 @@ def backup(cluster_dir: Path, media: tuple[str, ...], full: bool, incremental: b
                                   part_size, quiet=quiet or as_json)
             else:
                 s = msg.call(rc, request, timeout=None)[0]
-        _print_backup(s, medium, as_json)
+        _print_backup(s, where, as_json)
         return
     if copiers is not None:
         raise UsageError(f"--copy-nodes needs a running coordinator of {cluster_dir} (the "
@@ -249,20 +291,58 @@ def backup(cluster_dir: Path, media: tuple[str, ...], full: bool, incremental: b
         def on_plan(plan: Plan) -> None:
             prog.start(plan.blocks * source.config.block_size)
 
-        result = run_backup(source, medium, opts, on_plan=on_plan, progress=prog.advance)
-    _print_backup(result.summary(), medium, as_json)
+        result = run_backup(source, medium or "", opts, on_plan=on_plan,
+                            progress=prog.advance)
+    _print_backup(result.summary(), where, as_json)
 
 
-def _print_backup(s: dict[str, Any], medium: Path, as_json: bool) -> None:
+def _tape_spec(medium: Path | None, tapes: tuple[str, ...], catalog_dir: Path | None,
+               spool_dir: Path | None, spool_size: str) -> Any:
+    """The tape a backup goes to (a TapeSpec, absolute paths: the coordinator may run
+    it), or None for a backup to --medium."""
+    if not tapes:
+        if catalog_dir is not None or spool_dir is not None:
+            raise UsageError("--catalog and --spool go with --tape")
+        return None
+    if medium is not None:
+        raise UsageError("give --medium DIR or --tape DEV, not both (a generation on disk "
+                         "goes to tape later with 'sdbackup tape write')")
+    from sdbackup.cluster.config import parse_size
+    from sdbackup.media.tape.catalog import default_catalog
+    from sdbackup.media.tape.sink import TapeSpec, absolute_spec
+
+    try:
+        size = parse_size(spool_size)
+    except (ValueError, SdbError) as e:
+        raise UsageError(f"--spool-size {spool_size!r}: {e}") from None
+    return TapeSpec(tuple(absolute_spec(t) for t in tapes),
+                    (catalog_dir or default_catalog()).absolute(),
+                    spool_dir.absolute() if spool_dir else None, size)
+
+
+def _tape_fields(spec: Any) -> dict[str, Any]:
+    """The Backup request's tape fields: tapes, catalog, spool, spool_bytes."""
+    if spec is None:
+        return {}
+    return {"tapes": spec.tapes, "catalog": str(spec.catalog),
+            "spool": str(spec.spool) if spec.spool else None,
+            "spool_bytes": spec.spool_bytes}
+
+
+def _print_backup(s: dict[str, Any], medium: Path | str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
     raw = int(str(s["raw_bytes"]))
     stored = int(str(s["stored_bytes"]))
     secs = float(str(s["seconds"]))
-    click.echo(f"generation {s['generation']} committed on {medium}"
-               + (f" (group {s['group']}: {s['group_files']} files)" if s.get("group")
-                  else ""))
+    tape = s.get("tape")
+    group = (f" (group {s['group']}: {s['group_files']} files)" if s.get("group") else "")
+    if isinstance(tape, dict):
+        click.echo(f"generation {s['generation']} committed on tape set {tape['set']} "
+                   f"(tapes {', '.join(tape['tapes'])}; catalog {tape['catalog']})" + group)
+    else:
+        click.echo(f"generation {s['generation']} committed on {medium}" + group)
     click.echo(f"  {s['blocks']} blocks ({_human(raw)}) in {s['runs']} runs, "
                f"{s['records']} records; stored {_human(stored)}"
                + (f" ({stored / raw:.0%} of raw, {s['compression']})" if raw else ""))
@@ -627,11 +707,9 @@ def _open_gen(medium: tuple[Path, ...], gen: str | None, log_medium: Path | None
     from sdbackup.media.chain import ChainReader
     from sdbackup.media.media_set import open_media
 
-    if tape is not None and tape["tapes"]:
+    if tape is not None and reads_tape(medium, **tape):
         from sdbackup.cli.tape_cmds import open_tape_set
 
-        if medium:
-            raise UsageError("give --medium DIR or --tape DEV, not both")
         opened = open_tape_set(**tape)
         try:
             with ChainReader(opened.medium, opened.medium.resolve(gen)) as reader:
@@ -640,7 +718,8 @@ def _open_gen(medium: tuple[Path, ...], gen: str | None, log_medium: Path | None
             opened.close()
         return
     if not medium:
-        raise UsageError("give the backup medium: --medium DIR (or --tape DEV --buffer DIR)")
+        raise UsageError("give the backup medium: --medium DIR (repeat it for parts on "
+                         "several media)")
     med = open_media(medium)
     with ChainReader(med, med.resolve(gen), log_medium=log_medium) as reader:
         yield reader.gen, reader

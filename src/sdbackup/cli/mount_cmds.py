@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from sdbackup.cli.tape_cmds import tape_read_options
+from sdbackup.cli.tape_cmds import reads_tape, tape_read_options
 from sdbackup.errors import EXIT_USAGE, SdbError, UsageError
 
 if TYPE_CHECKING:
@@ -28,9 +28,10 @@ def register(cli: click.Group) -> None:
 @click.command()
 @click.option("--medium", "medium", multiple=True, metavar="DIR",
               type=click.Path(path_type=Path),
-              help="The backup medium (a directory); or --tape DEV --buffer DIR. Repeat it "
-                   "for generations whose parts lie on several media (backup --copy-nodes): "
-                   "the first is where they were committed.")
+              help="The backup medium (a directory); or --tape DEV --buffer DIR, or "
+                   "--tape-server HOST:PORT --secret-file FILE. Repeat it for generations "
+                   "whose parts lie on several media (backup --copy-nodes): the first is "
+                   "where they were committed.")
 @click.argument("args", nargs=-1, required=True, metavar="[GEN] MOUNTPOINT")
 @click.option("--all", "all_gens", is_flag=True,
               help="Mount every generation of the medium, one directory each (named by "
@@ -49,7 +50,8 @@ def register(cli: click.Group) -> None:
 def mount(medium: tuple[Path, ...], args: tuple[str, ...], all_gens: bool,
           log_medium: Path | None, background: bool, log_file: Path | None,
           tapes: tuple[str, ...], catalog_dir: Path | None, buffer_dir: Path | None,
-          buffer_size: str, readahead: int) -> None:
+          buffer_size: str, readahead: int, tape_server: str | None,
+          secret_file: Path | None) -> None:
     """Mount a backup as a read-only file system: browse it, copy files back.
 
     GEN is a generation id or a unique prefix (default: the newest). An incremental
@@ -64,7 +66,9 @@ def mount(medium: tuple[Path, ...], args: tuple[str, ...], all_gens: bool,
 
     With --tape DEV --buffer DIR, the generation is read from a tape set (the catalog
     says where each block lies): only the blocks read are loaded from tape into the
-    buffer, with read-ahead, and kept there for the next mount.
+    buffer, with read-ahead, and kept there for the next mount. On a host without a
+    drive, --tape-server HOST:PORT --secret-file FILE reads it through the buffer of
+    the host that has one ('sdbackup tape serve').
     """
     from sdbackup.fs import fuse_mount
     from sdbackup.restore import mount as mount_mod
@@ -82,38 +86,33 @@ def mount(medium: tuple[Path, ...], args: tuple[str, ...], all_gens: bool,
     fuse_mount.check_fuse()
     mp = fuse_mount.check_mountpoint(mp)
 
-    if tapes:
-        from sdbackup.cluster.config import parse_size
+    if reads_tape(medium, tapes, tape_server, buffer_dir, secret_file):
+        from sdbackup.cli.tape_cmds import open_tape_set
 
-        if medium or all_gens:
-            raise UsageError("--tape mounts one generation: give no --medium and no --all")
-        if buffer_dir is None:
-            raise UsageError("reading from tape needs a disk buffer: give --buffer DIR")
-        limit = parse_size(buffer_size)
+        if all_gens:
+            raise UsageError("--tape and --tape-server mount one generation: give no --all")
 
         def from_tape() -> MountSource:
-            return mount_mod.open_tape_generation(tapes, buffer_dir, gen,
-                                                  catalog_dir=catalog_dir, limit=limit,
-                                                  readahead=readahead)
+            return mount_mod.open_tape_generation(
+                lambda: open_tape_set(tapes, buffer_dir, catalog_dir, buffer_size,
+                                      readahead, tape_server, secret_file), gen)
 
         src = from_tape()  # resolves GEN and checks the tapes now, not in the child
         gen = src.manifest.id if src.manifest else gen
+        where = (f"tape server {tape_server}" if tape_server is not None else
+                 f"tape {' '.join(tapes)} (buffer {buffer_dir})")
         if not background:
-            label = " ".join(tapes)
             mount_mod.serve(src, mp, on_ready=lambda p: click.echo(
-                f"mounted generation {gen} from tape {label} at {p} (read-only, buffer "
-                f"{buffer_dir}); 'sdbackup umount {p}' ends it", err=True))
+                f"mounted generation {gen} from {where} at {p} (read-only); "
+                f"'sdbackup umount {p}' ends it", err=True))
             return
         src.close()
         if log_file is None:
             fd, tmp = tempfile.mkstemp(prefix="sdbackup-mount.", suffix=".log")
             os.close(fd)
             log_file = Path(tmp)
-        _background(from_tape, mp, log_file, f"generation {gen}", Path(tapes[0]))
+        _background(from_tape, mp, log_file, f"generation {gen}", where)
         return
-    if not medium:
-        raise UsageError("give the backup medium: --medium DIR (or --tape DEV --buffer DIR)")
-
     def opened() -> MountSource:
         if all_gens:
             return mount_mod.open_all(medium, log_medium=log_medium)
@@ -136,7 +135,7 @@ def mount(medium: tuple[Path, ...], args: tuple[str, ...], all_gens: bool,
 
 
 def _background(opened: Callable[[], MountSource], mp: str, log_file: Path, what: str,
-                where: Path) -> None:
+                where: Path | str) -> None:
     """Fork; the child serves the mount, the parent returns once it works (or fails)."""
     from sdbackup.restore import mount as mount_mod
 

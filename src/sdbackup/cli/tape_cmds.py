@@ -64,7 +64,14 @@ CATALOG = click.option("--catalog", "catalog_dir", type=click.Path(path_type=Pat
 
 def tape_read_options(f: Any) -> Any:
     """--tape, --buffer, --buffer-size, --readahead, --catalog: reading a backup on
-    tape through a disk buffer (restore, restore-image, mount)."""
+    tape through a disk buffer (restore, restore-image, mount); --tape-server,
+    --secret-file: through the buffer of another host's tape server."""
+    f = click.option("--secret-file", type=click.Path(path_type=Path), metavar="FILE",
+                     help="With --tape-server: the cluster secret (a copy of "
+                          "CLUSTER_DIR/secret).")(f)
+    f = click.option("--tape-server", metavar="HOST:PORT",
+                     help="Read the backup on tape through the tape server of the host "
+                          "with the drive ('sdbackup tape serve'): no drive needed here.")(f)
     f = click.option("--readahead", type=int, default=32, show_default=True,
                      metavar="BLOCKS",
                      help="With --tape: tape blocks loaded after each missed one.")(f)
@@ -85,12 +92,52 @@ def catalog_of(catalog_dir: Path | None) -> Any:
     return TapeCatalog(catalog_dir or default_catalog())
 
 
+def reads_tape(media: tuple[Path, ...], tapes: tuple[str, ...] = (),
+               tape_server: str | None = None, buffer_dir: Path | None = None,
+               secret_file: Path | None = None, **_: Any) -> bool:
+    """Where restore, restore-image and mount read: True from tape (--tape DEV
+    --buffer DIR, or --tape-server HOST:PORT --secret-file FILE), False from the disk
+    media given (--medium DIR, repeatable). One line (exit 2) when none is given, or
+    sources (or their options) that do not go together."""
+    if tape_server is not None and (tapes or buffer_dir is not None):
+        raise UsageError("--tape-server reads through the tape server's drives and "
+                         "buffer: give no --tape and no --buffer")
+    if media and (tapes or tape_server is not None):
+        raise UsageError("give --medium DIR or --tape DEV (or --tape-server), not both")
+    if not media and not tapes and tape_server is None:
+        raise UsageError("give the backup medium: --medium DIR (repeat it for parts on "
+                         "several media), --tape DEV --buffer DIR, or --tape-server "
+                         "HOST:PORT --secret-file FILE")
+    if secret_file is not None and tape_server is None:
+        raise UsageError("--secret-file goes with --tape-server")
+    if media and buffer_dir is not None:
+        raise UsageError("--buffer goes with --tape (a backup on disk is read directly)")
+    return bool(tapes) or tape_server is not None
+
+
 def open_tape_set(tapes: tuple[str, ...], buffer_dir: Path | None, catalog_dir: Path | None,
-                  buffer_size: str, readahead: int) -> Any:
-    """The tape set in ``tapes`` opened for reading (an OpenedSet)."""
+                  buffer_size: str, readahead: int, tape_server: str | None = None,
+                  secret_file: Path | None = None) -> Any:
+    """The tape set opened for reading: in ``tapes`` through the disk buffer here (an
+    OpenedSet), or through the tape server at ``tape_server`` (a RemoteSet). Both
+    have ``medium`` (a TapeSetMedium) and ``close()``."""
+    if tape_server is not None:
+        from sdbackup.net.auth import load_secret
+        from sdbackup.net.tape import open_remote_set
+
+        if tapes or buffer_dir is not None:
+            raise UsageError("--tape-server reads through the tape server's drives and "
+                             "buffer: give no --tape and no --buffer")
+        if secret_file is None:
+            raise UsageError("--tape-server needs --secret-file FILE (a copy of the "
+                             "cluster's CLUSTER_DIR/secret)")
+        return open_remote_set(tape_server, load_secret(secret_file),
+                               catalog_dir=catalog_dir)
     from sdbackup.cluster.config import parse_size
     from sdbackup.media.tape.library import open_set
 
+    if secret_file is not None:
+        raise UsageError("--secret-file goes with --tape-server")
     if buffer_dir is None:
         raise UsageError("reading from tape needs a disk buffer: give --buffer DIR")
     return open_set(tapes, buffer_dir, catalog=catalog_of(catalog_dir),
@@ -171,8 +218,10 @@ def ls_cmd(tapes: tuple[str, ...], as_json: bool) -> None:
                    f"#{lab['sequence']}), cluster {lab['cluster']}")
         for f in t["files"]:
             cont = f" from byte {f['offset']}" if f["offset"] else ""
+            # A part streamed to tape by a backup: its size is in the manifest.
+            total = f["part_bytes"] if f["part_bytes"] is not None else "?"
             click.echo(f"  file {f['file']:4d} block {f['block']:8d}  {f['generation']}  "
-                       f"{f['part']}{cont} ({f['bytes']} of {f['part_bytes']} bytes)")
+                       f"{f['part']}{cont} ({f['bytes']} of {total} bytes)")
 
 
 @tape.command("write")
@@ -275,3 +324,58 @@ def catalog_cmd(catalog_dir: Path | None, rebuild: bool, tapes: tuple[str, ...],
             first = g["parts"].get("stream-0.sdr", [{}])[0]
             click.echo(f"  {g['id']}  from tape {first.get('tape')} file "
                        f"{first.get('file')} block {first.get('block')}")
+
+
+@tape.command("serve")
+@TAPES
+@click.option("--buffer", "buffer_dir", required=True, type=click.Path(path_type=Path),
+              metavar="DIR", help="The disk buffer tape blocks are loaded into (kept "
+                                  "across runs).")
+@click.option("--buffer-size", default="1GiB", show_default=True, metavar="SIZE",
+              help="The most the buffer holds (least recently used blocks go first).")
+@click.option("--readahead", type=int, default=32, show_default=True, metavar="BLOCKS",
+              help="Tape blocks loaded after each missed one.")
+@click.option("--listen", default="127.0.0.1:0", show_default=True, metavar="HOST:PORT",
+              help="Address to serve on (port 0: any free port; 0.0.0.0 for every "
+                   "interface).")
+@click.option("--secret-file", required=True, type=click.Path(path_type=Path),
+              metavar="FILE", help="The cluster secret (CLUSTER_DIR/secret or a copy): "
+                                   "only hosts that hold it may read.")
+@click.option("--gather", type=click.FloatRange(0, 10), default=0.03, show_default=True,
+              metavar="SECONDS",
+              help="How long a miss waits for others to sweep them in one pass (longer: "
+                   "better order for many readers, more latency for one).")
+@CATALOG
+def serve_cmd(tapes: tuple[str, ...], buffer_dir: Path, buffer_size: str, readahead: int,
+              listen: str, secret_file: Path, gather: float,
+              catalog_dir: Path | None) -> None:
+    """Serve the tape set in --tape DEV... to hosts without a tape drive (until SIGTERM
+    or Ctrl-C). Logs (connections, and the buffer's and drives' counters at the end)
+    go to stderr.
+
+    Other hosts read its generations with 'sdbackup mount|restore|restore-image
+    --tape-server HOST:PORT --secret-file FILE': blocks come from this host's disk
+    buffer, or are loaded from tape into it; the reads of every client are batched
+    and sorted by tape position together.
+    """
+    import logging
+
+    from sdbackup.cli.daemon_cmds import _wait_for_signal
+    from sdbackup.net.auth import load_secret
+    from sdbackup.net.tape import TapeServer, parse_address
+
+    host, port = parse_address(listen, "--listen")
+    secret = load_secret(secret_file)
+    root = logging.getLogger()
+    if root.level > logging.INFO:  # a server says who connects and when it stops
+        root.setLevel(logging.INFO)
+    opened = open_tape_set(tapes, buffer_dir, catalog_dir, buffer_size, readahead)
+    server = TapeServer(opened, secret, host, port, gather=gather)
+    try:
+        h, p = server.start()
+        click.echo(f"tape server for tape set {opened.medium.set_id} (tapes "
+                   f"{', '.join(lab.tape for _, lab in opened.lib.labelled())}) listening "
+                   f"on {h}:{p}", err=True)
+        _wait_for_signal()
+    finally:
+        server.stop()

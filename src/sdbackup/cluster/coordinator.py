@@ -1051,15 +1051,27 @@ class _Handler(msg.RequestHandler):
             raise UsageError(f"{s.kind} {s.name} may not start backups: only the cluster's "
                              "owner on the coordinator's host may (run 'sdbackup backup' "
                              "there, as the user that runs the coordinator)")
-        from sdbackup.backup.engine import BackupOptions, run_backup
+        from sdbackup.backup.engine import TAPE_COPY_NODES, BackupOptions, run_backup
         from sdbackup.cluster.backup_source import CoordinatorSource
 
+        tape = None
+        if r.tapes and r.copy_nodes:
+            raise UsageError(TAPE_COPY_NODES)
+        if r.tapes:
+            from sdbackup.media.tape.sink import DEFAULT_SPOOL, TapeSpec
+
+            if r.medium or r.catalog is None:
+                raise UsageError("a backup to tape names tapes and a catalog, no medium")
+            tape = TapeSpec(r.tapes, Path(r.catalog), Path(r.spool) if r.spool else None,
+                            r.spool_bytes or DEFAULT_SPOOL)
+        elif not r.medium:
+            raise UsageError("a backup names its medium (or tapes)")
         opts = BackupOptions(compression=r.compression, level=r.level, log_mode=r.log_mode,
                              log_medium=Path(r.log_medium) if r.log_medium else None,
                              overlay=r.overlay, pre_freeze=r.pre_freeze,
                              post_thaw=r.post_thaw, incremental=r.incremental,
                              full_if_needed=r.full_if_needed, bwlimit=r.bwlimit,
-                             pace=r.pace, group=r.group, meta_scope=r.meta)
+                             pace=r.pace, group=r.group, meta_scope=r.meta, tape=tape)
         if (r.group is None) != (r.group_list is None):
             raise UsageError("a group backup request needs the group's name and list")
         if r.group_list is not None:
@@ -1076,7 +1088,8 @@ class _Handler(msg.RequestHandler):
                     opts=opts, reassign=not r.no_reassign, split=r.split,
                     part_bytes=r.part_bytes)
                 self.c.dispersed.check()
-            log.info("backup to %s started (log mode %s)", r.medium, opts.log_mode)
+            log.info("backup to %s started (log mode %s)",
+                     r.medium or "tape " + ", ".join(r.tapes), opts.log_mode)
             result = run_backup(CoordinatorSource(self.c), r.medium, opts)
             summary = result.summary()
             if "dispersed" in result.manifest.extra:

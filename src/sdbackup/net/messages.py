@@ -23,10 +23,11 @@ metadata store holds (SQLite's 64-bit integers) and lists within what a handler
 should loop over. What a value means (an inode that exists, a valid file name) is
 still checked where it always was, with the same errors (``ENOENT``, ``EINVAL``...).
 
-Three sets of requests, one per kind of server (:data:`COORDINATOR_REQUESTS`,
-:data:`NODE_CALLBACKS`, :data:`NODE_CONTROL_REQUESTS`); :class:`RequestHandler`
-dispatches a server's requests to ``rpc_<method>(conn, request, blob)`` and checks,
-when the handler class is defined, that every request of its set has a handler.
+Four sets of requests, one per kind of server (:data:`COORDINATOR_REQUESTS`,
+:data:`NODE_CALLBACKS`, :data:`NODE_CONTROL_REQUESTS`, :data:`TAPE_SERVER_REQUESTS`);
+:class:`RequestHandler` dispatches a server's requests to ``rpc_<method>(conn,
+request, blob)`` and checks, when the handler class is defined, that every request of
+its set has a handler.
 """
 
 import inspect
@@ -612,7 +613,8 @@ class Status(Request, method="status"):
 
 
 class Backup(Request, method="backup"):
-    medium: Annotated[str, Text(min_len=1)]
+    medium: Annotated[str, Text()]
+    """The medium directory; empty for a backup straight to tape (``tapes``)."""
     compression: Annotated[Literal["none", "zstd"], Choice("none", "zstd")] = "zstd"
     level: Annotated[int, Int(0, 22)] = 1
     log_mode: Annotated[str | None, Opt(Choice(*LOG_MODES))] = None
@@ -637,6 +639,11 @@ class Backup(Request, method="backup"):
     no_reassign: Flag = False
     split: Annotated[str, Choice("ranges", "disks")] = "ranges"
     part_bytes: Annotated[int, Int(0, I64_MAX)] = 0
+    # A backup straight to tape (issue 16): the tapes, the catalog, the disk spool.
+    tapes: Annotated[tuple[str, ...], ListOf(Text(min_len=1), 64)] = ()
+    catalog: Annotated[str | None, Opt(Text(min_len=1))] = None
+    spool: Annotated[str | None, Opt(Text(min_len=1))] = None
+    spool_bytes: Annotated[int, Int(0, I64_MAX)] = 0
 
 
 class PartProgress(Request, method="part_progress"):
@@ -808,6 +815,41 @@ NODE_PASS_THROUGH = registry(Mknod, Mkdir, Symlink, Readlink, Link, Unlink, Rmdi
 NODE_CONTROL_REQUESTS = registry(ControlJoin, Read, Write, Fsync, FlushInode, GetAttr, Lookup,
                                  Truncate, Release, Report, *NODE_PASS_THROUGH.values())
 """What a local program asks a node through its control port."""
+
+
+# -- a host without a tape drive to a tape server (c.4, Fig. 37, 39) ----------------------
+
+MAX_TAPE_READ = 32 << 20
+"""Bytes of tape blocks in one ``tape_read`` answer (half the largest blob)."""
+
+
+class TapeInfo(Request, method="tape_info"):
+    """The served tape set: id, cluster, block size, its tapes, which are in drives,
+    and its committed generations."""
+
+
+class TapeFile(Request, method="tape_file"):
+    """Bytes of a file of the served set's disk catalog: the set's label (``gen``
+    None) or a generation's manifest, placement, index or snapshot."""
+
+    gen: Annotated[str | None, Opt(Text(64, min_len=1))]
+    name: Annotated[str, Text(64, min_len=1)]
+    offset: Offset = 0
+    size: Annotated[int, Int(0, MAX_TAPE_READ)] = MAX_TAPE_READ
+
+
+class TapeRead(Request, method="tape_read"):
+    """Tape blocks ``first .. first+count-1`` of ``tape`` through the server's disk
+    buffer (``end``: the first block past the tape file, where read-ahead stops)."""
+
+    tape: Annotated[str, Text(64, min_len=1)]
+    first: Block
+    count: Annotated[int, Int(1, MAX_TAPE_READ // 512)]
+    end: Block
+
+
+TAPE_SERVER_REQUESTS = registry(TapeInfo, TapeFile, TapeRead)
+"""What a host without a tape drive asks ``sdbackup tape serve``."""
 
 
 # -- sending and dispatching ---------------------------------------------------------------

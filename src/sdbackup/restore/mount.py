@@ -20,11 +20,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from sdbackup.fs.readonly import ReadOnlyFileSystem
 from sdbackup.media.chain import open_chain
 from sdbackup.media.media_set import MediaPaths, open_media
-from sdbackup.media.medium import Manifest
+from sdbackup.media.medium import DiskMedium, Manifest
 from sdbackup.media.medium_view import MediumView
 
 
@@ -58,20 +59,21 @@ def open_generation(medium_path: MediaPaths, gen: str | None, *,
     return MountSource(ReadOnlyFileSystem(snap, reader), f"backup-{m.id}", close, m)
 
 
-def open_tape_generation(tapes: list[str] | tuple[str, ...], buffer_dir: str | os.PathLike[str],
-                         gen: str | None, *, catalog_dir: str | os.PathLike[str] | None = None,
-                         limit: int | None = None, readahead: int | None = None
-                         ) -> MountSource:
-    """One generation of the tape set in the drives ``tapes``, read through the disk
-    buffer at ``buffer_dir`` (c.3): each block the file system reads is looked up in
-    the catalog, served from the buffer, or loaded (with read-ahead) from tape."""
-    from sdbackup.media.tape import buffer as tbuf
-    from sdbackup.media.tape.catalog import TapeCatalog, default_catalog
-    from sdbackup.media.tape.library import open_set
+class OpenTapeSet(Protocol):
+    """A tape set opened for reading: here through the drives and a disk buffer
+    (``OpenedSet``), or through another host's tape server (``net.tape.RemoteSet``)."""
 
-    opened = open_set(tapes, buffer_dir, catalog=TapeCatalog(catalog_dir or default_catalog()),
-                      limit=limit or tbuf.DEFAULT_LIMIT,
-                      readahead=tbuf.DEFAULT_READAHEAD if readahead is None else readahead)
+    @property
+    def medium(self) -> DiskMedium: ...
+
+    def close(self) -> None: ...
+
+
+def open_tape_generation(open_set: Callable[[], OpenTapeSet], gen: str | None) -> MountSource:
+    """One generation of a tape set, read through a disk buffer (c.3): each block the
+    file system reads is looked up in the catalog, served from the buffer, or loaded
+    (with read-ahead) from tape; the buffer is this host's or a tape server's (c.4)."""
+    opened = open_set()
     try:
         m = opened.medium.resolve(gen)
         snap, reader = open_chain(opened.medium, m)

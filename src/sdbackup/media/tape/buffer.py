@@ -52,6 +52,26 @@ class Drives(Protocol):
     def device_for(self, tape: str) -> TapeDevice: ...
 
 
+class TapeBlocks(Protocol):
+    """Tape blocks by position: what a generation on tape is read through. The
+    :class:`TapeBuffer` on the host with the drives; a tape server's buffer over the
+    network on a host without one (c.4, ``sdbackup.net.tape``)."""
+
+    @property
+    def slot_size(self) -> int:
+        """The tape block size."""
+        ...
+
+    def get(self, tape: str, first: int, count: int, end: int) -> bytes:
+        """Tape blocks ``first .. first+count-1`` of ``tape`` (``end``: the first block
+        past the tape file, which read-ahead stops before)."""
+        ...
+
+    def check_tape(self, tape: str) -> None:
+        """Raise NotFoundError, naming the tape, if ``tape`` cannot be read now."""
+        ...
+
+
 @dataclass
 class BufferStats:
     hits: int = 0  # requests served from the buffer alone
@@ -188,6 +208,9 @@ class TapeBuffer:
 
     def __len__(self) -> int:
         return len(self._map)
+
+    def check_tape(self, tape: str) -> None:
+        self.drives.device_for(tape)
 
     def cached(self, tape: str, block: int) -> bool:
         with self._lock:
@@ -378,7 +401,7 @@ class TapeStreamSource:
     """One part of a generation (a record stream) on tape, read through the buffer as
     positional reads: what :class:`~sdbackup.media.record_reader.RecordReader` needs."""
 
-    def __init__(self, buffer: TapeBuffer, pieces: Sequence[Piece], size: int,
+    def __init__(self, buffer: TapeBlocks, pieces: Sequence[Piece], size: int,
                  block_size: int, name: str) -> None:
         self.buffer = buffer
         self.pieces = sorted(pieces, key=lambda p: p.offset)

@@ -42,7 +42,7 @@ from sdbackup.media.medium import (
 )
 from sdbackup.media.record_format import Record
 from sdbackup.media.record_reader import RecordReader
-from sdbackup.media.tape.buffer import TapeBuffer, TapeStreamSource
+from sdbackup.media.tape.buffer import TapeBlocks, TapeStreamSource
 from sdbackup.media.tape.format import Piece, TapeLabel
 
 TAPES = "tapes.json"
@@ -158,12 +158,13 @@ class TapeCatalog:
 
 class TapeSetMedium(DiskMedium):
     """A tape set's catalog opened as a medium whose streams are read from tape,
-    through ``buffer`` (c.3). Generations, chains and snapshots come from the catalog."""
+    through ``buffer`` (c.3: the disk buffer of the drives here; c.4: a tape server's,
+    :mod:`sdbackup.net.tape`). Generations, chains and snapshots come from the catalog."""
 
     streams_local = False
 
     def __init__(self, root: Path, label: Mapping[str, Any], catalog: TapeCatalog,
-                 buffer: TapeBuffer) -> None:
+                 buffer: TapeBlocks) -> None:
         super().__init__(root, label)
         self.catalog_ = catalog
         self.buffer = buffer
@@ -172,7 +173,7 @@ class TapeSetMedium(DiskMedium):
         self._placements: dict[str, dict[str, list[Piece]]] = {}
 
     @classmethod
-    def open_set(cls, catalog: TapeCatalog, set_id: str, buffer: TapeBuffer) -> TapeSetMedium:
+    def open_set(cls, catalog: TapeCatalog, set_id: str, buffer: TapeBlocks) -> TapeSetMedium:
         m = catalog.medium(set_id)
         return cls(m.root, m.label, catalog, buffer)
 
@@ -221,7 +222,7 @@ class TapeSetMedium(DiskMedium):
                     break
                 at += p.length
                 # Every tape the generation needs is in a drive, or one error says which.
-                self.buffer.drives.device_for(p.tape)
+                self.buffer.check_tape(p.tape)
             if at != s.bytes:
                 raise CorruptError(f"generation {manifest.id}: {stream_name(n)} is on tape "
                                    f"set {self.set_id} for {at} of its {s.bytes} bytes only: "

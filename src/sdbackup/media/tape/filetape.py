@@ -9,14 +9,15 @@ serpentine, ``wraps`` passes end to end, even wraps written forward, odd ones ba
 moving the tape from one longitudinal position to another takes the distance times
 ``eot_to_bot`` (end to end), changing the direction of motion ``change_direction``,
 changing wraps ``change_track``; data moves at ``speed`` bytes per second while
-streaming. A write that arrives after the drive's buffer ran dry (more wall-clock time
-than ``drive_buffer / speed`` since the last one) costs a backhitch (two direction
-changes): shoe-shining is visible in the figures. The parameters default to an
-LTO-8-class drive (12 TB native, 208 wraps of 57.7 GB) and are stored in the tape
-file, so that they travel with it. A tape created with a smaller capacity is the
-beginning of such a cartridge: its wraps keep their native length, so that a locate
-costs what it costs on the real tape (about 1.7 times faster than streaming), not a
-shrunken tape's.
+streaming. Written blocks fill the drive's buffer (at most ``drive_buffer`` bytes),
+which the tape drains at ``speed`` in wall-clock time; a write that arrives after it ran
+dry (the tape stopped) costs a backhitch (two direction changes): a host that feeds the
+drive slower than it streams makes it shoe-shine, and that is visible in the figures.
+The parameters default to an LTO-8-class drive (12 TB native, 208 wraps of 57.7 GB)
+and are stored in the tape file, so that they travel with it. A tape created with a
+smaller capacity is the beginning of such a cartridge: its wraps keep their native
+length, so that a locate costs what it costs on the real tape (about 1.7 times faster
+than streaming), not a shrunken tape's.
 
 File layout (private to this module): a 4096-byte header (``SDBTAPE1``, u32 length,
 JSON: capacity, early-warning zone, largest block, the model's parameters), then one
@@ -70,7 +71,7 @@ class TapeModel:
     change_direction: float = 2.0  # seconds to reverse the tape
     change_track: float = 0.01  # seconds to step the head to another wrap
     load: float = 15.0  # seconds to load and thread a cartridge (charged at open)
-    drive_buffer: int = 1 << 30  # bytes the drive buffers: gaps shorter than it drains
+    drive_buffer: int = 1 << 30  # bytes the drive buffers (drained at speed while writing)
 
     def describe(self) -> str:
         return (f"{self.speed / 1e6:.0f} MB/s, {self.wraps} wraps of "
@@ -156,6 +157,7 @@ class FileTape(TapeDevice):
         self.pos = 0
         self._warned = False
         self._last_write_wall: float | None = None
+        self._drive_level = 0.0  # bytes in the drive's buffer at the last write
         self._motion = _Motion(self.model, self.capacity)
         self._scan()
         self.clock = self.model.load
@@ -386,10 +388,15 @@ class FileTape(TapeDevice):
         self._truncate_here()
         t = 0.0
         now = time.monotonic()
-        if self._last_write_wall is not None and \
-                now - self._last_write_wall > self.model.drive_buffer / self.model.speed:
-            t += 2 * self.model.change_direction
-            self.stats.backhitches += 1
+        if self._last_write_wall is not None:
+            drained = (now - self._last_write_wall) * self.model.speed
+            if drained > self._drive_level:  # the buffer ran dry: the tape stopped
+                t += 2 * self.model.change_direction
+                self.stats.backhitches += 1
+                self._drive_level = 0.0
+            else:
+                self._drive_level -= drained
+        self._drive_level = min(self._drive_level + n, float(self.model.drive_buffer))
         self._last_write_wall = now
         try:
             mv = memoryview(data)

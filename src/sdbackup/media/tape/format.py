@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sdbackup.errors import CorruptError, NoSpaceError, UsageError
+from sdbackup.errors import CorruptError, NoSpaceError, SdbError, UsageError
 from sdbackup.media.record_format import (
     HEADER_SIZE,
     Kind,
@@ -208,6 +208,8 @@ class TapeSetWriter:
         self.spool = spool
         self.bs = label.block_size
         self.used: list[tuple[TapeDevice, TapeLabel]] = [(dev, label)]
+        self.full_hint = ("and run 'sdbackup tape write' again (generations already "
+                          "written stay on the set)")
         dev.set_block_size(0)
         dev.to_eod()
 
@@ -216,9 +218,9 @@ class TapeSetWriter:
         seq = self.label.sequence + 1
         if not self.spares:
             raise NoSpaceError(
-                f"{self.label.describe()} is full: give a blank tape for #{seq} of set "
-                f"{self.label.set} with one more --tape, and run 'sdbackup tape write' "
-                "again (generations already written stay on the set)")
+                f"{self.label.describe()} in {self.dev.name} is full: give a blank tape "
+                f"for #{seq} of set {self.label.set} with one more --tape, "
+                f"{self.full_hint}")
         dev = self.spares.pop(0)
         self.label = self._next_label(dev, seq)
         self.dev = dev
@@ -228,34 +230,57 @@ class TapeSetWriter:
 
     def write_part(self, gen_id: str, part: str, path: Path, size: int) -> list[Piece]:
         """Write the file ``path`` (``size`` bytes) as part ``part`` of ``gen_id``."""
-        pieces: list[Piece] = []
         chunks = _spool(path, size, self.bs, self.spool)
         try:
-            done = 0
-            pending: bytes | None = None
-            while True:
-                piece = self._start_piece(gen_id, part, done, size)
-                start_done = done
-                full = False
-                while done < size:
-                    blk = pending if pending is not None else next(chunks)
-                    pending = None
-                    try:
-                        self.dev.write(blk.ljust(self.bs, b"\0"))
-                    except EarlyWarning:
-                        pending, full = blk, True
-                        break
-                    done += len(blk)
-                self.dev.write_filemarks(1)
-                pieces.append(Piece(self.label.tape, self.label.sequence, piece[0],
-                                    piece[1], start_done, done - start_done))
-                if not full:
-                    return pieces
-                self._next_tape()
+            return self.write_chunks(gen_id, part, chunks, size)
         finally:
             chunks.close()
 
-    def _start_piece(self, gen_id: str, part: str, offset: int, size: int
+    def write_chunks(self, gen_id: str, part: str, chunks: Iterator[bytes],
+                     size: int | None) -> list[Piece]:
+        """Write part ``part`` of ``gen_id`` from ``chunks`` (each one tape block, all
+        full but the last). ``size`` is the part's length, or None when it is not known
+        before the part is written (a backup streaming straight to tape): its headers
+        then say ``"bytes": null`` and the manifest, written last, gives the size."""
+        pieces: list[Piece] = []
+        done = 0
+        # The header goes right before the first block: a spooled part's drive waits
+        # for its first burst, not for the header.
+        pending: bytes | None = next(chunks, None)
+        while True:
+            piece = self._start_piece(gen_id, part, done, size)
+            start_done = done
+            full = False
+            while True:
+                if pending is None:
+                    nxt = next(chunks, None)
+                    if nxt is None:
+                        break
+                    blk = nxt
+                else:
+                    blk, pending = pending, None
+                if len(blk) > self.bs:
+                    raise ValueError(f"a chunk of {len(blk)} bytes is larger than a tape "
+                                     f"block ({self.bs})")
+                try:
+                    self.dev.write(blk.ljust(self.bs, b"\0"))
+                except EarlyWarning:
+                    pending, full = blk, True
+                    break
+                done += len(blk)
+                if len(blk) < self.bs:
+                    break  # a short block ends a part
+            self.dev.write_filemarks(1)
+            pieces.append(Piece(self.label.tape, self.label.sequence, piece[0],
+                                piece[1], start_done, done - start_done))
+            if not full:
+                if size is not None and done != size:
+                    raise CorruptError(f"part {part} of generation {gen_id}: {done} bytes "
+                                       f"written, {size} expected")
+                return pieces
+            self._next_tape()
+
+    def _start_piece(self, gen_id: str, part: str, offset: int, size: int | None
                      ) -> tuple[int, int]:
         """Write a part header; (file number, first data block)."""
         for _ in range(2):
@@ -314,6 +339,150 @@ def _spool(path: Path, size: int, bs: int, limit: int) -> Generator[bytes, None,
                 t.join(0.01)
 
 
+class SpooledPart:
+    """A part whose length is not known before it ends (a backup's record stream going
+    straight to tape, Fig. 36), streamed to tape through a size-bounded disk spool.
+
+    The producer (a :class:`~sdbackup.media.record_writer.RecordWriter`, through
+    :meth:`write`) appends to a ring file of ``capacity`` bytes in ``spool_dir`` and
+    waits only while it is full; a drive thread takes whole tape blocks from it. The
+    drive starts a burst only when the spool is full (or the part has ended) and keeps
+    writing until it runs dry: a copy slower than the drive makes the drive stop once
+    per spool-full, not once per block (no shoe-shining); a faster one keeps it
+    streaming. Errors of the drive (a full tape set, a drive error) reach the producer
+    at its next write."""
+
+    def __init__(self, writer: TapeSetWriter, gen_id: str, part: str, spool_dir: Path,
+                 capacity: int) -> None:
+        import tempfile
+
+        self.writer = writer
+        self.gen_id = gen_id
+        self.part = part
+        self.bs = writer.bs
+        self.capacity = max(2, capacity // self.bs) * self.bs
+        try:
+            spool_dir.mkdir(parents=True, exist_ok=True)
+            self._file = tempfile.TemporaryFile(dir=spool_dir, prefix="sdb-spool-")  # noqa: SIM115 (closed by close/abort)
+        except OSError as e:
+            raise UsageError(f"cannot make a tape spool in {spool_dir}: "
+                             f"{e.strerror or e}") from None
+        self._fd = self._file.fileno()
+        self._head = 0  # bytes put into the spool, ever
+        self._tail = 0  # bytes handed to the drive, ever
+        self._closed = False
+        self._abort = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self.pieces: list[Piece] = []
+        self.bursts = 0  # times the drive started writing after the spool filled
+        self.producer_waits = 0  # times the copy waited for the drive (spool full)
+        self.bytes = 0
+        self._thread = threading.Thread(target=self._run, name="sdb-tape-drive",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- the producer's side -----------------------------------------------------------
+
+    def write(self, data: bytes | memoryview) -> int:
+        mv = memoryview(data).cast("B")
+        n = mv.nbytes
+        while mv.nbytes:
+            with self._cond:
+                while self._head - self._tail >= self.capacity and self._error is None:
+                    self.producer_waits += 1
+                    self._cond.wait()
+                self._raise_error()
+                pos = self._head % self.capacity
+                k = min(self.capacity - (self._head - self._tail), self.capacity - pos,
+                        mv.nbytes)
+            try:
+                os.pwrite(self._fd, mv[:k], pos)  # the drive never reads past _head
+            except OSError as e:
+                raise NoSpaceError(f"the tape spool in {self._file.name} cannot be "
+                                   f"written: {e.strerror or e}") from None
+            with self._cond:
+                self._head += k
+                self._cond.notify_all()
+            mv = mv[k:]
+        self.bytes += n
+        return n
+
+    def _raise_error(self) -> None:
+        e = self._error
+        if e is None:
+            return
+        if isinstance(e, SdbError):
+            try:
+                err = type(e)(e.message, e.exit_code)
+            except TypeError:
+                err = SdbError(e.message, e.exit_code)
+            raise err
+        raise RuntimeError(f"the tape drive thread failed: {e}") from e
+
+    def close(self) -> list[Piece]:
+        """The part has ended: the drive writes what is left, then its filemark.
+        Returns the part's pieces."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        self._file.close()
+        with self._cond:
+            self._raise_error()
+        return self.pieces
+
+    def abort(self) -> None:
+        """Stop: the drive ends the tape file where it is (the part stays incomplete on
+        tape, which a catalog rebuild reports and a later write supersedes)."""
+        with self._cond:
+            self._abort = self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        self._file.close()
+
+    # -- the drive's side -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self.pieces = self.writer.write_chunks(self.gen_id, self.part, self._blocks(),
+                                                   None)
+        except BaseException as e:  # handed to the producer
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+
+    def _blocks(self) -> Iterator[bytes]:
+        streaming = False
+        bs, cap = self.bs, self.capacity
+        while True:
+            with self._cond:
+                while True:
+                    avail = self._head - self._tail
+                    if self._abort:
+                        return
+                    if self._closed or (streaming and avail >= bs):
+                        break
+                    if avail >= cap:
+                        streaming = True
+                        self.bursts += 1
+                        break
+                    streaming = False  # ran dry: the drive stops until the spool is full
+                    self._cond.wait()
+                n = min(bs, avail)
+                if n == 0:
+                    return
+                pos = self._tail % cap
+            blk = os.pread(self._fd, n, pos)
+            if len(blk) != n:
+                raise CorruptError(f"the tape spool {self._file.name} returned {len(blk)} "
+                                   f"bytes at {pos}, {n} expected")
+            with self._cond:
+                self._tail += n
+                self._cond.notify_all()
+            yield blk
+
+
 # -- scanning (catalog rebuild) ----------------------------------------------------------------
 
 
@@ -323,7 +492,7 @@ class FoundPiece:
 
     generation: str
     part: str
-    part_bytes: int
+    part_bytes: int | None  # None: not known when the part was written (the manifest says)
     piece: Piece
 
 
@@ -347,7 +516,8 @@ def scan_tape(dev: TapeDevice, label: TapeLabel) -> Iterator[FoundPiece]:
             raise CorruptError(f"{where}: not a part header of this set ({obj.get('kind')})")
         try:
             gen, part = str(obj["generation"]), str(obj["part"])
-            offset, total = int(obj["offset"]), int(obj["bytes"])
+            offset = int(obj["offset"])
+            total = None if obj["bytes"] is None else int(obj["bytes"])
         except (KeyError, ValueError, TypeError) as e:
             raise CorruptError(f"{where}: damaged part header ({e})") from None
         first = st.block + 1
@@ -357,7 +527,10 @@ def scan_tape(dev: TapeDevice, label: TapeLabel) -> Iterator[FoundPiece]:
         except EndOfData:
             end = dev.tell()
         nblocks = end - first
-        length = min(total - offset, nblocks * label.block_size)
+        # A part of unknown size: the whole blocks, padding too, until the manifest's
+        # size clips it (rebuild_catalog).
+        length = nblocks * label.block_size if total is None else \
+            min(total - offset, nblocks * label.block_size)
         yield FoundPiece(gen, part, total, Piece(label.tape, label.sequence, st.file_number,
                                                  first, offset, length))
 

@@ -177,27 +177,21 @@ class WriteReport:
                 "wall_seconds": round(self.wall_seconds, 3)}
 
 
-def write_generations(medium: DiskMedium, gens: Sequence[Manifest], lib: TapeLibrary,
-                      catalog: TapeCatalog, *, force: bool = False,
-                      block_size: int = DEFAULT_BLOCK,
-                      progress: Callable[[int], None] | None = None) -> WriteReport:
-    """Append committed generations of ``medium`` to the tape set in the drives.
+def open_set_writer(lib: TapeLibrary, catalog: TapeCatalog, cluster_id: str, *,
+                    force: bool = False, block_size: int = DEFAULT_BLOCK) -> TapeSetWriter:
+    """A writer appending to the tape set of ``cluster_id`` in the drives.
 
     The set's last tape is the labelled tape with the highest number among those
     given (the catalog must not know a higher one); blank tapes given after it are
     where the set continues when it is full. With no labelled tape, the first blank
-    one starts a new set. Each generation must be whole on disk (its separate log
-    overlaid: the caller does it first, Fig. 38)."""
-    import time as _time
-
-    t0 = _time.monotonic()
-    rep = WriteReport()
-    mine = [(d, lab) for d, lab in lib.labelled() if lab.cluster == medium.cluster_id]
-    others = [(d, lab) for d, lab in lib.labelled() if lab.cluster != medium.cluster_id]
+    one starts a new set. Tapes of another cluster, or foreign ones, are used as blank
+    ones only with ``force``."""
+    mine = [(d, lab) for d, lab in lib.labelled() if lab.cluster == cluster_id]
+    others = [(d, lab) for d, lab in lib.labelled() if lab.cluster != cluster_id]
     if others and not force:
         d, lab = others[0]
         raise UsageError(f"the tape in {d.name} ({lab.describe()}) holds backups of cluster "
-                         f"{lab.cluster}, not of {medium.cluster_id}: give another tape "
+                         f"{lab.cluster}, not of {cluster_id}: give another tape "
                          "(or --force to relabel it, erasing it)")
     blanks = [d for d, lab in zip(lib.devices, lib.labels, strict=True) if lab is None]
     if force:
@@ -225,21 +219,42 @@ def write_generations(medium: DiskMedium, gens: Sequence[Manifest], lib: TapeLib
         if not force and _holds_data(dev):
             raise UsageError(f"the tape in {dev.name} holds data that is not sdbackup's: "
                              "add --force to erase it")
-        label = new_label(medium.cluster_id, block_size=block_size)
+        label = new_label(cluster_id, block_size=block_size)
         write_label(dev, label)
-        catalog.record_tape(label)
-    rep.set = label.set
     catalog.record_tape(label)
+    first = label
 
     def next_label(d: TapeDevice, seq: int) -> TapeLabel:
-        lab = new_label(medium.cluster_id, set_id=label.set, sequence=seq,
-                        block_size=label.block_size)
+        lab = new_label(cluster_id, set_id=first.set, sequence=seq,
+                        block_size=first.block_size)
         write_label(d, lab)
         catalog.record_tape(lab)
         return lab
 
+    return TapeSetWriter(dev, label, blanks, next_label=next_label)
+
+
+def record_eod(catalog: TapeCatalog, w: TapeSetWriter) -> None:
+    """Note where each tape written on now ends (its end of data) in the catalog."""
+    for d, lab in w.used:
+        catalog.record_tape(lab, eod=d.tell())
+
+
+def write_generations(medium: DiskMedium, gens: Sequence[Manifest], lib: TapeLibrary,
+                      catalog: TapeCatalog, *, force: bool = False,
+                      block_size: int = DEFAULT_BLOCK,
+                      progress: Callable[[int], None] | None = None) -> WriteReport:
+    """Append committed generations of ``medium`` to the tape set in the drives
+    (:func:`open_set_writer` says which tapes are used). Each generation must be whole
+    on disk (its separate log overlaid: the caller does it first, Fig. 38)."""
+    import time as _time
+
+    t0 = _time.monotonic()
+    rep = WriteReport()
+    w = open_set_writer(lib, catalog, medium.cluster_id, force=force, block_size=block_size)
+    label = w.label
+    rep.set = label.set
     have = set(catalog.generation_ids(label.set))
-    w = TapeSetWriter(dev, label, blanks, next_label=next_label)
     for m in gens:
         if m.cluster_id != medium.cluster_id:
             raise UsageError(f"generation {m.id} is of cluster {m.cluster_id}")
@@ -268,8 +283,7 @@ def write_generations(medium: DiskMedium, gens: Sequence[Manifest], lib: TapeLib
             m.index.name: gdir / m.index.name, META: gdir / META,
             MANIFEST: gdir / MANIFEST}, parts)
         rep.written.append(m.id)
-    for d, lab in w.used:
-        catalog.record_tape(lab, eod=d.tell())
+    record_eod(catalog, w)
     rep.tapes = [lab.tape for _, lab in w.used]
     rep.drive_seconds = sum(d.clock for d in lib.devices)
     rep.wall_seconds = _time.monotonic() - t0
@@ -319,6 +333,15 @@ def rebuild_catalog(lib: TapeLibrary, catalog: TapeCatalog) -> dict[str, Any]:
             raise CorruptError(f"generation {gen} on tape set {set_id} belongs to cluster "
                                f"{m.cluster_id}, the set to {tapes[0][1].cluster}")
         names = part_names(len(m.streams), m.index.name)
+        sizes = {stream_name(i): s.bytes for i, s in enumerate(m.streams)}
+        sizes.update({m.index.name: m.index.bytes, META: m.meta.bytes,
+                      MANIFEST: len(man_bytes)})
+        # Parts streamed to tape while they were written (a backup to tape) have no
+        # size in their headers: the manifest gives it, and clips their last piece.
+        for n in names:
+            if n in parts:
+                parts[n] = [_sized(fp, sizes[n], where=f"generation {gen} on tape set "
+                                   f"{set_id}") for fp in parts[n]]
         if any(n not in parts or not _whole(parts[n]) for n in names):
             incomplete.append(gen)
             continue
@@ -333,13 +356,24 @@ def rebuild_catalog(lib: TapeLibrary, catalog: TapeCatalog) -> dict[str, Any]:
             "incomplete": incomplete, "new": [g for g in done if g not in have]}
 
 
+def _sized(fp: FoundPiece, size: int, where: str) -> FoundPiece:
+    """``fp`` with the part's size the manifest gives (its length clipped to it)."""
+    if fp.part_bytes is not None and fp.part_bytes != size:
+        raise CorruptError(f"{where}: {fp.part} is {fp.part_bytes} bytes on tape "
+                           f"{fp.piece.tape} (file {fp.piece.file}), its manifest says {size}")
+    p = fp.piece
+    return FoundPiece(fp.generation, fp.part, size,
+                      Piece(p.tape, p.sequence, p.file, p.block, p.offset,
+                            max(0, min(p.length, size - p.offset))))
+
+
 def _whole(pieces: list[FoundPiece]) -> bool:
     at = 0
     for fp in sorted(pieces, key=lambda f: f.piece.offset):
         if fp.piece.offset != at:
             return False
         at += fp.piece.length
-    return bool(pieces) and at == pieces[0].part_bytes
+    return bool(pieces) and pieces[0].part_bytes is not None and at == pieces[0].part_bytes
 
 
 def _read_part(pieces: list[FoundPiece], byid: dict[str, TapeDevice], bs: int) -> bytes:
