@@ -373,6 +373,7 @@ class Coordinator:
             for _ in range(n):
                 try:
                     self.release_inode(ino)
+                    self.caps.break_([ino], None)  # it may be gone now
                 except Exception as err:  # keep cleaning up the others
                     log.warning("closing inode %d for %s failed: %s", ino, s.name, err)
 
