@@ -75,6 +75,9 @@ if _SRC.is_dir() and str(_SRC) not in sys.path:
 MiB = 1 << 20
 HERE = Path(__file__).resolve()
 MODES = ("merged", "central", "inline", "separate")
+LOGNODE = "lognode"
+"""Not in the default list (``--modes central,lognode``): central mode with the log
+manager on node agent n2 (``--log-node n2``, Fig. 36) instead of the coordinator."""
 TARGET = 0.7
 TARGET_MODES = ("central", "inline")
 SDB = [sys.executable, "-m", "sdbackup.cli.main"]
@@ -402,10 +405,11 @@ class Env:
         medium = where / f"medium-{tag}"
         lm = where / f"logmedium-{tag}"
         args = {"medium": str(medium), "compression": self.args.compress_name,
-                "level": self.args.compress_level, "log_mode": mode,
+                "level": self.args.compress_level,
+                "log_mode": "central" if mode == LOGNODE else mode,
                 "log_medium": str(lm) if mode == "separate" else None, "overlay": False,
                 "pre_freeze": None, "post_thaw": None, "bwlimit": self.args.bwlimit_bytes,
-                "pace": self.args.pace}
+                "pace": self.args.pace, **({"log_node": "n2"} if mode == LOGNODE else {})}
         with coordinator_client(self.cdir) as c:
             t = time.monotonic()
             s, _ = c.call("backup", args, timeout=None)
@@ -844,8 +848,8 @@ def main() -> None:
     args.compress_level = args.compress_level or 1
     args.bwlimit_bytes = parse_size(args.bwlimit)
     args.mode_list = tuple(m for m in args.modes.split(",") if m)
-    if not set(args.mode_list) <= set(MODES):
-        raise SystemExit(f"--modes: choose among {', '.join(MODES)}")
+    if not set(args.mode_list) <= {*MODES, LOGNODE}:
+        raise SystemExit(f"--modes: choose among {', '.join((*MODES, LOGNODE))}")
     paths = ["client", "node"] if args.path == "both" else [args.path]
 
     base = Path(tempfile.mkdtemp(prefix="sdbackup-bench-online-", dir=args.dir))

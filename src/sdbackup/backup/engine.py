@@ -141,6 +141,10 @@ class BackupOptions:
     # Straight to tape (issue 16, Fig. 36): the copy goes to the tape set in these
     # drives through a disk spool; a separate log is appended to it at the end.
     tape: TapeSpec | None = None
+    # The log manager on a node (Fig. 36): the name of the node agent that stores the
+    # before images (the source arms it); in separate mode ``log_medium`` is a
+    # directory on that node's host.
+    log_node: str | None = None
 
     @property
     def compression_text(self) -> str:
@@ -266,6 +270,17 @@ def check_options(opts: BackupOptions) -> None:
         raise UsageError("--meta group goes with --group NAME")
     if opts.tape is not None and opts.copier is not None:
         raise UsageError(TAPE_COPY_NODES)
+    if opts.log_node is not None:
+        check_log_node_options(opts.log_mode)
+
+
+def check_log_node_options(log_mode: str | None) -> None:
+    """``--log-node`` needs a log that a log manager keeps (the CLI, the coordinator and
+    the engine say the same line)."""
+    if log_mode not in ("central", "inline", "separate"):
+        raise UsageError("--log-node goes with --log-mode central, inline or separate (the "
+                         "log node is their log manager; in merged mode every node keeps "
+                         "its own log, and an offline backup logs nothing)")
 
 
 def _run_backup_to_tape(source: BackupSource, spec: TapeSpec, opts: BackupOptions,
@@ -399,7 +414,13 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
         if opts.log_mode not in LOG_MODES:
             raise UsageError(f"unknown log mode {opts.log_mode!r}: use one of "
                              f"{', '.join(LOG_MODES)}")
-        if opts.log_mode == "separate":
+        if opts.log_mode == "separate" and opts.log_node is not None:
+            # On the log node's host: the log node makes the directory and its label.
+            if opts.log_medium is None:
+                raise UsageError("--log-mode separate needs --log-medium DIR (with "
+                                 "--log-node: a directory on the log node's host)")
+            log_path = opts.log_medium / f"{pending.id}.bilog"
+        elif opts.log_mode == "separate":
             log_path = _log_medium_file(opts.log_medium, pending.id, cfg)
         else:
             log_path = gdir / stream_name(1)
@@ -470,9 +491,15 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
                                f"{stats['failed']}")
         assert log_path is not None
         log_info = {"mode": opts.log_mode, "bi_runs": stats.get("bi_runs", 0)}
-        if log_path.exists():
-            bi_entries = read_entries(log_path)
-            log_file = stream_file_entry(log_path)
+        if stats.get("log_node"):
+            log_info["node"] = stats["log_node"]
+        # A separate log kept by a log node lies on that node's host: the engine reads
+        # (and overlays) the copy fetched when the window closed; the manifest names
+        # where the log node keeps it.
+        log_here = Path(str(stats["log_copy"])) if stats.get("log_copy") else log_path
+        if log_here.exists():
+            bi_entries = read_entries(log_here)
+            log_file = stream_file_entry(log_here)
             log_info.update(records=log_file.records, bytes=log_file.bytes,
                             blocks=sum(e.count for e in bi_entries))
             # To tape, the log always goes into the generation (appended as its stream
@@ -483,7 +510,7 @@ def _backup(source: BackupSource, medium: DiskMedium, pending: PendingGeneration
                 bi_entries = []
             elif opts.log_mode == "separate":
                 if bi_entries:
-                    log_stream = sink.add_stream(1, log_path)
+                    log_stream = sink.add_stream(1, log_here)
                 log_info.update(overlaid=True)
             if bi_entries:
                 streams.append(log_stream or stream_file_entry(gdir / stream_name(1)))

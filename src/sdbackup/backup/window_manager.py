@@ -17,6 +17,13 @@ copy (:meth:`~WindowManager.end`):
   them, keeping the oldest before image per block; then every session is told the
   window is over.
 
+With a log node (``backup --log-node NAME``, Fig. 36) the log manager is that node's
+(:mod:`sdbackup.backup.log_node`): ``begin`` opens the log there first (``log_open``)
+and tells every session where to send before images; the coordinator's own before
+images go there too (``log_put``); a log node that goes (its session ends) or fails
+aborts the backup; ``end`` closes the log there (``log_close``: fsynced, described) and,
+in separate mode, fetches a copy for the engine (the log medium is on the node's host).
+
 What only the coordinator knows -- its sessions, and how to call them -- comes through
 the small :class:`WindowNodes` interface, so that this layer knows nothing of the
 protocol (backup imports neither net nor cluster).
@@ -33,6 +40,7 @@ from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from sdbackup.backup.bilog import BiLog, merge_logs
+from sdbackup.backup.log_node import before_images
 from sdbackup.backup.window import BackupWindow
 from sdbackup.blocks.blockset import BlockSet
 from sdbackup.errors import RemoteError, SdbError, UsageError
@@ -77,8 +85,23 @@ class WindowNodes(Protocol[P]):
         """Declare the session failed; return once it can no longer write."""
         ...
 
-    def backup_begin(self, peer: P, gen: str, mode: str) -> None:
-        """Arm before-image logging on the session."""
+    def backup_begin(self, peer: P, gen: str, mode: str, log_node: str | None = None,
+                     log_addr: str | None = None) -> None:
+        """Arm before-image logging on the session (to the log node at ``log_addr``)."""
+        ...
+
+    def log_open(self, peer: P, gen: str, mode: str, path: str, log_medium: bool) -> str:
+        """Make the node ``peer`` the log manager: it opens the log at ``path`` on its
+        host; returns the HOST:PORT where it takes ``put_bi``."""
+        ...
+
+    def log_put(self, peer: P, gen: str, items: tuple[tuple[int, int, int, int], ...],
+                data: bytes) -> int:
+        """The coordinator's own before images, to the log node."""
+        ...
+
+    def log_close(self, peer: P, gen: str, discard: bool) -> dict[str, Any]:
+        """Close (fsync, describe) or discard the log at the log node."""
         ...
 
     def bi_fetch(self, peer: P, gen: str, offset: int, size: int) -> tuple[bytes, bool]:
@@ -105,12 +128,20 @@ class WindowManager(Generic[P]):
         self.own_lock = own_lock
         self.window: BackupWindow | None = None
         self._own_log: BiLog | None = None  # merged mode: the coordinator's own writes
+        self.log_peer: P | None = None  # the log node of the open window, if any
+        self._log_path: Path | None = None
+        self._log_addr: str | None = None
 
     # -- what the rest of the coordinator asks ------------------------------------------------
-    def current(self) -> dict[str, str] | None:
+    def current(self) -> dict[str, str | None] | None:
         """The open window, for a session that joins now ({gen, mode}), or None."""
         w = self.window
-        return None if w is None else {"gen": w.gen_id, "mode": w.mode}
+        if w is None:
+            return None
+        lp = self.log_peer
+        return {"gen": w.gen_id, "mode": w.mode,
+                **({"log_node": lp.name, "log_addr": self._log_addr} if lp is not None
+                   else {})}
 
     def aborted(self) -> str | None:
         """Why the open window's backup was aborted (before-image logging failed)."""
@@ -139,16 +170,10 @@ class WindowManager(Generic[P]):
             # image any more. (A write-back cannot span two windows: the next freeze
             # recalls the write right, which waits for the write-back to finish.)
             return 0
-        view = memoryview(data or b"")
-        out = []
-        pos = 0
-        for disk, start, count, ltime in items:
-            n = count * self.block_size
-            if pos + n > len(view):
-                raise UsageError("put_bi: blob shorter than the items say")
-            out.append((disk, start, bytes(view[pos : pos + n]), ltime))
-            pos += n
-        return w.put(out)
+        if w.log is None:  # the log is on a log node: never acknowledge unstored images
+            raise UsageError(f"backup {gen} logs before images on node "
+                             f"{getattr(self.log_peer, 'name', '?')}, not here")
+        return w.put(before_images(items, data, self.block_size))
 
     def node_failed(self, gen: str, name: str, reason: str) -> None:
         """Node ``name`` could not store a before image: that backup is aborted (not the
@@ -160,8 +185,14 @@ class WindowManager(Generic[P]):
             w.fail(why)
 
     def session_gone(self, key: str, name: str) -> None:
-        """Session ``key`` went (left, failed). In merged mode its log went with it."""
+        """Session ``key`` went (left, failed). In merged mode its log went with it; the
+        log node's going takes the backup's log with it."""
         w = self.window
+        lp = self.log_peer
+        if w is not None and lp is not None and lp.key == key and w.failed is None:
+            w.fail(f"log node {name} failed during the backup and took the before-image "
+                   "log with it")
+            return
         if w is not None and not w.central and key in w.asked and w.failed is None:
             w.failed = (f"node {name} failed during the backup and took its before-image "
                         "log with it (merged mode)")
@@ -177,7 +208,16 @@ class WindowManager(Generic[P]):
         need = [r for r in w.split(OWN, run, self.tick) if r.bi_time]
         if not need:
             return
-        if w.central:
+        lp = self.log_peer
+        if lp is not None:
+            # To the log node, as any node's before image (a rare call: a truncate
+            # during a backup zeroes at most one cut block).
+            try:
+                self.nodes.log_put(lp, w.gen_id, ((disk, block, 1, need[0].bi_time),), old)
+            except (RemoteError, SdbError) as e:
+                w.fail(f"the coordinator's before image could not be stored at log node "
+                       f"{lp.name} ({e})")
+        elif w.central:
             w.put([(disk, block, old, need[0].bi_time)])
         elif self._own_log is not None:
             try:
@@ -188,23 +228,48 @@ class WindowManager(Generic[P]):
 
     # -- the window ---------------------------------------------------------------------------
     def begin(self, gen_id: str, mode: str, blocks: dict[int, BlockSet], log_path: Path,
-              work_dir: Path) -> BackupWindow:
-        """Arm before-image logging (call while frozen: no write-back is in flight)."""
+              work_dir: Path, log_peer: P | None = None) -> BackupWindow:
+        """Arm before-image logging (call while frozen: no write-back is in flight).
+        ``log_peer``: the log manager is that node's (central, inline, separate)."""
         bs = self.block_size
         # The log becomes stream 1 of the generation (or, in separate mode, can be
         # brought into it by 'sdbackup overlay'), so it is labelled as that stream.
         label = {"cluster": self.cluster_id, "generation": gen_id, "stream": 1}
         central = mode != "merged"
+        addr: str | None = None
+        if log_peer is not None:
+            if not central:
+                raise UsageError("--log-node goes with --log-mode central, inline or "
+                                 "separate (in merged mode every node keeps its own log)")
+            # Opened before any node is told to send there. A log node that cannot open
+            # it stops the backup here, before the thaw.
+            try:
+                addr = self.nodes.log_open(log_peer, gen_id, mode, str(log_path),
+                                           mode == "separate")
+            except (RemoteError, SdbError) as e:
+                raise RemoteError(f"backup not started: log node {log_peer.name} could "
+                                  f"not open the before-image log: {e}") from None
+            if mode != "separate" and not log_path.exists():
+                self._log_close_quietly(log_peer, gen_id)
+                raise UsageError(
+                    f"backup not started: log node {log_peer.name} does not see the "
+                    f"backup medium at {log_path.parent} (its log must be the generation's "
+                    "stream 1 there): put the medium on storage both hosts see, or use "
+                    "--log-mode separate with a --log-medium on the log node's host")
         w = BackupWindow(gen_id, mode, blocks,
                          BiLog(log_path, block_size=bs, label=label, dedup=True)
-                         if central else None)
+                         if central and log_peer is None else None)
         if not central:
             self._own_log = BiLog(work_dir / "coordinator.bilog", block_size=bs, label=label,
                                   dedup=True)
         self.window = w
+        self.log_peer = log_peer
+        self._log_path = log_path
+        self._log_addr = addr
+        name = log_peer.name if log_peer is not None else None
         for peer in self.nodes.writers():
             try:
-                self.nodes.backup_begin(peer, gen_id, mode)
+                self.nodes.backup_begin(peer, gen_id, mode, name, addr)
             except RemoteError as e:
                 # Fenced before the thaw: a node that logs no before images must not
                 # write while the window is open.
@@ -218,8 +283,11 @@ class WindowManager(Generic[P]):
             raise UsageError("no backup window is open")
         stats: dict[str, Any] = {"mode": w.mode, "bi_runs": w.bi_runs}
         self.window = None  # no more before images are asked for: the copy is done
+        lp, self.log_peer = self.log_peer, None
         try:
-            if w.central:
+            if lp is not None:
+                stats.update(self._close_log_node(w, lp, work_dir))
+            elif w.central:
                 assert w.log is not None
                 w.close()
                 stats["log_bytes"] = w.log.bytes
@@ -235,6 +303,40 @@ class WindowManager(Generic[P]):
                     log.warning("node %s did not end the backup window: %s", peer.name, e)
         stats["failed"] = w.failed
         return stats
+
+    def _close_log_node(self, w: BackupWindow, lp: P, work_dir: Path) -> dict[str, Any]:
+        """The log node's log: closed there (fsynced) and described; in separate mode
+        a copy fetched here (the engine reads it and, to overlay, copies it in)."""
+        if w.failed is not None:
+            self._log_close_quietly(lp, w.gen_id)
+            return {}
+        if self.nodes.by_key(lp.key) is None:
+            w.fail(f"log node {lp.name} left before the backup's log was closed")
+            return {}
+        try:
+            st = self.nodes.log_close(lp, w.gen_id, False)
+        except (RemoteError, SdbError) as e:
+            w.fail(f"log node {lp.name} could not complete the before-image log ({e})")
+            return {}
+        out: dict[str, Any] = {"log_bytes": st.get("log_bytes", 0), "log_node": lp.name}
+        if w.mode == "separate":
+            assert self._log_path is not None
+            copy = work_dir / self._log_path.name
+            try:
+                self._fetch_log(lp, w.gen_id, copy)
+            except (OSError, SdbError) as e:
+                w.fail(f"the before-image log at log node {lp.name} could not be fetched "
+                       f"({e})")
+                return {}
+            out["log_copy"] = str(copy)
+        return out
+
+    def _log_close_quietly(self, lp: P, gen: str) -> None:
+        try:
+            self.nodes.log_close(lp, gen, True)
+        except (RemoteError, SdbError) as e:
+            log.warning("log node %s did not discard the log of backup %s: %s", lp.name,
+                        gen, e)
 
     def _gather(self, w: BackupWindow, out_log: Path | None, work_dir: Path
                 ) -> dict[str, Any]:

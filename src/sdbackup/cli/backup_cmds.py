@@ -170,6 +170,14 @@ def _progress(label: str, quiet: bool) -> Iterator[_LazyProgress]:
 @click.option("--part-size", metavar="SIZE", default="256MiB", show_default=True,
               help="With --copy-nodes and --split ranges: used bytes per part at most "
                    "(about); a failed copier loses at most the part it was copying.")
+@click.option("--log-node", metavar="NAME",
+              help="The log manager runs on node agent NAME instead of the coordinator "
+                   "(Fig. 36): every node sends the before images of its overwrites "
+                   "there, and NAME writes the log (the generation's stream 1 on the "
+                   "medium, which it must see; with --log-mode separate, --log-medium is "
+                   "a directory on NAME's host). If NAME fails, the backup is aborted, "
+                   "never the writes. With --log-mode central, inline or separate; needs "
+                   "a running coordinator.")
 @JSON
 @QUIET
 def backup(cluster_dir: Path, media: tuple[str, ...], tapes: tuple[str, ...],
@@ -180,7 +188,7 @@ def backup(cluster_dir: Path, media: tuple[str, ...], tapes: tuple[str, ...],
            pre_freeze: str | None, post_thaw: str | None, bwlimit: str, pace: str,
            group_name: str | None, meta_scope: str | None,
            copy_nodes: str | None, no_reassign: bool, split: str, part_size: str,
-           as_json: bool, quiet: bool) -> None:
+           log_node: str | None, as_json: bool, quiet: bool) -> None:
     """Back up the cluster's disks to a new generation on the medium DIR.
 
     Copies the blocks in use at one instant T0 (from the allocation bitmap), in large
@@ -242,6 +250,12 @@ def backup(cluster_dir: Path, media: tuple[str, ...], tapes: tuple[str, ...],
             raise UsageError(f"--log-medium {log_medium} is (inside) the backup medium "
                              f"{medium}: the log medium must be another directory, on "
                              "another device ideally")
+    if log_node is not None:
+        from sdbackup.backup.engine import check_log_node_options
+
+        if not log_node or "," in log_node or len(log_node) > 255:
+            raise UsageError(f"--log-node {log_node!r}: give one node's name")
+        check_log_node_options(log_mode)
     if overlay and log_mode != "separate":
         raise UsageError("--overlay goes with --log-mode separate (other modes keep the log "
                          "in the generation already)")
@@ -270,7 +284,8 @@ def backup(cluster_dir: Path, media: tuple[str, ...], tapes: tuple[str, ...],
                                  pre_freeze, post_thaw, incremental, full_if_needed, limit,
                                  pace, group_name,
                                  group_list.text() if group_list is not None else None,
-                                 opts.meta_scope, **_tape_fields(tape_spec))
+                                 opts.meta_scope, **_tape_fields(tape_spec),
+                                 log_node=log_node)
             if copiers is not None:
                 from sdbackup.cli.dispersed import run_dispersed
 
@@ -280,6 +295,10 @@ def backup(cluster_dir: Path, media: tuple[str, ...], tapes: tuple[str, ...],
                 s = msg.call(rc, request, timeout=None)[0]
         _print_backup(s, where, as_json)
         return
+    if log_node is not None:
+        raise UsageError(f"--log-node needs a running coordinator of {cluster_dir} (the log "
+                         "node is one of its node agents): start it with 'sdbackup "
+                         f"coordinator {cluster_dir}' and the node with 'sdbackup node'")
     if copiers is not None:
         raise UsageError(f"--copy-nodes needs a running coordinator of {cluster_dir} (the "
                          "copy nodes are its node agents): start it with 'sdbackup "

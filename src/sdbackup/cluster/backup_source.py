@@ -35,7 +35,7 @@ from sdbackup.meta.tracking import ChangeTracker
 log = logging.getLogger("sdbackup.backup")
 
 if TYPE_CHECKING:
-    from sdbackup.cluster.coordinator import Coordinator
+    from sdbackup.cluster.coordinator import Coordinator, Session
     from sdbackup.cluster.local import LocalCluster
 
 
@@ -44,8 +44,9 @@ class CoordinatorSource:
 
     online = True
 
-    def __init__(self, coord: Coordinator) -> None:
+    def __init__(self, coord: Coordinator, log_node: Session | None = None) -> None:
         self.coord = coord
+        self.log_node = log_node  # the log manager's node (Fig. 36), else the coordinator
         rows = coord.store.query("SELECT id, name, nblocks FROM disks ORDER BY id")
         self._config = SourceConfig(coord.config.cluster_id, coord.config.block_size,
                                     tuple(SourceDisk(int(i), str(n), int(nb))
@@ -101,7 +102,7 @@ class CoordinatorSource:
     # -- online backup --------------------------------------------------------------------
     def arm(self, gen_id: str, mode: str, blocks: dict[int, BlockSet], log_path: Path,
             work_dir: Path) -> None:
-        self.coord.windows.begin(gen_id, mode, blocks, log_path, work_dir)
+        self.coord.windows.begin(gen_id, mode, blocks, log_path, work_dir, self.log_node)
 
     def aborted(self) -> str | None:
         """Why the running online backup was aborted (before-image logging failed)."""

@@ -377,6 +377,25 @@ class Coordinator:
                 except Exception as err:  # keep cleaning up the others
                     log.warning("closing inode %d for %s failed: %s", ino, s.name, err)
 
+    def log_node_session(self, name: str) -> Session:
+        """The node agent that is to be the log manager (``backup --log-node``): it must
+        be connected now, or the backup does not start."""
+        with self._mu:
+            same = [s for s in self.sessions.values() if s.name == name]
+            nodes = sorted({s.name for s in self.sessions.values()
+                            if s.kind == "node" and s.state == "up"})
+        up = [s for s in same if s.kind == "node" and s.state == "up"]
+        if up:
+            return up[0]
+        known = any(s.kind == "node" for s in same) or \
+            (self.dir / "nodes" / f"{name}.addr").exists()
+        if not known:
+            raise UsageError(f"--log-node {name}: no node {name} in this cluster (connected "
+                             f"nodes: {', '.join(nodes) or 'none'})")
+        raise UsageError(f"log node {name} is not connected to the coordinator: start it "
+                         f"('sdbackup node CLUSTER_DIR --name {name}') or choose another "
+                         f"(connected nodes: {', '.join(nodes) or 'none'})")
+
     def by_key(self, key: str) -> Session | None:
         with self._mu:
             s = self._keys.get(key)
@@ -632,8 +651,25 @@ class _BackupNodes:
     def fence(self, peer: Session, why: str) -> None:
         self.c.fence(peer, why)
 
-    def backup_begin(self, peer: Session, gen: str, mode: str) -> None:
-        msg.call(peer.conn, msg.BackupBegin(gen, mode), timeout=self.c.lease)
+    def backup_begin(self, peer: Session, gen: str, mode: str, log_node: str | None = None,
+                     log_addr: str | None = None) -> None:
+        msg.call(peer.conn, msg.BackupBegin(gen, mode, log_node, log_addr),
+                 timeout=self.c.lease)
+
+    def log_open(self, peer: Session, gen: str, mode: str, path: str, log_medium: bool
+                 ) -> str:
+        body, _ = msg.call(peer.conn, msg.LogOpen(gen, mode, path, log_medium),
+                           timeout=self.c.lease)
+        return str(body["addr"])
+
+    def log_put(self, peer: Session, gen: str, items: tuple[tuple[int, int, int, int], ...],
+                data: bytes) -> int:
+        body, _ = msg.call(peer.conn, msg.PutBi(gen, items), data, timeout=self.c.lease)
+        return int(body.get("stored", 0))
+
+    def log_close(self, peer: Session, gen: str, discard: bool) -> dict[str, Any]:
+        body, _ = msg.call(peer.conn, msg.LogClose(gen, discard), timeout=FETCH_TIMEOUT)
+        return dict(body)
 
     def bi_fetch(self, peer: Session, gen: str, offset: int, size: int) -> tuple[bytes, bool]:
         body, blob = msg.call(peer.conn, msg.BiFetch(gen, offset, size),
@@ -1052,7 +1088,12 @@ class _Handler(msg.RequestHandler):
             raise UsageError(f"{s.kind} {s.name} may not start backups: only the cluster's "
                              "owner on the coordinator's host may (run 'sdbackup backup' "
                              "there, as the user that runs the coordinator)")
-        from sdbackup.backup.engine import TAPE_COPY_NODES, BackupOptions, run_backup
+        from sdbackup.backup.engine import (
+            TAPE_COPY_NODES,
+            BackupOptions,
+            check_log_node_options,
+            run_backup,
+        )
         from sdbackup.cluster.backup_source import CoordinatorSource
 
         tape = None
@@ -1080,6 +1121,11 @@ class _Handler(msg.RequestHandler):
 
             check_group_name(str(r.group))
             opts.group_list = parse_group_list(r.group_list, where=f"group {r.group}")
+        log_node: Session | None = None
+        if r.log_node is not None:
+            check_log_node_options(r.log_mode)
+            log_node = self.c.log_node_session(r.log_node)
+        opts.log_node = r.log_node
         if not self.c.backup_lock.acquire(blocking=False):
             raise BusyError("a backup of this cluster is running already; wait for it")
         try:
@@ -1091,7 +1137,7 @@ class _Handler(msg.RequestHandler):
                 self.c.dispersed.check()
             log.info("backup to %s started (log mode %s)",
                      r.medium or "tape " + ", ".join(r.tapes), opts.log_mode)
-            result = run_backup(CoordinatorSource(self.c), r.medium, opts)
+            result = run_backup(CoordinatorSource(self.c, log_node), r.medium, opts)
             summary = result.summary()
             if "dispersed" in result.manifest.extra:
                 summary["dispersed"] = result.manifest.extra["dispersed"]

@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from sdbackup.backup.bilog import BiLog
+from sdbackup.backup.log_node import NodeLogManager
+from sdbackup.blocks.blockset import BlockSet
 from sdbackup.blocks.disk_access import DiskPlace, disk_identity, open_disk_set
 from sdbackup.blocks.diskset import DiskSet
 from sdbackup.blocks.durable import write_atomic
@@ -160,8 +162,15 @@ class ClusterClient:
         self._bi_gen: str | None = None
         # Dispersed backups (a.12): the parts this node copies (cluster/part_runner.py).
         self.parts = PartRunner(name, self.cluster_id, self.block_size, self.disks, self.ref)
+        # The log manager of a backup whose log is on this node (--log-node, Fig. 36).
+        self.log_manager = NodeLogManager(
+            self.cluster_id, self.block_size,
+            lambda gen, why: _abort_backup(self.ref, gen, f"its log could not store a "
+                                           f"before image: {why}"))
         if info.get("backup"):
-            self._backup_begin(str(info["backup"]["gen"]), str(info["backup"]["mode"]))
+            b = info["backup"]
+            self._backup_begin(str(b["gen"]), str(b["mode"]), b.get("log_node"),
+                               b.get("log_addr"))
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="sdb-heartbeat",
                                            daemon=True)
         self._heartbeat.start()
@@ -300,12 +309,26 @@ class ClusterClient:
                 self.fs.flush_all()
             case msg.Report():
                 return self.fs.report()
-            case msg.BackupBegin(gen, mode):
-                self._backup_begin(gen, mode)
+            case msg.BackupBegin(gen, mode, log_node, log_addr):
+                self._backup_begin(gen, mode, log_node, log_addr)
             case msg.BiFetch(gen, offset, size):
+                if self.log_manager.holds(gen):
+                    data, eof = self.log_manager.read(gen, offset, size)
+                    return {"eof": eof}, data
                 return self._bi_fetch(gen, offset, size)
             case msg.BackupEnd(gen):
                 self._backup_end(gen)
+                self.log_manager.end(gen)
+            case msg.LogOpen(gen, mode, path, log_medium):
+                addr = self._log_addr()
+                self.log_manager.open(gen, mode, Path(path), log_medium)
+                log.info("backup %s: this node is the log manager (%s, log %s)", gen, mode,
+                         path)
+                return {"addr": addr}
+            case msg.LogClose(gen, discard):
+                return self.log_manager.close(gen, discard)
+            case msg.PutBi(gen, items):  # the coordinator's own before images
+                return {"stored": self.log_manager.put(gen, items, blob)}
             case msg.CopyPart() as r:
                 return self.parts.start(r, blob)
             case msg.PartCancel(gen, discard):
@@ -320,11 +343,25 @@ class ClusterClient:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def _backup_begin(self, gen: str, mode: str) -> None:
+    def _log_addr(self) -> str:
+        raise UsageError(f"{self.kind} {self.name} has no control port: only a node agent "
+                         "('sdbackup node') can be the log node")
+
+    def _backup_begin(self, gen: str, mode: str, log_node: str | None = None,
+                      log_addr: str | None = None) -> None:
         """Arm before-image logging for backup ``gen`` (the coordinator is frozen)."""
         with self._bi_lock:
             self._backup_end_locked()
-            if mode == "merged":
+            if log_node is not None and log_node == self.name:
+                self.fs.bi_sink = OwnLogSink(self.log_manager, self.ref, gen,
+                                             self.block_size)
+            elif log_node is not None:
+                if log_addr is None:
+                    raise RemoteError(f"backup {gen}: log node {log_node} without an address")
+                self.fs.bi_sink = LogNodeBiSink(self.ref, gen, self.block_size, log_node,
+                                                log_addr, self.secret,
+                                                max(2 * self.lease, 10.0), self.name)
+            elif mode == "merged":
                 path = self._bi_dir() / f"{self.name}.{gen}.bilog"
                 self._local_log = BiLog(path, block_size=self.block_size, dedup=True,
                                         label={"node": self.name, "generation": gen})
@@ -362,7 +399,10 @@ class ClusterClient:
     def _backup_end_locked(self) -> None:
         # Not None: a write-back mapped while the window was open may still carry
         # before-image requests; they are no longer needed.
+        old = self.fs.bi_sink
         self.fs.bi_sink = ClosedBiSink()
+        if isinstance(old, LogNodeBiSink):
+            old.close()
         if self._local_log is not None:
             if not self._bi_closed:
                 self._local_log.writer.abort()
@@ -458,6 +498,88 @@ class RemoteBiSink:
             _abort_backup(self.ref, self.gen, f"the log manager did not store it ({e})")
 
 
+class OwnLogSink:
+    """This node is the log node: its own before images go to its log manager
+    directly (no round trip), with the same rule as any other node's."""
+
+    def __init__(self, manager: NodeLogManager, ref: _Ref, gen: str, block_size: int
+                 ) -> None:
+        self.manager = manager
+        self.ref = ref
+        self.gen = gen
+        self.block_size = block_size
+
+    def log(self, items: list[BiItem]) -> None:
+        desc = tuple((d, s, len(data) // self.block_size, t) for d, s, data, t in items)
+        try:
+            self.manager.put(self.gen, desc, b"".join(data for _, _, data, _ in items))
+        except FencedError:
+            raise
+        except (RemoteError, UsageError) as e:  # the coordinator could not be told
+            _abort_backup(self.ref, self.gen, f"the log manager did not store it ({e})")
+
+
+class LogNodeBiSink:
+    """Central, inline and separate modes with a log node (Fig. 36): before images go
+    straight to the log node's control port, not through the coordinator; it
+    acknowledges once they are in its log. A log node that cannot be reached or fails
+    aborts the backup (the coordinator is told, then the overwrite goes on). Blocks
+    it acknowledged are not sent again: their oldest before image is stored."""
+
+    def __init__(self, ref: _Ref, gen: str, block_size: int, node: str, addr: str,
+                 secret: bytes, timeout: float, me: str) -> None:
+        self.ref = ref
+        self.gen = gen
+        self.block_size = block_size
+        self.node = node
+        host, _, port = addr.rpartition(":")
+        self.address = (host, int(port))
+        self.secret = secret
+        self.timeout = timeout
+        self.me = me
+        self._lock = threading.Lock()
+        self._client: RpcClient | None = None
+        self._acked: dict[int, BlockSet] = {}
+        self.aborted = False
+
+    def _conn(self) -> RpcClient:
+        with self._lock:
+            c = self._client
+            if c is None or c.closed:
+                c = self._client = RpcClient.connect(
+                    *self.address, self.secret, timeout=self.timeout,
+                    name=f"{self.me}-bi-to-{self.node}")
+            return c
+
+    def log(self, items: list[BiItem]) -> None:
+        if self.aborted:
+            return  # the coordinator acknowledged the abort: no before image is needed
+        with self._lock:
+            todo = [it for it in items
+                    if not (a := self._acked.get(it[0])) or
+                    not a.contains_run(it[1], len(it[2]) // self.block_size)]
+        if not todo:
+            return
+        desc = tuple((d, s, len(data) // self.block_size, t) for d, s, data, t in todo)
+        try:
+            msg.call(self._conn(), msg.PutBi(self.gen, desc),
+                     b"".join(data for _, _, data, _ in todo), timeout=self.timeout)
+        except (SdbError, OSError) as e:  # dead, hung or failing log node
+            _abort_backup(self.ref, self.gen,
+                          f"log node {self.node} did not store it ({e})")
+            self.aborted = True
+            return
+        with self._lock:
+            for d, s, n, _ in desc:
+                self._acked.setdefault(d, BlockSet()).add_run(s, n)
+
+    def close(self) -> None:
+        with self._lock:
+            c, self._client = self._client, None
+        if c is not None:
+            c.close(timeout=1.0)
+
+
 class ClosedBiSink:
     """After the coordinator started gathering this node's log: the copy is finished,
     so no overwrite from now on needs a before image."""
@@ -475,6 +597,14 @@ class NodeAgent(ClusterClient):
         self._reconnecting = threading.Lock()
         self.control: RpcServer | None = None
         super().__init__(name, **kw)
+
+    def _log_addr(self) -> str:
+        if self.control is None:
+            raise UsageError(f"node {self.name} has no control port yet")
+        host, port = self.control.address
+        if host in ("0.0.0.0", "::", ""):  # listening everywhere: this host's name
+            host = socket.gethostname()
+        return f"{host}:{port}"
 
     def start(self, control_host: str = "127.0.0.1", control_port: int = 0) -> None:
         self.fs.start_flusher()
@@ -611,6 +741,8 @@ class _ControlHandler(BaseHandler):
                 fs.release(ino)
             case msg.Report():
                 return fs.report()
+            case msg.PutBi(gen, items):  # this node is the log node (Fig. 36)
+                return {"stored": self.a.log_manager.put(gen, items, blob)}
             case msg.Request() as req if req.METHOD in msg.NODE_PASS_THROUGH:
                 # Through the node's metadata cache: a change made here must update
                 # it as the node's own changes do (the coordinator counts this node as

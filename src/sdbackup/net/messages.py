@@ -644,6 +644,9 @@ class Backup(Request, method="backup"):
     catalog: Annotated[str | None, Opt(Text(min_len=1))] = None
     spool: Annotated[str | None, Opt(Text(min_len=1))] = None
     spool_bytes: Annotated[int, Int(0, I64_MAX)] = 0
+    # The log manager on a node (Fig. 36): before images go to this node agent, which
+    # writes the log; None: the coordinator is the log manager.
+    log_node: Annotated[str | None, Opt(Text(255, min_len=1))] = None
 
 
 class PartProgress(Request, method="part_progress"):
@@ -736,6 +739,31 @@ class Report(Request, method="report"):
 class BackupBegin(Request, method="backup_begin"):
     gen: Gen
     mode: LogMode
+    log_node: Annotated[str | None, Opt(Text(255, min_len=1))] = None
+    """The node whose log manager stores the before images (central, inline, separate);
+    None: the coordinator's."""
+    log_addr: Annotated[str | None, Opt(Text(300, min_len=3))] = None
+    """HOST:PORT of that node's control port, where ``put_bi`` goes."""
+
+
+class LogOpen(Request, method="log_open"):
+    """Be the log manager of backup ``gen`` (Fig. 36): open the before-image log at
+    ``path`` (on this node's host); ``log_medium``: ``path`` is on a log medium (separate
+    mode), whose directory and label this node creates. Answers the control port's
+    address, where the nodes send ``put_bi``."""
+
+    gen: Gen
+    mode: LogMode
+    path: Annotated[str, Text(min_len=1)]
+    log_medium: Flag = False
+
+
+class LogClose(Request, method="log_close"):
+    """The window is over: close (fsync) the log of ``gen`` and describe it, or, with
+    ``discard``, throw it away (the backup was aborted)."""
+
+    gen: Gen
+    discard: Flag = False
 
 
 class BiFetch(Request, method="bi_fetch"):
@@ -780,7 +808,7 @@ class PartCancel(Request, method="part_cancel"):
 
 
 NODE_CALLBACKS = registry(Recall, FlushInode, DropCaps, NodeFlush, Report, BackupBegin, BiFetch,
-                          BackupEnd, CopyPart, PartCancel)
+                          BackupEnd, CopyPart, PartCancel, LogOpen, LogClose, PutBi)
 """What the coordinator asks a node."""
 
 
@@ -813,7 +841,7 @@ NODE_PASS_THROUGH = registry(Mknod, Mkdir, Symlink, Readlink, Link, Unlink, Rmdi
 """Control-port requests that the node sends on to the coordinator as they are."""
 
 NODE_CONTROL_REQUESTS = registry(ControlJoin, Read, Write, Fsync, FlushInode, GetAttr, Lookup,
-                                 Truncate, Release, Report, *NODE_PASS_THROUGH.values())
+                                 Truncate, Release, Report, PutBi, *NODE_PASS_THROUGH.values())
 """What a local program asks a node through its control port."""
 
 
