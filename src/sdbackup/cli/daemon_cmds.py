@@ -218,6 +218,16 @@ def status(cluster_dir: Path, as_json: bool) -> None:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loss["time"]))
         click.echo(f"LOST {when} node {loss['node']}: {loss['path']} bytes "
                    f"{loss['start']}-{loss['end']}: {loss['why']}")
+    b = st.get("backup")
+    if isinstance(b, dict):  # an online backup's before-image window is open
+        if b.get("log_node"):
+            keeper = f"log node {b['log_node']} (before images to {b['log_addr']})"
+        elif b["mode"] == "merged":
+            keeper = "every node its own"
+        else:
+            keeper = "the coordinator"
+        click.echo(f"backup {b['generation']}: online, log mode {b['mode']}, log kept by "
+                   f"{keeper}" + (f"; FAILED: {b['failed']}" if b.get("failed") else ""))
     d = st.get("dispersed")
     if isinstance(d, dict):  # a dispersed backup is copying (a.12)
         click.echo(f"backup {d['generation']}: {d['bytes_done'] >> 20} of "
