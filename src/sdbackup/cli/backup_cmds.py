@@ -602,11 +602,13 @@ def gc(medium: tuple[Path, ...], dry_run: bool, as_json: bool) -> None:
 
             merged = remove_replaced(med)
     if as_json:
-        click.echo(json.dumps({
+        parts = [{"medium": str(w.medium), "generation": w.generation,
+                  "removed": w.removed, "why": w.why} for w in sweeps if w.why]
+        click.echo(json.dumps({  # the parts keys only when there were parts to judge
             "removed": [e.id for e in removed], "merged_away": merged,
-            "parts": [{"medium": str(w.medium), "generation": w.generation,
-                       "removed": w.removed, "why": w.why} for w in sweeps if w.why],
-            "parts_not_removed": med.unreached, "dry_run": dry_run}))
+            **({"parts": parts} if parts else {}),
+            **({"parts_not_removed": med.unreached} if med.unreached else {}),
+            "dry_run": dry_run}))
         return
     verb = "would remove" if dry_run else "removed"
     for e in removed:
