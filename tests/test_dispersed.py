@@ -175,6 +175,11 @@ def _backup(c: Cluster, names: tuple[str, ...], *extra: str, check: bool = True
                "--compress", "none", "--json", *extra, check=check)
 
 
+def _manifest_media(parts: list[dict[str, str]]) -> list[tuple[str, str]]:
+    """(medium id, node) of each part."""
+    return [(p["medium"], p["node"]) for p in parts]
+
+
 def _manifest(medium: Path, gen: str) -> dict[str, object]:
     data: dict[str, object] = json.loads(
         (medium / "generations" / gen / "manifest.json").read_text())
@@ -350,8 +355,36 @@ def test_a_copier_killed_mid_copy_loses_its_part_to_another(slow: Cluster) -> No
     assert any(p["node"] == "n2" for p in parts), "n2's finished part was not kept"
     media = [*_media_args(c, ()), "--medium", str(c.tmp / "m-n1"),
              "--medium", str(c.tmp / "m-n2")]
+    # n2's part in flight when it died is named by no manifest: gc removes that file
+    # and nothing the generation reads.
+    n2_dir = c.tmp / "m-n2" / "parts" / gen
+    named = {p["file"].rpartition("/")[2] for p in parts if p["node"] == "n2"}
+    stale = {f.name for f in n2_dir.glob("*.sdr")} - named
+    assert stale, f"n2 left no unfinished part: {sorted(os.listdir(n2_dir))}"
+    out_gc = sdb("gc", *media).stdout
+    assert {f.name for f in n2_dir.glob("*.sdr")} == named, out_gc
+    assert "a lost copier's attempt" in out_gc and all(f in out_gc for f in stale), out_gc
     assert "OK" in sdb("verify", *media, gen).stdout
     _check_restores_t0(c, media, gen)
+
+    # Removing the generation (prune, after a newer one) removes its parts on the other
+    # media given; a medium that is not here is one line, and the removal is complete
+    # on the first medium all the same; gc removes those parts once that medium is back.
+    sdb("backup", str(c.dir), "--medium", str(c.tmp / "m0"), "--compress", "none")
+    away = c.tmp / "m-n2-away"
+    (c.tmp / "m-n2").rename(away)
+    r = sdb("prune", "--medium", str(c.tmp / "m0"), "--medium", str(c.tmp / "m-n1"),
+            "--keep-last", "1")
+    assert f"removed {gen}" in r.stdout, r.stdout
+    warn = r.stderr.strip().splitlines()
+    n2_medium = next(m for m, i in _manifest_media(parts) if i == "n2")
+    assert len(warn) == 1 and n2_medium in warn[0] and "n2" in warn[0], r.stderr
+    assert not (c.tmp / "m0" / "generations" / gen).exists()
+    assert not (c.tmp / "m-n1" / "parts" / gen).exists()
+    assert (away / "parts" / gen).is_dir()
+    r = sdb("gc", "--medium", str(c.tmp / "m0"), "--medium", str(away))
+    assert f"removed parts/{gen}/ on {away}" in r.stdout, r.stdout
+    assert not (away / "parts" / gen).exists()
 
 
 def test_no_reassign_fails_the_backup_cleanly(slow: Cluster) -> None:
@@ -373,6 +406,18 @@ def test_no_reassign_fails_the_backup_cleanly(slow: Cluster) -> None:
     assert not list((c.tmp / "m-n1").glob("parts/*/*.sdr"))
     r = sdb("generations", "--medium", str(c.tmp / "m0"), "--json", check=False)
     assert json.loads(r.stdout) == [] or "[]" in r.stdout
+    # n2 died with its parts on its medium: they belong to no generation. gc of that
+    # medium alone cannot tell and keeps them; with the first medium it removes them
+    # (and the failed generation), and says so.
+    left = c.tmp / "m-n2" / "parts" / g.name
+    assert list(left.glob("*.sdr")), "n2 left no part: the test proves nothing"
+    r = sdb("gc", "--medium", str(c.tmp / "m-n2"))
+    assert left.is_dir() and "which was not given" in r.stdout, r.stdout
+    r = sdb("gc", "--medium", str(c.tmp / "m0"), "--medium", str(c.tmp / "m-n1"),
+            "--medium", str(c.tmp / "m-n2"))
+    assert not left.exists() and not g.exists(), r.stdout
+    assert f"removed parts/{g.name}/ on {c.tmp / 'm-n2'}" in r.stdout, r.stdout
+    assert f"removed unfinished generation {g.name}" in r.stdout, r.stdout
 
 
 # -- with the other features of the same release: file groups (issue 15), tape (issue 16)

@@ -143,6 +143,13 @@ def test_log_node_killed_aborts_the_backup_never_the_writers(
     cp.wait_log("this node is the log manager", 60, node="n3")
     time.sleep(2.0)  # before images flow to n3 from n1 and n2
     assert backup.alive(), backup.output()
+    b = cp.status()["backup"]  # the log node of the running backup, and its address
+    n3_port = (cp.dir / "nodes" / "n3.addr").read_text().split()[0].rpartition(":")[2]
+    assert b["log_node"] == "n3" and b["mode"] == "central", b
+    assert b["log_addr"].endswith(f":{n3_port}") and b["failed"] is None, b
+    text = sdb("status", str(cp.dir)).stdout
+    assert f"backup {b['generation']}: online, log mode central, log kept by log node " \
+           f"n3 (before images to {b['log_addr']})" in text, text
     t_kill = time.monotonic()
     cp.nodes["n3"].signal(signal.SIGKILL)
     rc = backup.wait(120)

@@ -41,16 +41,12 @@ import numpy.typing as npt
 from sdbackup.backup.copy import CopyResult
 from sdbackup.blocks.blockset import BlockSet
 from sdbackup.errors import UsageError
-from sdbackup.media.medium import FileEntry, stream_name
+from sdbackup.media.medium import PARTS_DIR, FileEntry, stream_name
 
 SPLITS = ("ranges", "disks")
 PART_BYTES = 256 << 20
 """Default size of a part (used bytes): a lost copier costs at most its part in flight;
 parts this large keep each copier's reads long and sequential."""
-PARTS_DIR = "parts"
-"""On a medium that holds parts of a generation committed on another medium:
-``MEDIUM/parts/<GEN_ID>/stream-N.sdr`` (not under ``generations/``, so that listing and
-``gc`` of that medium never take it for an unfinished generation)."""
 ROW_DTYPE = np.dtype("<i8")
 """A part's index rows travel as little-endian int64 quadruples (disk, start, count,
 offset), one per DATA record, in stream order."""

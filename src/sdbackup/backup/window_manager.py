@@ -143,6 +143,19 @@ class WindowManager(Generic[P]):
                 **({"log_node": lp.name, "log_addr": self._log_addr} if lp is not None
                    else {})}
 
+    def status(self) -> dict[str, Any] | None:
+        """The open window for ``sdbackup status``: generation, log mode, who keeps the
+        log (``log_node`` and the address writers send to; None: the coordinator, or
+        every node its own in merged mode) and why it failed, if it did."""
+        w = self.window
+        if w is None:
+            return None
+        lp = self.log_peer
+        return {"generation": w.gen_id, "mode": w.mode,
+                "log_node": lp.name if lp is not None else None,
+                "log_addr": self._log_addr if lp is not None else None,
+                "failed": w.failed}
+
     def aborted(self) -> str | None:
         """Why the open window's backup was aborted (before-image logging failed)."""
         w = self.window

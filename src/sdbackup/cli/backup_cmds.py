@@ -575,20 +575,26 @@ def verify(medium: tuple[Path, ...], gen: str | None, all_gens: bool, log_medium
 # -- gc -----------------------------------------------------------------------------------
 
 @click.command()
-@MEDIUM
+@MEDIA
 @click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
 @JSON
-def gc(medium: Path, dry_run: bool, as_json: bool) -> None:
-    """Remove unfinished generations (no manifest: crashed, killed or out of space) and
-    generations a committed merge replaced (left by a crash during merge or prune).
+def gc(medium: tuple[Path, ...], dry_run: bool, as_json: bool) -> None:
+    """Remove unfinished generations (no manifest: crashed, killed or out of space),
+    generations a committed merge replaced (left by a crash during merge or prune),
+    and parts of dispersed backups that belong to no committed generation.
 
     Never touches current committed generations, nor a generation a running backup is
-    writing.
+    writing, nor its parts. Parts (MEDIUM/parts/GEN/, written by copier nodes) are
+    judged where their generation is committed: give that medium first and the
+    copiers' media after it (--medium FIRST --medium COPIER_MEDIUM ...); parts whose
+    generation is on no medium given are kept, and gc says so.
     """
-    from sdbackup.media.medium import DiskMedium
+    from sdbackup.media.media_set import gc_parts, open_media
 
-    med = DiskMedium.open(medium)
+    med = open_media(medium)
     with med.chain_lock():
+        # Parts first: an unfinished generation still tells where its parts came from.
+        sweeps = gc_parts(med, dry_run=dry_run)
         removed = med.gc(dry_run=dry_run)
         merged = [m.id for m in med.catalog().replaced()]
         if not dry_run and merged:
@@ -596,22 +602,43 @@ def gc(medium: Path, dry_run: bool, as_json: bool) -> None:
 
             merged = remove_replaced(med)
     if as_json:
-        click.echo(json.dumps({"removed": [e.id for e in removed], "merged_away": merged,
-                               "dry_run": dry_run}))
+        parts = [{"medium": str(w.medium), "generation": w.generation,
+                  "removed": w.removed, "why": w.why} for w in sweeps if w.why]
+        click.echo(json.dumps({  # the parts keys only when there were parts to judge
+            "removed": [e.id for e in removed], "merged_away": merged,
+            **({"parts": parts} if parts else {}),
+            **({"parts_not_removed": med.unreached} if med.unreached else {}),
+            "dry_run": dry_run}))
         return
     verb = "would remove" if dry_run else "removed"
     for e in removed:
         click.echo(f"{verb} unfinished generation {e.id}")
     for g in merged:
         click.echo(f"{verb} generation {g} (a committed merge replaced it)")
-    click.echo(f"gc: {len(removed)} unfinished and {len(merged)} merged-away generation(s) "
-               f"{'to remove (dry run)' if dry_run else 'removed'}")
+    nparts = 0
+    for w in sweeps:
+        if w.removed:
+            nparts += 1
+            whole = w.removed[-1].endswith("/")
+            what = w.removed[-1] if whole else ", ".join(w.removed)
+            click.echo(f"{verb} {what} on {w.medium} ({w.why})")
+        elif w.why:
+            click.echo(f"{w.medium / 'parts' / w.generation}: {w.why}")
+    _warn_unreached(med.unreached)
+    click.echo(f"gc: {len(removed)} unfinished and {len(merged)} merged-away generation(s), "
+               f"parts of {nparts} generation(s) {'to remove (dry run)' if dry_run else 'removed'}")
+
+
+def _warn_unreached(lines: list[str]) -> None:
+    """Parts of removed generations that could not be removed: one line per medium."""
+    for line in lines:
+        click.echo(f"sdbackup: warning: {line}", err=True)
 
 
 # -- merge and prune (a.10) ------------------------------------------------------------------
 
 @click.command("merge")
-@MEDIUM
+@MEDIA
 @click.argument("older")
 @click.argument("newer")
 @click.option("--compress", default=None, metavar="none|zstd[:LEVEL]",
@@ -620,7 +647,7 @@ def gc(medium: Path, dry_run: bool, as_json: bool) -> None:
               help="Where the separate before-image logs of the two are, if not overlaid.")
 @JSON
 @QUIET
-def merge_cmd(medium: Path, older: str, newer: str, compress: str | None,
+def merge_cmd(medium: tuple[Path, ...], older: str, newer: str, compress: str | None,
               log_medium: Path | None, as_json: bool, quiet: bool) -> None:
     """Merge two adjacent generations of a chain into one (seed a.10, Fig. 25).
 
@@ -632,14 +659,15 @@ def merge_cmd(medium: Path, older: str, newer: str, compress: str | None,
     """
     from sdbackup.backup.engine import parse_compression
     from sdbackup.backup.merge import merge
-    from sdbackup.media.medium import DiskMedium
+    from sdbackup.media.media_set import open_media
 
     comp = parse_compression(compress) if compress else None
-    med = DiskMedium.open(medium)
+    med = open_media(medium)
     with _progress("merge", quiet) as prog:
         r = merge(med, older, newer, compression=comp, log_medium=log_medium,
                   progress=prog.advance)
     d = r.to_dict()
+    _warn_unreached(med.unreached)
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
@@ -653,7 +681,7 @@ def merge_cmd(medium: Path, older: str, newer: str, compress: str | None,
 
 
 @click.command("prune")
-@MEDIUM
+@MEDIA
 @click.option("--keep-last", type=int, default=1, show_default=True,
               help="Keep the N newest generations (at least 1).")
 @click.option("--keep-daily", type=int, default=0,
@@ -669,7 +697,7 @@ def merge_cmd(medium: Path, older: str, newer: str, compress: str | None,
               help="Prune only the generations of group NAME (default: every group, "
                    "and the whole-cluster backups, each on its own).")
 @JSON
-def prune_cmd(medium: Path, keep_last: int, keep_daily: int, keep_weekly: int,
+def prune_cmd(medium: tuple[Path, ...], keep_last: int, keep_daily: int, keep_weekly: int,
               keep_monthly: int, dry_run: bool, log_medium: Path | None,
               group_name: str | None, as_json: bool) -> None:
     """Keep the generations the rules select and drop the others (days, weeks and
@@ -681,9 +709,9 @@ def prune_cmd(medium: Path, keep_last: int, keep_daily: int, keep_weekly: int,
     is crash-safe, and running prune again finishes an interrupted one.
     """
     from sdbackup.backup.prune import Retention, Step, prune
-    from sdbackup.media.medium import DiskMedium
+    from sdbackup.media.media_set import open_media
 
-    med = DiskMedium.open(medium)
+    med = open_media(medium)
     r = Retention(keep_last, keep_daily, keep_weekly, keep_monthly,
                   only_group=group_name)
 
@@ -710,6 +738,7 @@ def prune_cmd(medium: Path, keep_last: int, keep_daily: int, keep_weekly: int,
             click.echo(json.dumps({**todo.to_dict(), "dry_run": True}, indent=2))
         return
     done = prune(med, r, log_medium=log_medium, on_step=show)
+    _warn_unreached(med.unreached)
     if as_json:
         click.echo(json.dumps({**done.to_dict(), "dry_run": False}, indent=2))
 

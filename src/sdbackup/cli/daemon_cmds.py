@@ -114,9 +114,20 @@ def coordinator(cluster_dir: Path, listen: str, lease: float) -> None:
 @click.option("--disk", "disk_paths", multiple=True, metavar="NAME=PATH",
               help="Where this host sees shared disk NAME (e.g. d0=/dev/sdc): repeat for "
                    "each disk whose path differs from the coordinator's cluster.toml.")
+@click.option("--control-listen", default="127.0.0.1:0", show_default=True,
+              metavar="HOST:PORT",
+              help="Address of this node's control port (local programs; other nodes' "
+                   "before images when this node is a backup's --log-node). Port 0: any "
+                   "free port. Listen on an address other hosts reach when the log node "
+                   "may be another host's.")
+@click.option("--control-advertise", metavar="HOST[:PORT]",
+              help="The address other nodes reach the control port at (default: the "
+                   "--control-listen address; needed when that is 0.0.0.0 or ::). The "
+                   "port defaults to the bound one.")
 def node(cluster_dir: Path | None, name: str, cache_size: str, flush_delay: float,
          coord: str | None, secret_file: Path | None, mountpoint: Path | None,
-         disk_paths: tuple[str, ...]) -> None:
+         disk_paths: tuple[str, ...], control_listen: str, control_advertise: str | None
+         ) -> None:
     """Run a node agent in the foreground (until SIGTERM or Ctrl-C).
 
     The node reads and writes file data on the shared disks directly (O_DIRECT: never
@@ -128,9 +139,12 @@ def node(cluster_dir: Path | None, name: str, cache_size: str, flush_delay: floa
     """
     from sdbackup.blocks.disk_access import parse_disk_overrides
     from sdbackup.cluster.config import load_config, parse_size
-    from sdbackup.cluster.node import NodeAgent
+    from sdbackup.cluster.node import NodeAgent, split_host_port
+    from sdbackup.cluster.node import control_advertise as check_advertise
 
     overrides = parse_disk_overrides(disk_paths)
+    control_host, control_port = split_host_port(control_listen, "--control-listen")
+    check_advertise(control_host, control_advertise)  # before joining
     if cluster_dir is None and coord is None:
         raise UsageError("give CLUSTER_DIR, or --coordinator HOST:PORT with --secret-file")
     if cluster_dir is not None and coord is None:
@@ -146,7 +160,7 @@ def node(cluster_dir: Path | None, name: str, cache_size: str, flush_delay: floa
                       secret_file=secret_file, cache_bytes=parse_size(cache_size),
                       flush_delay=flush_delay, disk_paths=overrides)
     try:
-        agent.start()
+        agent.start(control_host, control_port or 0, control_advertise)
         click.echo(f"node {name} joined the coordinator at "
                    f"{agent.address[0]}:{agent.address[1]}", err=True)
         if mountpoint is None:
@@ -204,6 +218,16 @@ def status(cluster_dir: Path, as_json: bool) -> None:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loss["time"]))
         click.echo(f"LOST {when} node {loss['node']}: {loss['path']} bytes "
                    f"{loss['start']}-{loss['end']}: {loss['why']}")
+    b = st.get("backup")
+    if isinstance(b, dict):  # an online backup's before-image window is open
+        if b.get("log_node"):
+            keeper = f"log node {b['log_node']} (before images to {b['log_addr']})"
+        elif b["mode"] == "merged":
+            keeper = "every node its own"
+        else:
+            keeper = "the coordinator"
+        click.echo(f"backup {b['generation']}: online, log mode {b['mode']}, log kept by "
+                   f"{keeper}" + (f"; FAILED: {b['failed']}" if b.get("failed") else ""))
     d = st.get("dispersed")
     if isinstance(d, dict):  # a dispersed backup is copying (a.12)
         click.echo(f"backup {d['generation']}: {d['bytes_done'] >> 20} of "

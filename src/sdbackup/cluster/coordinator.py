@@ -1072,6 +1072,7 @@ class _Handler(msg.RequestHandler):
                 "nodes": self.c.node_reports(), "disks": disks,
                 "losses": list(self.c.losses),
                 "frozen": self.c.rights.frozen, "clock": self.c.rights.clock,
+                **({"backup": b} if (b := self.c.windows.status()) is not None else {}),
                 **({"dispersed": d.status()} if (d := self.c.dispersed) is not None else {})}
 
     def rpc_backup(self, conn: Connection, r: msg.Backup, blob: bytes | None

@@ -14,9 +14,11 @@
   (a new epoch) it reclaims the write rights of its dirty segments during the grace
   period; if the same coordinator dropped it (lease expired), its unwritten data is
   lost and logged by file and range, never silently;
-- local programs reach its file system through a control port (loopback TCP, same
-  authenticated protocol), whose address is in ``CLUSTER_DIR/nodes/NAME.addr``:
-  ``sdbackup fs CLUSTER_DIR --node NAME ...`` and the tests use it.
+- local programs reach its file system through a control port (TCP on 127.0.0.1 by
+  default, ``--control-listen`` otherwise; the same authenticated protocol), whose
+  address is in ``CLUSTER_DIR/nodes/NAME.addr``: ``sdbackup fs CLUSTER_DIR --node NAME
+  ...`` and the tests use it; other nodes reach it at its advertised address when it
+  is a backup's log node (``--control-advertise``).
 
 :class:`ClusterClient` is the same machinery without the agent's extras: a short-lived
 command (``sdbackup fs`` while a coordinator runs) joins as a client, with a small
@@ -596,28 +598,40 @@ class NodeAgent(ClusterClient):
     def __init__(self, name: str, **kw: Any) -> None:
         self._reconnecting = threading.Lock()
         self.control: RpcServer | None = None
+        self.advertised: str | None = None
         super().__init__(name, **kw)
 
     def _log_addr(self) -> str:
-        if self.control is None:
+        """The address other nodes reach this node's control port at (``--log-node``)."""
+        if self.control is None or self.advertised is None:
             raise UsageError(f"node {self.name} has no control port yet")
-        host, port = self.control.address
-        if host in ("0.0.0.0", "::", ""):  # listening everywhere: this host's name
-            host = socket.gethostname()
-        return f"{host}:{port}"
+        return self.advertised
 
-    def start(self, control_host: str = "127.0.0.1", control_port: int = 0) -> None:
+    def start(self, control_host: str = "127.0.0.1", control_port: int = 0,
+              advertise: str | None = None) -> None:
+        """Serve the control port on ``control_host:control_port`` (port 0: any free
+        port). Other nodes reach it at ``advertise`` (``HOST`` or ``HOST:PORT``; the
+        port defaults to the bound one), else at the bound address; a wildcard bind
+        needs ``advertise`` (this process cannot know which of its addresses others
+        reach)."""
+        adv = control_advertise(control_host, advertise)
         self.fs.start_flusher()
         self.control = RpcServer(lambda conn: _ControlHandler(self), self.secret,
                                  host=control_host, port=control_port, max_workers=32,
                                  name=f"node {self.name} control port")
         self.control.start()
+        h, p = self.control.address
+        ah, ap = adv if adv is not None else (h, p)
+        self.advertised = f"{ah}:{ap if ap is not None else p}"
         if self.cluster_dir is not None:
             (self.cluster_dir / "nodes").mkdir(exist_ok=True)
-            h, p = self.control.address
-            write_atomic(self._addr_file(), f"{h}:{p} pid={os.getpid()}\n".encode())
-        log.info("node %s up (coordinator %s:%d, cache %d MiB)", self.name, *self.address,
-                 self.fs.cache_bytes >> 20)
+            local = h
+            if h in WILDCARDS:  # local programs come over the loopback interface
+                local = "::1" if ":" in h else "127.0.0.1"
+            write_atomic(self._addr_file(), f"{local}:{p} pid={os.getpid()}\n".encode())
+        log.info("node %s up (coordinator %s:%d, cache %d MiB, control port %s:%d, "
+                 "advertised as %s)", self.name, *self.address, self.fs.cache_bytes >> 20,
+                 h, p, self.advertised)
 
     def _addr_file(self) -> Path:
         assert self.cluster_dir is not None
@@ -751,6 +765,48 @@ class _ControlHandler(BaseHandler):
             case _:
                 raise RemoteError(f"unknown request {method!r} for node {self.a.name}")
         return None
+
+
+WILDCARDS = ("0.0.0.0", "::", "")
+"""Bind addresses that mean every address of this host."""
+
+
+def split_host_port(value: str, option: str) -> tuple[str, int | None]:
+    """``HOST``, ``HOST:PORT`` or ``[V6]:PORT`` (a bare IPv6 address is a host)."""
+    host, port = value, ""
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise UsageError(f"bad {option} {value!r}: use HOST, HOST:PORT or [V6]:PORT")
+        port = rest[1:]
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    if not port:
+        return host, None
+    try:
+        n = int(port)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 65535:
+        raise UsageError(f"bad {option} {value!r}: the port must be a number 0-65535")
+    return host, n
+
+
+def control_advertise(host: str, advertise: str | None) -> tuple[str, int | None] | None:
+    """Check a control port's bind and advertised addresses (``sdbackup node
+    --control-listen/--control-advertise``); returns the advertised host and port
+    (None: the bound one), or None to advertise the bound address."""
+    if advertise:
+        ah, ap = split_host_port(advertise, "--control-advertise")
+        if ah in WILDCARDS or ap == 0:
+            raise UsageError(f"bad --control-advertise {advertise!r}: give an address and "
+                             "port other nodes can reach (not a wildcard, not port 0)")
+        return ah, ap
+    if host in WILDCARDS:
+        raise UsageError(f"--control-listen {host or '*'}: listening on every address "
+                         "needs --control-advertise HOST[:PORT], the address other nodes "
+                         "reach this node at")
+    return None
 
 
 def node_control_address(cluster_dir: str | os.PathLike[str], name: str) -> tuple[str, int]:

@@ -40,7 +40,7 @@ from sdbackup.blocks.blockset import BlockSet
 from sdbackup.blocks.diskset import DiskSet
 from sdbackup.blocks.durable import sync_dir
 from sdbackup.errors import NotFoundError, RemoteError, SdbError, UsageError
-from sdbackup.media.medium import DiskMedium
+from sdbackup.media.medium import PARTS_DIR, PARTS_ORIGIN, DiskMedium
 from sdbackup.media.record_writer import RecordWriter
 from sdbackup.net import messages as msg
 from sdbackup.types import DiskId
@@ -97,11 +97,13 @@ class PartRunner:
             paths = self._written.pop(gen, []) if discard else []
         for p in paths:
             p.unlink(missing_ok=True)
-            if p.parent.parent.name == "parts":
-                try:
-                    p.parent.rmdir()
-                except OSError:
-                    pass  # another part is still there (or being removed)
+            if p.parent.parent.name == PARTS_DIR:
+                try:  # nothing but its origin left: the directory goes too
+                    if set(os.listdir(p.parent)) <= {PARTS_ORIGIN}:
+                        (p.parent / PARTS_ORIGIN).unlink(missing_ok=True)
+                        p.parent.rmdir()
+                except OSError:  # another part came meanwhile (or it is gone)
+                    pass
         if paths:
             log.info("backup %s: removed %d part(s) written here", gen, len(paths))
 
@@ -119,10 +121,8 @@ class PartRunner:
                     f"node {self.name} sees medium {medium.root} but not generation {r.gen} "
                     "being written there: give this node a medium of its own (--medium "
                     f"{self.name}=DIR)")
-            if not primary:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                sync_dir(path.parent.parent)
-                sync_dir(medium.root)
+            if not primary:  # parts/<gen>/, with the id of the medium that commits it
+                medium.parts_dir(r.gen, r.primary_medium)
             with self._lock:
                 self._written.setdefault(r.gen, []).append(path)
             label = {"kind": "data", "cluster": self.cluster_id, "generation": r.gen,

@@ -27,14 +27,27 @@ checksums, size and digest against the manifest).
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from sdbackup.errors import CorruptError, MediumMissing, SdbError, UsageError
-from sdbackup.media.medium import DiskMedium, Manifest, stream_name
+from sdbackup.blocks.durable import sync_dir
+from sdbackup.errors import CorruptError, MediumMissing, UsageError
+from sdbackup.media.medium import (
+    GEN_ID_RE,
+    PARTS_DIR,
+    PARTS_ORIGIN,
+    DiskMedium,
+    Manifest,
+    generation_state,
+    parts_of,
+    remove_parts_dir,
+    stream_name,
+)
 
 PART_FILE_RE = re.compile(
     r"^(generations|parts)/(\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{8})/stream-(\d+)(\.try\d+)?\.sdr$")
@@ -63,12 +76,6 @@ def open_media(media: MediaPaths) -> DiskMedium:
                 c.medium_id != other.medium_id for c in first.companions):
             first.companions.append(other)
     return first
-
-
-def parts_of(m: Manifest) -> list[dict[str, Any]]:
-    """The manifest's parts (empty for a generation copied by one copier)."""
-    parts = m.extra.get("parts")
-    return [p for p in parts if isinstance(p, dict)] if isinstance(parts, list) else []
 
 
 def part_path(medium: DiskMedium, m: Manifest, n: int) -> Path:
@@ -104,21 +111,12 @@ def find_medium(medium: DiskMedium, m: Manifest, medium_id: str) -> DiskMedium:
     """The medium ``medium_id`` that holds parts of ``m``: a companion of ``medium``,
     else the directory the manifest recorded (if its label has that id), else
     :class:`MediumMissing`."""
-    for c in medium.companions:
-        if c.medium_id == medium_id:
-            return c
     info = m.extra.get("media", {}).get(medium_id) if isinstance(m.extra.get("media"), dict) \
         else None
     hint = str(info.get("path")) if isinstance(info, dict) and info.get("path") else None
-    if hint is not None:
-        try:
-            found = DiskMedium.open(hint)
-        except (SdbError, OSError):
-            found = None
-        if found is not None and found.medium_id == medium_id \
-                and found.cluster_id == medium.cluster_id:
-            medium.companions.append(found)
-            return found
+    found = medium.companion(medium_id, hint)
+    if found is not None:
+        return found
     nodes = ", ".join(info.get("nodes", [])) if isinstance(info, dict) else "?"
     streams = [str(p.get("stream")) for p in parts_of(m) if p.get("medium") == medium_id]
     raise MediumMissing(
@@ -126,3 +124,108 @@ def find_medium(medium: DiskMedium, m: Manifest, medium_id: str) -> DiskMedium:
         f"written by node(s) {nodes or '?'} to {hint or '?'}, and that medium is not here: "
         "give it with another --medium DIR (after --medium "
         f"{medium.root})")
+
+
+@dataclass
+class PartsSweep:
+    """What ``gc`` did with one ``parts/<generation>/`` directory of a medium."""
+
+    medium: Path
+    generation: str
+    removed: list[str] = field(default_factory=list)
+    """Files removed (relative to the medium's root); the directory itself last when
+    it belonged to no committed generation."""
+    why: str = ""
+    """Why it was removed, or why it (or some of it) was kept."""
+
+
+def gc_parts(first: DiskMedium, *, dry_run: bool = False) -> list[PartsSweep]:
+    """Remove, on ``first`` and its companions, the ``parts/<gen>/`` directories that
+    belong to no committed generation (a copier of a failed, crashed or aborted
+    dispersed backup left them; or the generation was removed while their medium was
+    not there), and the part files of a committed generation that its manifest does
+    not name (a lost copier's attempt).
+
+    Whether the generation is committed, still being written or gone is read where
+    it is committed: the medium named by the directory's origin (written by the
+    copier), or, for a directory without one, whichever medium given holds the
+    generation. When that medium is not given, nothing is removed (a sweep says so):
+    a directory is never removed on a guess. A backup still running holds its
+    generation's lock, and its parts are kept."""
+    given = [first, *first.companions]
+    by_id = {m.medium_id: m for m in given}
+    out: list[PartsSweep] = []
+    for med in given:
+        pdir = med.root / PARTS_DIR
+        if not pdir.is_dir():
+            continue
+        for name in sorted(os.listdir(pdir)):
+            d = pdir / name
+            if not GEN_ID_RE.match(name) or d.is_symlink() or not d.is_dir():
+                continue
+            sweep = PartsSweep(med.root, name)
+            out.append(sweep)
+            home_id = _origin(d, name, med.cluster_id)
+            home: DiskMedium | None = None
+            if home_id is not None:
+                home = by_id.get(home_id)
+                if home is None:
+                    sweep.why = (f"kept: generation {name} is committed, if at all, on medium "
+                                 f"{home_id}, which was not given (add it with --medium)")
+                    continue
+            else:
+                home = next((m for m in given
+                             if generation_state(m, name) != "absent"), None)
+                if home is None:
+                    sweep.why = (f"kept: generation {name} is on none of the media given, "
+                                 "and its parts do not say where it is committed (add that "
+                                 "medium with --medium)")
+                    continue
+            state = generation_state(home, name)
+            if state == "running":
+                sweep.why = f"kept: a backup is writing generation {name} on {home.root}"
+                continue
+            if state == "damaged":
+                sweep.why = (f"kept: the manifest of generation {name} on {home.root} is "
+                             "damaged (see 'sdbackup verify')")
+                continue
+            files = sorted(f for f in os.listdir(d) if f != PARTS_ORIGIN)
+            if state == "committed":
+                m = home.read_manifest(name)
+                named = {str(p.get("file", "")).rpartition("/")[2] for p in parts_of(m)
+                         if p.get("medium") == med.medium_id}
+                if named:
+                    stale = [f for f in files if f not in named]
+                    sweep.why = (f"parts of committed generation {name} that its manifest "
+                                 "does not name (a lost copier's attempt)" if stale else "")
+                    for f in stale:
+                        if not dry_run:
+                            p = d / f
+                            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() \
+                                else p.unlink(missing_ok=True)
+                        sweep.removed.append(f"{PARTS_DIR}/{name}/{f}")
+                    if stale and not dry_run:
+                        sync_dir(d)
+                    continue
+                sweep.why = f"committed generation {name} has no part on this medium"
+            elif state == "unfinished":
+                sweep.why = f"generation {name} failed or was never committed"
+            else:
+                sweep.why = f"generation {name} is no longer on {home.root}"
+            sweep.removed = [f"{PARTS_DIR}/{name}/{f}" for f in files] + [f"{PARTS_DIR}/{name}/"]
+            if not dry_run:
+                remove_parts_dir(med, name)
+    return out
+
+
+def _origin(d: Path, gen_id: str, cluster_id: str) -> str | None:
+    """The id of the medium a parts directory's generation is committed on (its
+    origin file), or None when it has none (or a damaged or foreign one)."""
+    try:
+        o = json.loads((d / PARTS_ORIGIN).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(o, dict) or o.get("generation") != gen_id \
+            or o.get("cluster") != cluster_id or not isinstance(o.get("medium"), str):
+        return None
+    return str(o["medium"])

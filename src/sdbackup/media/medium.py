@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 
 from sdbackup.blocks.durable import sync_dir, write_atomic
-from sdbackup.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
+from sdbackup.errors import CorruptError, NoSpaceError, NotFoundError, SdbError, UsageError
 
 if TYPE_CHECKING:  # the record reader pulls in zstandard: not for 'generations' (issue 11)
     from sdbackup.media.record_reader import RecordReader
@@ -69,6 +69,14 @@ its parent's T0 (or since a mark), read through its chain. ``synthetic``: a full
 by merging a chain's generations (a.10), not by reading the disks."""
 FULL_KINDS = ("full", "synthetic")
 CHAIN_LOCK = "chains.lock"
+PARTS_DIR = "parts"
+"""On a medium that holds parts of a generation committed on another medium:
+``MEDIUM/parts/<GEN_ID>/stream-N.sdr`` (not under ``generations/``, so that listing and
+``gc`` of that medium never take it for an unfinished generation)."""
+PARTS_ORIGIN = "ORIGIN.json"
+"""In ``parts/<GEN_ID>/``: the id of the medium that commits the generation (written
+by the copier before its first part there), so that ``gc`` can tell whether the
+generation is committed, still running or gone."""
 
 
 def stream_name(n: int) -> str:
@@ -474,6 +482,9 @@ class DiskMedium:
         # Other media given with this one, where parts of its dispersed generations may
         # lie (media/media_set.py).
         self.companions: list[DiskMedium] = []
+        # Lines about parts of removed generations that could not be removed (one per
+        # medium; see remove_generation), for the command to print.
+        self.unreached: list[str] = []
 
     @property
     def generations_dir(self) -> Path:
@@ -636,12 +647,31 @@ class DiskMedium:
             os.close(fd)
 
     def remove_generation(self, gen_id: str, *,
-                          uncommitted: Callable[[], None] | None = None) -> None:
+                          uncommitted: Callable[[], None] | None = None) -> list[str]:
         """Remove a committed generation so that a crash at any point leaves it either
         committed and whole or unfinished (which ``gc`` removes): the manifest, its
         commit point, goes first and durably, then the rest. ``uncommitted`` runs
-        between the two (a test's crash point)."""
+        between the two (a test's crash point).
+
+        A dispersed generation's parts on other media go last (from the companions,
+        else from the directory the manifest recorded, checked by its label): returns
+        one line per medium whose parts could not be removed (also kept in
+        ``self.unreached``); they belong to no generation from then on, and ``gc`` of
+        that medium with this one removes them."""
         path = self.generations_dir / gen_id
+        elsewhere: dict[str, list[dict[str, Any]]] = {}
+        media: Mapping[str, Any] = {}
+        if self.streams_local:
+            try:
+                m = self.read_manifest(gen_id)
+            except (NotFoundError, CorruptError):
+                m = None  # already uncommitted, or damaged: no parts to find from it
+            if m is not None:
+                for p in parts_of(m):
+                    if p.get("medium") != self.medium_id and isinstance(p.get("medium"), str):
+                        elsewhere.setdefault(str(p["medium"]), []).append(p)
+                raw_media = m.extra.get("media")
+                media = raw_media if isinstance(raw_media, Mapping) else {}
         try:
             (path / MANIFEST).unlink()
         except FileNotFoundError:
@@ -660,6 +690,60 @@ class DiskMedium:
                                 "committed but cannot be removed ('sdbackup gc' retries)"
                                 ) from None
         sync_dir(self.generations_dir)
+        notes: list[str] = []
+        for mid, parts in elsewhere.items():
+            info = media.get(mid)
+            hint = str(info["path"]) if isinstance(info, Mapping) and info.get("path") \
+                else None
+            other = self.companion(mid, hint)
+            streams = ", ".join(str(p.get("stream")) for p in parts)
+            why = "that medium is not here"
+            if other is not None:
+                try:
+                    remove_parts_dir(other, gen_id)
+                    continue
+                except OSError as e:
+                    why = f"{e.strerror or e}"
+            nodes = ", ".join(info.get("nodes", [])) if isinstance(info, Mapping) else "?"
+            notes.append(f"generation {gen_id}: its parts (streams {streams}) on medium "
+                         f"{mid}, written by node(s) {nodes or '?'} to {hint or '?'}, were "
+                         f"not removed ({why}): 'sdbackup gc --medium {self.root} --medium "
+                         "DIR' removes them where that medium is")
+        self.unreached.extend(notes)
+        return notes
+
+    def companion(self, medium_id: str, hint: str | None) -> DiskMedium | None:
+        """The medium ``medium_id`` given with this one (a companion), else the one at
+        ``hint`` when its label has that id and this cluster (then it becomes a
+        companion); None when it is not here."""
+        for c in self.companions:
+            if c.medium_id == medium_id:
+                return c
+        if hint is None:
+            return None
+        try:
+            found = DiskMedium.open(hint)
+        except (SdbError, OSError):
+            return None
+        if found.medium_id != medium_id or found.cluster_id != self.cluster_id:
+            return None
+        self.companions.append(found)
+        return found
+
+    def parts_dir(self, gen_id: str, first_medium_id: str) -> Path:
+        """``parts/<gen_id>/`` on this medium, made (durably) with its origin: where a
+        copier writes parts of generation ``gen_id`` committed on ``first_medium_id``."""
+        if not GEN_ID_RE.match(gen_id):
+            raise UsageError(f"{gen_id!r} is not a generation id")
+        d = self.root / PARTS_DIR / gen_id
+        if not (d / PARTS_ORIGIN).exists():
+            d.mkdir(parents=True, exist_ok=True)
+            write_atomic(d / PARTS_ORIGIN, (json.dumps(
+                {"generation": gen_id, "medium": first_medium_id,
+                 "cluster": self.cluster_id}) + "\n").encode())
+            sync_dir(d.parent)
+            sync_dir(self.root)
+        return d
 
     def resolve(self, gen: str | None) -> Manifest:
         """The generation named ``gen`` (an id or a unique prefix), or the newest
@@ -734,6 +818,47 @@ class DiskMedium:
         if removed and not dry_run:
             sync_dir(self.generations_dir)
         return removed
+
+
+def parts_of(m: Manifest) -> list[dict[str, Any]]:
+    """The manifest's parts (empty for a generation copied by one copier)."""
+    parts = m.extra.get("parts")
+    return [p for p in parts if isinstance(p, dict)] if isinstance(parts, list) else []
+
+
+def remove_parts_dir(medium: DiskMedium, gen_id: str) -> bool:
+    """Remove ``parts/<gen_id>/`` of ``medium`` (durably); False if there was none."""
+    if not GEN_ID_RE.match(gen_id):
+        raise UsageError(f"{gen_id!r} is not a generation id")
+    d = medium.root / PARTS_DIR / gen_id
+    if d.is_symlink() or not d.is_dir():
+        return False
+    shutil.rmtree(d)
+    sync_dir(d.parent)
+    return True
+
+
+def generation_state(medium: DiskMedium, gen_id: str) -> str:
+    """``running`` (a backup holds its lock), ``committed``, ``damaged`` (a manifest that
+    fails its checks), ``unfinished`` (no manifest, nobody writing it: failed or
+    crashed) or ``absent``."""
+    path = medium.generations_dir / gen_id
+    if path.is_symlink() or not path.is_dir():
+        return "absent"
+    fd = _try_lock(path / LOCK)
+    if fd == -1:
+        return "running"
+    try:
+        if not (path / MANIFEST).exists():
+            return "unfinished"
+        try:
+            medium.read_manifest(gen_id)
+        except (CorruptError, NotFoundError):
+            return "damaged"
+        return "committed"
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _try_lock(path: Path) -> int | None:
