@@ -402,26 +402,24 @@ class Coordinator:
         return s if s is not None and s.state == "up" else None
 
     # -- calls to nodes ---------------------------------------------------------------------------
-    def _recall(self, key: str, ino: int, segs: list[int], keep: str | None) -> None:
+    def _take_back(self, key: str, request: msg.Request, what: str) -> None:
+        """Ask a session to give something back (a recall, capabilities) and wait for
+        its answer. A session cleaned up already holds nothing; one fenced (or gone
+        without a goodbye) is waited for until it certainly cannot use what it held."""
         with self._mu:
             s = self._keys.get(key)
         if s is None:
-            return  # cleaned up already: nothing cached there any more
-        if s.state != "up":
-            # Fenced, or gone without a goodbye: its rights go once it cannot write.
-            self.fence(s, "recalled while fenced")
             return
-        msg.call(s.conn, msg.Recall(ino, tuple(segs), keep), timeout=self.lease)
+        if s.state != "up":
+            self.fence(s, f"{what} while fenced")
+            return
+        msg.call(s.conn, request, timeout=self.lease)
+
+    def _recall(self, key: str, ino: int, segs: list[int], keep: str | None) -> None:
+        self._take_back(key, msg.Recall(ino, tuple(segs), keep), "recalled")
 
     def _drop_caps(self, key: str, inos: list[int]) -> None:
-        with self._mu:
-            s = self._keys.get(key)
-        if s is None:
-            return  # cleaned up already: it caches nothing any more
-        if s.state != "up":
-            self.fence(s, "capabilities recalled while fenced")
-            return
-        msg.call(s.conn, msg.DropCaps(tuple(inos)), timeout=self.lease)
+        self._take_back(key, msg.DropCaps(tuple(inos)), "capabilities recalled")
 
     def may_cache(self, key: str, ino: int) -> bool:
         """No other node holds a write right on ``ino`` (its size and times would change
