@@ -225,3 +225,39 @@ def test_scheduler_real_time(tmp_path: Path) -> None:
     gens = DiskMedium.open(med).committed()
     assert 1 <= len(gens) <= 2 and all(g.group == "g" for g in gens)  # --keep-last 2
     assert any(h["full"] for h in st.history[1:]) or st.runs < 3
+
+
+def test_the_coordinator_runs_the_schedules(tmp_path: Path) -> None:
+    """With a coordinator running, it runs the groups' due backups itself (b.4: the
+    management computer); a separate scheduler is then refused."""
+    from sdbackup.cluster.launch import start_coordinator
+
+    cdir = make_cluster(tmp_path)
+    with open_cluster(cdir) as c:
+        d = c.fs.mkdir(1, b"dir_A", 0o755)
+        a = c.fs.create(d.ino, b"f", 0o644)
+        c.fs.write(a.ino, 0, b"x" * 5000)
+    med = tmp_path / "m"
+    r = cli("group", "add", cdir, "g", "--include", "dir_A/*", "--schedule", "* * * * * */2",
+            "--level", "full", "--medium", med, "--keep-last", "2")
+    assert r.code == 0, r.err
+    coord = start_coordinator(cdir)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            st = GroupStore(cdir).runs().get("g")
+            if st is not None and st.runs >= 2:
+                break
+            time.sleep(0.5)
+        r2 = subprocess.run([sys.executable, "-m", "sdbackup", "scheduler", str(cdir),
+                             "--once"], capture_output=True, text=True, timeout=60)
+        assert r2.returncode == 3 and "a scheduler runs already" in r2.stderr, r2.stderr
+    finally:
+        coord.stop()
+    st = GroupStore(cdir).runs()["g"]
+    assert st.runs >= 2, coord.tail() if hasattr(coord, "tail") else st
+    assert all(h["result"].startswith("ok") for h in st.history), st.history
+    gens = DiskMedium.open(med).committed()
+    assert 1 <= len(gens) <= 2 and all(g.group == "g" for g in gens)
+    log = (cdir / "logs" / "coordinator.log").read_text()
+    assert "sdbackup.scheduler" in log

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from sdbackup.errors import UsageError
+from sdbackup.errors import SdbError, UsageError
 
 if TYPE_CHECKING:
     from sdbackup.net import messages as msg
@@ -64,13 +64,17 @@ def _wait_for_signal() -> None:
               help="Address to serve nodes on (port 0: any free port).")
 @click.option("--lease", default=10.0, show_default=True,
               help="Seconds without a heartbeat after which a node loses its rights.")
-def coordinator(cluster_dir: Path, listen: str, lease: float) -> None:
+@click.option("--schedules/--no-schedules", default=True, show_default=True,
+              help="Run the file groups' scheduled backups (b.4) here, as 'sdbackup "
+                   "scheduler' would (one scheduler per cluster).")
+def coordinator(cluster_dir: Path, listen: str, lease: float, schedules: bool) -> None:
     """Run the cluster's coordinator in the foreground (until SIGTERM or Ctrl-C).
 
     It keeps the metadata and the cluster cache table, grants write rights, and
     records its address in CLUSTER_DIR/coordinator.addr; while it runs, every other
-    sdbackup command on the cluster goes through it. Logs go to stderr and to
-    CLUSTER_DIR/logs/coordinator.log.
+    sdbackup command on the cluster goes through it. It also runs the groups' due
+    backups (unless --no-schedules, or another scheduler runs already). Logs go to
+    stderr and to CLUSTER_DIR/logs/coordinator.log.
     """
     from sdbackup.cluster.config import load_config
     from sdbackup.cluster.coordinator import Coordinator
@@ -88,12 +92,47 @@ def coordinator(cluster_dir: Path, listen: str, lease: float) -> None:
     load_config(cluster_dir)  # a clear error for a wrong path, before logs/ is made
     _log_to(cluster_dir / "logs" / "coordinator.log")
     c = Coordinator(cluster_dir, host=host or "127.0.0.1", port=port_n, lease=lease)
+    stop_schedules = threading.Event()
     try:
         h, p = c.start()
         click.echo(f"coordinator listening on {h}:{p}", err=True)
+        if schedules:
+            _start_schedules(cluster_dir, stop_schedules)
         _wait_for_signal()
     finally:
+        stop_schedules.set()
         c.stop()
+
+
+def _start_schedules(cluster_dir: Path, stop: threading.Event) -> None:
+    """The groups' scheduler in a thread of the coordinator (b.4: the management
+    computer runs the schedules). Each due run is a 'sdbackup backup' child process,
+    which the coordinator then runs like any other backup. A scheduler already running
+    for the cluster keeps the job: this one says so and stays off."""
+    from sdbackup.cluster.groups import GroupStore
+    from sdbackup.cluster.scheduler import CommandRunner, Scheduler, SystemClock
+
+    log = logging.getLogger("sdbackup.scheduler")
+    sch = Scheduler(GroupStore(cluster_dir), CommandRunner(cluster_dir.absolute()),
+                    SystemClock(stop), say=lambda line: log.info("%s", line))
+    try:
+        sch.acquire()
+    except SdbError as e:
+        log.warning("%s: this coordinator runs no schedules", e)
+        return
+
+    def run() -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    sch.run_forever(stop)
+                except Exception:  # keep scheduling; say what failed
+                    log.exception("scheduled backups: a round failed")
+                    stop.wait(5.0)
+        finally:
+            sch.release()
+
+    threading.Thread(target=run, name="sdb-scheduler", daemon=True).start()
 
 
 @click.command()
