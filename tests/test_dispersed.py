@@ -43,36 +43,7 @@ from sdbackup.cluster.launch import Proc, start_coordinator, start_node
 
 SDB = [sys.executable, "-m", "sdbackup.cli.main"]
 
-WRITER = r"""
-import os, random, sys, time
-from sdbackup.cluster.access import open_fs
-from sdbackup.errors import FsError
-cdir, node, seed, stop = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-rng = random.Random(seed)
-n = 0
-with open_fs(cdir, node=node) as fs:
-    while not os.path.exists(stop):
-        name = f"/f{rng.randrange(12)}".encode()
-        try:
-            try:
-                a = fs.resolve(name)
-            except FsError:
-                a = fs.create(1, name[1:])
-            op = rng.random()
-            if op < 0.7:
-                off = rng.randrange(0, 3 << 20)
-                fs.write(a.ino, off, rng.randbytes(rng.choice([512, 4096, 65536, 300000])))
-            elif op < 0.8:
-                fs.truncate(a.ino, rng.randrange(0, 2 << 20))
-            elif op < 0.87:
-                fs.unlink(1, name[1:])
-            else:
-                fs.fsync(a.ino)
-            n += 1
-        except FsError:
-            pass  # another writer deleted or replaced the file meanwhile
-print(n)
-"""
+from test_online_backup import WRITER, _stop  # noqa: E402  (the same writers)
 
 BS = 1024
 
@@ -136,16 +107,6 @@ def _writers(c: Cluster, stop: Path, names: tuple[str, ...] = ("n1", "n2")
     return [subprocess.Popen([sys.executable, "-c", WRITER, str(c.dir), n, str(i), str(stop)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for i, n in enumerate(names)]
-
-
-def _stop(ws: list[subprocess.Popen[str]], stop: Path) -> list[int]:
-    stop.touch()
-    out = []
-    for w in ws:
-        so, se = w.communicate(timeout=60)
-        assert w.returncode == 0, se
-        out.append(int(so.strip()))
-    return out
 
 
 def _media_args(c: Cluster, names: tuple[str, ...]) -> list[str]:
